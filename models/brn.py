@@ -1,0 +1,118 @@
+"""BRN: bilateral recurrent network (Ren et al., TIP 2020) with CoI-M convolutions.
+
+Two LSTM-gated recurrent branches run for ``inter_iter`` steps: the rain branch estimates
+the rain layer r, the image branch the background x, each feeding the other.
+Every 3x3 convolution is a ``ModulatedConv2d``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.coim import ModulatedConv2d
+
+_ACTIVATIONS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, None: lambda t: t}
+
+
+class ConvAct(nn.Module):
+    """3x3 modulated conv followed by an activation."""
+
+    def __init__(self, in_channels: int, out_channels: int, act: Optional[str], dim_in: int):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channels, out_channels, 3, 1, 1, dim_in=dim_in)
+        self.act = _ACTIVATIONS[act]
+
+    def forward(self, x: Tensor, z: Optional[Tensor] = None) -> Tensor:
+        return self.act(self.conv(x, z))
+
+
+class DoubleConv(nn.Module):
+    """conv-ReLU-conv-ReLU; the caller adds the skip connection."""
+
+    def __init__(self, channels: int, dim_in: int):
+        super().__init__()
+        self.conv1 = ModulatedConv2d(channels, channels, 3, 1, 1, dim_in=dim_in)
+        self.conv2 = ModulatedConv2d(channels, channels, 3, 1, 1, dim_in=dim_in)
+
+    def forward(self, x: Tensor, z: Optional[Tensor] = None) -> Tensor:
+        return torch.relu(self.conv2(torch.relu(self.conv1(x, z)), z))
+
+
+class _Branch(nn.Module):
+    """One recurrent branch: input conv, LSTM gates, residual blocks, output conv."""
+
+    def __init__(self, in_channels: int, width: int, num_res: int, dim_in: int, suffix: str):
+        super().__init__()
+        # Attribute names follow the published BRN so that its checkpoints load unchanged.
+        self._suffix = suffix
+        self.add_module(f"conv0{suffix}", ConvAct(in_channels, width, "relu", dim_in))
+        for gate, act in (("i", "sigmoid"), ("f", "sigmoid"), ("g", "tanh"), ("o", "sigmoid")):
+            self.add_module(f"conv_{gate}{suffix}", ConvAct(3 * width, width, act, dim_in))
+        for k in range(1, num_res + 1):
+            self.add_module(f"res_conv{k}{suffix}", DoubleConv(width, dim_in))
+        self.add_module(f"conv{suffix}", ConvAct(width, 3, None, dim_in))
+        self.num_res = num_res
+
+    def get(self, name: str) -> nn.Module:
+        return getattr(self, name + self._suffix)
+
+    def forward(self, inp: Tensor, h: Tensor, c: Tensor, h_other: Tensor, z: Optional[Tensor]):
+        feat = torch.cat([self.get("conv0")(inp, z), h, h_other], dim=1)
+        i, f, g, o = (self.get(f"conv_{gate}")(feat, z) for gate in "ifgo")
+        c = f * c + i * g
+        h = o * torch.tanh(c)
+        y = h
+        for k in range(1, self.num_res + 1):
+            y = F.relu(self.get(f"res_conv{k}")(y, z) + y)
+        return self.get("conv")(y, z), h, c
+
+
+class BRN(nn.Module):
+    """Bilateral recurrent deraining network.
+
+    forward(x, z=None): x (B,3,H,W) in [0,1] -> derained (B,3,H,W), [0,1] domain, not clamped.
+    ``dim_in=0`` builds the plain BRN (no CoI-M generators), the layout of BRN checkpoints
+    trained without CoIC.
+    """
+
+    size_multiple = 1
+    tile_size = None
+
+    def __init__(self, inter_iter: int = 8, dim_in: int = 128, width: int = 32):
+        super().__init__()
+        self.inter_iter = inter_iter
+        self.width = width
+        image = _Branch(9, width, 5, dim_in, "")
+        rain = _Branch(6, width, 3, dim_in, "_r")
+        # Register the layers flat on the model (published key names: conv0, conv_i_r, ...).
+        for branch in (image, rain):
+            for name, module in branch.named_children():
+                self.add_module(name, module)
+        self._branches = {"x": image, "r": rain}
+
+    def forward(self, x: Tensor, z: Optional[Tensor] = None) -> Tensor:
+        zeros = x.new_zeros(x.shape[0], self.width, *x.shape[-2:])
+        h, c, h_r, c_r = zeros, zeros, zeros, zeros
+        out, rain = x, x
+        image, rain_branch = self._branches["x"], self._branches["r"]
+        for _ in range(self.inter_iter):
+            rain, h_r, c_r = rain_branch(torch.cat([x, rain], 1), h_r, c_r, h, z)
+            out, h, c = image(torch.cat([x, out, rain], 1), h, c, h_r, z)
+        return out
+
+    @staticmethod
+    def remap_legacy_keys(state: dict) -> dict:
+        """Map the original BRN layout (``Sequential(conv, act)``: ``conv0.0.*``,
+        ``res_conv1.{0,2}.*``) onto ours (``conv0.conv.*``, ``res_conv1.conv{1,2}.*``)."""
+        out = {}
+        for key, value in state.items():
+            key = re.sub(r"^(res_conv\d(?:_r)?)\.0\.", r"\1.conv1.", key)
+            key = re.sub(r"^(res_conv\d(?:_r)?)\.2\.", r"\1.conv2.", key)
+            key = re.sub(r"^(conv\w*)\.0\.", r"\1.conv.", key)
+            out[key] = value
+        return out

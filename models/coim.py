@@ -1,0 +1,140 @@
+"""CoI-M: context-based instance-level modulation of convolution kernels.
+
+A modulated convolution keeps an ordinary kernel ``W`` and, when a code ``z`` is
+given, rescales it per sample:
+
+    [a | b | c] = MLP([z, mean_hw(x)])           a: (C_out,), b: (C_in/g,), c: (k*k,)
+    att[o, i, :] = k*k * softmax_k(sigmoid(a_o + b_i) * c)
+    W_n = W * att_n
+
+(up to the published code's memory reading of ``att``, kept for its checkpoints: see
+``_attention``).
+
+All samples run as one grouped convolution (batch folded into the channel axis).
+With ``z=None`` the layers are exactly ``nn.Conv2d`` / ``nn.ConvTranspose2d``.
+Parameter names (``weight``, ``bias``, ``generator.{0,2,4}``) map one-to-one onto
+the published code's ``base_conv.conv.*`` and ``g2pa_wgen.*`` (see
+``utils.checkpoint.remap_published_keys``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ModulatedConv2d", "ModulatedConvTranspose2d", "modulation_parameters"]
+
+
+def _generator(dim_in: int, in_channels: int, hidden: int, out_features: int) -> nn.Sequential:
+    """The three-layer MLP that turns ``[z, channel means]`` into ``[a | b | c]``."""
+    return nn.Sequential(
+        nn.Linear(dim_in + in_channels, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, 16),
+        nn.ReLU(inplace=True),
+        nn.Linear(16, out_features),
+    )
+
+
+def _attention(rows: Tensor, cols: Tensor, taps: Tensor, shape: tuple) -> Tensor:
+    """``k² · softmax_k(sigmoid(rows_r + cols_c) · taps)`` for (B,R), (B,C), (B,k²), read as ``shape``.
+
+    The published layers build this (R, C) map with R the weight's *second* axis and then
+    read its memory in the weight's own (dim0, dim1) order: a transposition when the two
+    channel counts are equal, a fixed permutation otherwise. Checkpoints trained that way
+    are only correct under the same reading, so we keep it.
+    """
+    gate = torch.sigmoid(rows.unsqueeze(2) + cols.unsqueeze(1))
+    logits = gate.unsqueeze(-1) * taps[:, None, None, :]
+    return (torch.softmax(logits, dim=-1) * taps.shape[-1]).reshape(shape)
+
+
+class ModulatedConv2d(nn.Conv2d):
+    """Conv2d whose kernel is modulated per sample by a code ``z``.
+
+    forward(x, z=None): x (B,C_in,H,W), z (B,dim_in) or None -> (B,C_out,H',W').
+    1x1 kernels are never modulated (their generator exists only so that
+    published checkpoints load). ``dim_in=0`` builds no generator: a plain conv that
+    ignores z, the layout of backbones trained without CoIC.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 padding: int = 1, dilation: int = 1, groups: int = 1, bias: bool = True,
+                 dim_in: int = 128):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias)
+        k = self.kernel_size[0] * self.kernel_size[1]
+        # The reference narrows the MLP for grouped/depthwise convolutions.
+        hidden = out_channels // 16 if groups > 1 else out_channels
+        self.generator = (_generator(dim_in, in_channels, hidden, in_channels // groups + out_channels + k)
+                          if dim_in > 0 else None)
+
+    @property
+    def modulated(self) -> bool:
+        return self.generator is not None and self.kernel_size[0] * self.kernel_size[1] > 1
+
+    def kernel_attention(self, x: Tensor, z: Tensor) -> Tensor:
+        """Per-sample kernel multipliers (B, C_out, C_in/g, kh, kw)."""
+        c_out, c_in = self.out_channels, self.in_channels // self.groups
+        code = self.generator(torch.cat([z, x.mean(dim=(-2, -1))], dim=-1))
+        a_out, b_in, taps = code.split([c_out, c_in, code.shape[-1] - c_out - c_in], dim=-1)
+        return _attention(b_in, a_out, taps, (-1, c_out, c_in, *self.kernel_size))
+
+    def forward(self, x: Tensor, z: Optional[Tensor] = None) -> Tensor:
+        if z is None or not self.modulated:
+            return super().forward(x)
+        b, _, h, w = x.shape
+        weight = (self.weight.unsqueeze(0) * self.kernel_attention(x, z)).flatten(0, 1)
+        bias = self.bias.repeat(b) if self.bias is not None else None
+        out = F.conv2d(x.reshape(1, -1, h, w), weight, bias, self.stride, self.padding, self.dilation,
+                       groups=b * self.groups)
+        return out.view(b, self.out_channels, *out.shape[-2:])
+
+
+class ModulatedConvTranspose2d(nn.ConvTranspose2d):
+    """ConvTranspose2d (groups=1) whose kernel is modulated per sample by ``z``.
+
+    forward(x, z=None): x (B,C_in,H,W) -> (B,C_out,H',W').
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 padding: int = 1, dilation: int = 1, bias: bool = True, dim_in: int = 128):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, bias=bias)
+        k = self.kernel_size[0] * self.kernel_size[1]
+        self.generator = (_generator(dim_in, in_channels, out_channels, in_channels + out_channels + k)
+                          if dim_in > 0 else None)
+
+    @property
+    def modulated(self) -> bool:
+        return self.generator is not None and self.kernel_size[0] * self.kernel_size[1] > 1
+
+    def kernel_attention(self, x: Tensor, z: Tensor) -> Tensor:
+        """Per-sample kernel multipliers shaped like the weight: (B, C_in, C_out, kh, kw)."""
+        c_in, c_out = self.in_channels, self.out_channels
+        code = self.generator(torch.cat([z, x.mean(dim=(-2, -1))], dim=-1))
+        b_in, a_out, taps = code.split([c_in, c_out, code.shape[-1] - c_in - c_out], dim=-1)
+        return _attention(a_out, b_in, taps, (-1, c_in, c_out, *self.kernel_size))
+
+    def forward(self, x: Tensor, z: Optional[Tensor] = None, output_size=None) -> Tensor:
+        if z is None or not self.modulated:
+            return super().forward(x, output_size)
+        b, _, h, w = x.shape
+        weight = (self.weight.unsqueeze(0) * self.kernel_attention(x, z)).flatten(0, 1)
+        bias = self.bias.repeat(b) if self.bias is not None else None
+        out = F.conv_transpose2d(x.reshape(1, -1, h, w), weight, bias, self.stride, self.padding,
+                                 self.output_padding, groups=b, dilation=self.dilation)
+        return out.view(b, self.out_channels, *out.shape[-2:])
+
+
+def modulation_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters of every CoI-M generator in ``module`` (found by type, not by name)."""
+    params: list[nn.Parameter] = []
+    for m in module.modules():
+        if isinstance(m, (ModulatedConv2d, ModulatedConvTranspose2d)):
+            if m.generator is not None:
+                params.extend(m.generator.parameters())
+    return params

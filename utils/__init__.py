@@ -1,0 +1,1 @@
+"""Training, evaluation and checkpoint utilities shared by every backbone."""

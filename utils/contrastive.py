@@ -1,0 +1,89 @@
+"""Positive and negative exemplars of the rain-/detail-aware contrastive loss.
+
+For a batch of rainy queries (each image resized to crop x crop):
+- positive key: the query, randomly flipped (same rain, same detail);
+- rain-aware negative: the query's clean image plus the rain layer (rainy - clean) that is
+  most different (L1) among the recent rain layers kept in a ``RainArchive``;
+- detail-aware negatives: ``n_neg`` copies of the clean image, Gaussian-blurred
+  (kernel 11, σ ~ U[0.3, 1.5]) and randomly flipped (same background, less detail, no rain).
+All randomness is drawn per sample from the given generator.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def random_flips(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Flip each image (N,C,H,W) horizontally and/or vertically with probability 1/2 each."""
+    n = x.shape[0]
+    h_flip, v_flip = (torch.rand(2, n, generator=generator, device=generator.device if generator else None)
+                      .to(x.device) < 0.5).view(2, n, 1, 1, 1)
+    x = torch.where(h_flip, x.flip(-1), x)
+    return torch.where(v_flip, x.flip(-2), x)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int = 11) -> Tensor:
+    """Blur each image (N,C,H,W) with its own σ (N,), reflect padding (torchvision's GaussianBlur)."""
+    n, c, h, w = x.shape
+    r = kernel_size // 2
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t[None] / sigma.to(x)[:, None]) ** 2)
+    k = k / k.sum(-1, keepdim=True)  # (N, K)
+    k = k.repeat_interleave(c, 0)  # one separable kernel per (image, channel)
+    y = F.pad(x.reshape(1, n * c, h, w), (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, k[:, None, :, None], groups=n * c)
+    return y.view(n, c, h, w)
+
+
+class RainArchive:
+    """The rain layers (rainy - clean) of the last ``capacity`` batches, on the training device."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(1, capacity)
+        self.layers: list[Tensor] = []
+
+    @classmethod
+    def for_batch_size(cls, batch_size: int, images: int = 64) -> "RainArchive":
+        return cls(images // max(1, batch_size))
+
+    def push(self, rain_layers: Tensor) -> None:
+        self.layers.append(rain_layers.detach())
+        del self.layers[:-self.capacity]
+
+    def most_different(self, rain_layers: Tensor) -> Tensor:
+        """For each layer (B,C,H,W), the archived layer with the largest L1 distance to it."""
+        bank = torch.cat(self.layers, 0)
+        dist = torch.cdist(rain_layers.flatten(1), bank.flatten(1), p=1)  # (B, M)
+        return bank[dist.argmax(dim=1)]
+
+    def state_dict(self) -> dict:
+        return {"capacity": self.capacity, "layers": [t.cpu() for t in self.layers]}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.capacity = state["capacity"]
+        self.layers = [t.to(device) for t in state["layers"]]
+
+
+def build_negatives(query: Tensor, clean: Tensor, archive: RainArchive, n_neg: int,
+                    generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """Positive keys (B,3,h,w) and negatives (B,1+n_neg,3,h,w) for rainy ``query`` and its ``clean``.
+
+    The current batch's rain layers are pushed into ``archive`` first, so the archive is
+    never empty and the rain-aware negative never carries the query's own rain unless the
+    whole archive holds only that.
+    """
+    b = query.shape[0]
+    rain = query - clean
+    archive.push(rain)
+    rain_negative = (clean + archive.most_different(rain)).clamp(0.0, 1.0)
+    copies = clean.unsqueeze(1).expand(b, n_neg, *clean.shape[1:]).flatten(0, 1)
+    sigma = torch.empty(b * n_neg, device=generator.device if generator else None).uniform_(
+        0.3, 1.5, generator=generator)
+    detail_negatives = random_flips(gaussian_blur(copies, sigma), generator).view(b, n_neg, *clean.shape[1:])
+    negatives = torch.cat([rain_negative.unsqueeze(1), detail_negatives], dim=1)
+    return random_flips(query, generator), negatives

@@ -1,0 +1,57 @@
+"""Restoring whole images with any backbone: z once per image, padding, tiling."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from utils.tiling import pad_to_multiple, tiled_apply
+
+ENCODER_SIZE = 128  # z is computed from the whole image resized to 128 x 128, as the reference test
+
+
+@torch.no_grad()
+def image_code(encoder: nn.Module, x: Tensor) -> Tensor:
+    """z (1,dim) of x (1,3,H,W) in [0,1] from the key encoder, on the image resized to 128 x 128."""
+    small = F.interpolate(x, size=(ENCODER_SIZE, ENCODER_SIZE), mode="bilinear", align_corners=False,
+                          antialias=True)
+    return encoder(small.clamp(0, 1))
+
+
+def effective_tile(model: nn.Module, tile: Optional[int]) -> Optional[int]:
+    """The tile size to use: the user's, else the backbone's own (IDT), else none."""
+    own = getattr(model, "tile_size", None)
+    multiple = getattr(model, "size_multiple", 1)
+    if tile is not None and tile > 0:
+        if tile % multiple:
+            raise ValueError(f"--tile {tile} is not a multiple of {type(model).__name__}'s size multiple {multiple}")
+        if own is not None and tile != own:
+            raise ValueError(f"--tile must be {own} for {type(model).__name__} (it works at its training size)")
+        return tile
+    return own
+
+
+@torch.no_grad()
+def restore(model: nn.Module, x: Tensor, z: Optional[Tensor] = None, tile: Optional[int] = None,
+            overlap: int = 32, tile_batch: int = 4) -> Tensor:
+    """Derain x (1,3,H,W) in [0,1]; returns (1,3,H,W) clamped to [0,1].
+
+    The image is padded to the backbone's ``size_multiple``; when it is larger than ``tile``
+    (or the backbone has a fixed ``tile_size``) it is processed in overlapping tiles.
+    """
+    multiple = getattr(model, "size_multiple", 1)
+    tile = effective_tile(model, tile)
+
+    def run(t: Tensor) -> Tensor:
+        zz = None if z is None else z.expand(t.shape[0], -1)
+        return model(t, zz)
+
+    h, w = x.shape[-2:]
+    if tile is not None and (max(h, w) > tile or getattr(model, "tile_size", None) is not None):
+        y = tiled_apply(run, x, tile, overlap=overlap, batch=tile_batch)
+    else:
+        y = run(pad_to_multiple(x, multiple))[..., :h, :w]
+    return y.clamp(0, 1)

@@ -1,0 +1,90 @@
+"""Command-line flags shared by every ``train_<Backbone>.py`` (defaults come from the recipe)."""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from utils.recipes import Recipe, get_recipe
+
+REFERENCE_DATA_PATHS = ("datasets/Rain200H/train,datasets/Rain200L/train,datasets/Rain800/train,"
+                        "datasets/DID/train,datasets/DDN/train")
+
+
+def str2bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
+
+
+def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=f"Train {recipe.model_name} on mixed rain datasets, with or without CoIC.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--model_name", default=recipe.model_name, help="backbone to train")
+    g.add_argument("--demo", action="store_true",
+                   help="build the synthetic demo data if absent, train a small CoIC model on it and evaluate it")
+    g.add_argument("--data_paths", default=REFERENCE_DATA_PATHS,
+                   help="comma-separated folders, each with rain/ and norain/")
+    g.add_argument("--save_path", default=None,
+                   help="folder for checkpoints, logs and TensorBoard (default: checkpoints/<model>_<dim>d_<w>contra)")
+    g.add_argument("--save_freq", type=int, default=5000, help="save a checkpoint every N iterations")
+    g.add_argument("--keep_checkpoints", type=int, default=3, help="how many recent checkpoints to keep")
+    g.add_argument("--log_freq", type=int, default=40, help="log scalars every N iterations")
+    g.add_argument("--image_freq", type=int, default=1000, help="log a rain|output|clean grid every N iterations")
+    g.add_argument("--no_resume", action="store_true", help="start afresh even if save_path holds a checkpoint")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--num_workers", type=int, default=8, help="data loader workers (capped at the CPU count)")
+    g = p.add_argument_group("device")
+    g.add_argument("--use_GPU", action="store_true", help="train on CUDA (device cuda:<gpu_id>)")
+    g.add_argument("--gpu_id", default="0", help="CUDA device index used with --use_GPU")
+    g.add_argument("--device", default=None, help="explicit torch device (cpu, cuda, cuda:1); overrides --use_GPU")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=recipe.batch_size, help="training batch size")
+    g.add_argument("--crop_size", type=int, default=recipe.crop_size, help="training crop size")
+    g.add_argument("--lr", type=float, default=recipe.lr, help="initial learning rate")
+    g.add_argument("--tot_iters", type=int, default=recipe.tot_iters, help="total training iterations")
+    g.add_argument("--stage1_iters", type=int, default=recipe.stage1_iters,
+                   help="iterations of stage 1 (backbone only, no z) before CoIC starts")
+    g = p.add_argument_group("CoIC")
+    g.add_argument("--contra_loss_weight", type=float, default=recipe.contra_loss_weight,
+                   help="weight of the contrastive loss (0 with a huge --stage1_iters = no CoIC)")
+    g.add_argument("--dim_in", type=int, default=128, help="dimension of the code z")
+    g.add_argument("--temperature", type=float, default=1.0, help="contrastive temperature")
+    g.add_argument("--n_neg", type=int, default=4, help="detail-aware negatives per query")
+    g = p.add_argument_group(f"{recipe.model_name}")
+    for name, flag in recipe.flags.items():
+        p.add_argument(f"--{name}", type=flag.type, default=flag.default, help=flag.help, nargs=flag.nargs)
+    return p
+
+
+def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the flags of ``train_<model_name>.py``; ``--demo`` swaps in the recipe's demo defaults."""
+    recipe = get_recipe(model_name)
+    parser = build_train_parser(recipe)
+    args = parser.parse_args(argv)
+    if args.model_name != model_name:
+        parser.error(f"--model_name {args.model_name} does not match this script; "
+                     f"use train_{args.model_name}.py to train {args.model_name}")
+    if args.demo:
+        # Demo values replace defaults but never flags the user typed.
+        typed = {a.split("=")[0].lstrip("-") for a in (argv if argv is not None else __import__("sys").argv[1:])
+                 if a.startswith("--")}
+        for key, value in recipe.demo.items():
+            if key not in typed:
+                setattr(args, key, value)
+        if "save_path" not in typed:
+            args.save_path = f"runs/demo_{model_name}"
+    if args.save_path is None:
+        args.save_path = f"checkpoints/{model_name}_{args.dim_in}d_{args.contra_loss_weight}contra"
+    for key in ("batch_size", "crop_size", "tot_iters", "save_freq", "keep_checkpoints", "log_freq", "n_neg"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key} must be at least 1, got {getattr(args, key)}")
+    if args.stage1_iters < 0:
+        parser.error("--stage1_iters must be >= 0")
+    args.recipe = recipe
+    args.model_hparams = {k: getattr(args, k) for k, f in recipe.flags.items() if f.model}
+    args.model_hparams["dim_in"] = args.dim_in
+    return args

@@ -1,0 +1,83 @@
+"""What every ``train_<Backbone>.py`` runs: train, and for ``--demo`` build data and evaluate."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from datasets import DataError, find_pairs, read_image
+from utils.checkpoint import CheckpointError
+from utils.options import parse_train_args
+
+logger = logging.getLogger("coic")
+
+
+def demo_report(checkpoint: str, model_name: str, demo_root: str, save_path: str, device: torch.device) -> list[dict]:
+    """Evaluate a demo checkpoint on each rain type's test split; print the table, write pictures."""
+    from test_model import evaluate, load_encoder, load_model
+    from utils.demo_data import RAIN_TYPES
+    from utils.metrics import psnr, ssim
+
+    model, ckpt = load_model(model_name, checkpoint, "tran", device)
+    encoder = load_encoder(None, ckpt, checkpoint, device)
+    rows = []
+    for kind in RAIN_TYPES:
+        pairs = find_pairs(os.path.join(demo_root, kind, "test"))
+        out_dir = os.path.join(save_path, "demo_results", kind)
+        results = evaluate(model, encoder, pairs, out_dir, device, progress=False)
+        rainy = [(read_image(r), read_image(c)) for r, c in pairs]
+        row = {
+            "type": kind,
+            "rain_psnr": sum(psnr(r, c) for r, c in rainy) / len(rainy),
+            "rain_ssim": sum(ssim(r, c) for r, c in rainy) / len(rainy),
+            "out_psnr": sum(r["psnr"] for r in results) / len(results),
+            "out_ssim": sum(r["ssim"] for r in results) / len(results),
+        }
+        # One side-by-side picture per type: rainy | derained | clean.
+        first = pairs[0]
+        derained = read_image(os.path.join(out_dir, os.path.splitext(os.path.basename(first[0]))[0] + ".png"))
+        from datasets import save_image
+
+        picture = os.path.join(save_path, f"demo_{kind}.png")
+        save_image(torch.cat([read_image(first[0]), derained, read_image(first[1])], dim=-1), picture)
+        row["picture"] = picture
+        rows.append(row)
+    print()
+    print(f"{'rain type':<12} {'rainy PSNR/SSIM':>17} {'derained PSNR/SSIM':>20} {'gain dB':>8}")
+    for r in rows:
+        print(f"{r['type']:<12} {r['rain_psnr']:>9.2f}/{r['rain_ssim']:.4f} {r['out_psnr']:>12.2f}/{r['out_ssim']:.4f}"
+              f" {r['out_psnr'] - r['rain_psnr']:>+8.2f}")
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("rain_psnr", "rain_ssim", "out_psnr", "out_ssim")}
+    print(f"{'mean':<12} {mean['rain_psnr']:>9.2f}/{mean['rain_ssim']:.4f} {mean['out_psnr']:>12.2f}/"
+          f"{mean['out_ssim']:.4f} {mean['out_psnr'] - mean['rain_psnr']:>+8.2f}")
+    print("side-by-side pictures (rainy | derained | clean):")
+    for r in rows:
+        print(f"  {r['picture']}")
+    return rows
+
+
+def main(model_name: str, argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_train_args(model_name, argv)
+    from utils.trainer import Trainer, setup_logging
+
+    setup_logging()
+    try:
+        if args.demo:
+            from utils.demo_data import DEMO_ROOT, build_demo_data, demo_splits
+
+            build_demo_data(DEMO_ROOT)
+            args.data_paths = ",".join(demo_splits(DEMO_ROOT, "train").values())
+        trainer = Trainer(args)
+        last = trainer.train()
+        if args.demo:
+            demo_report(last, model_name, DEMO_ROOT, args.save_path, trainer.device)
+    except (DataError, CheckpointError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,63 @@
+"""Padding to a size multiple and tiled inference with centre-weighted blending."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def pad_to(x: Tensor, height: int, width: int) -> Tensor:
+    """Pad (B,C,H,W) at the bottom/right to (height, width): reflect where possible, else replicate."""
+    ph, pw = height - x.shape[-2], width - x.shape[-1]
+    if ph <= 0 and pw <= 0:
+        return x
+    mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "replicate"
+    return F.pad(x, (0, max(pw, 0), 0, max(ph, 0)), mode=mode)
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    h, w = x.shape[-2:]
+    return pad_to(x, math.ceil(h / multiple) * multiple, math.ceil(w / multiple) * multiple)
+
+
+def _starts(size: int, tile: int, stride: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def blend_weights(tile: int, device=None, dtype=torch.float32) -> Tensor:
+    """(tile, tile) weights, largest at the centre and small but positive at the border."""
+    t = torch.sin(math.pi * (torch.arange(tile, device=device, dtype=dtype) + 0.5) / tile)
+    return torch.outer(t, t)
+
+
+def tiled_apply(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int = 32,
+                batch: int = 4) -> Tensor:
+    """Apply ``fn`` to overlapping ``tile`` x ``tile`` crops of x (1,C,H,W) and blend the outputs.
+
+    ``fn`` maps (N,C,tile,tile) to (N,C',tile,tile). Inputs smaller than a tile are padded.
+    """
+    if overlap >= tile:
+        raise ValueError(f"--tile_overlap ({overlap}) must be smaller than --tile ({tile})")
+    h, w = x.shape[-2:]
+    xp = pad_to(x, max(h, tile), max(w, tile))
+    H, W = xp.shape[-2:]
+    stride = tile - overlap
+    boxes = [(i, j) for i in _starts(H, tile, stride) for j in _starts(W, tile, stride)]
+    weight = blend_weights(tile, x.device, x.dtype)
+    out = acc = None
+    for k in range(0, len(boxes), batch):
+        chunk = boxes[k:k + batch]
+        y = fn(torch.cat([xp[..., i:i + tile, j:j + tile] for i, j in chunk], dim=0))
+        if out is None:
+            out = xp.new_zeros(1, y.shape[1], H, W)
+            acc = xp.new_zeros(1, 1, H, W)
+        for (i, j), yt in zip(chunk, y):
+            out[0, :, i:i + tile, j:j + tile] += yt * weight
+            acc[0, :, i:i + tile, j:j + tile] += weight
+    return (out / acc)[..., :h, :w]

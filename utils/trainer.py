@@ -1,0 +1,308 @@
+"""The one Trainer: two stages, two optimizers, resumable, backbone-agnostic.
+
+Stage 1 (``iteration < stage1_iters``) trains the backbone without z. Stage 2 computes z with
+the query encoder from the rainy image resized to crop x crop and trains
+``base loss + contra_loss_weight * contrastive loss``. The backbone parameters and the CoIC
+parameters (CoI-M generators + query encoder) have their own optimizers and schedulers.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import random
+import re
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from datasets import EpochSampler, MixedRainDataset, parse_data_paths
+from losses import ContrastiveLoss
+from models import build_encoder, build_model
+from models.coim import modulation_parameters
+from utils.checkpoint import CheckpointError, read_checkpoint, save_atomic
+from utils.contrastive import RainArchive, build_negatives
+from utils.metrics import psnr
+
+logger = logging.getLogger("coic")
+
+CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.pth$")
+
+
+def resolve_device(args: argparse.Namespace) -> torch.device:
+    if args.device:
+        return torch.device(args.device)
+    if args.use_GPU:
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --use_GPU was given but CUDA is not available; drop the flag to run on the CPU")
+        return torch.device(f"cuda:{int(args.gpu_id)}")
+    if torch.cuda.is_available():
+        logger.warning("CUDA is available but not used; pass --use_GPU to train on the GPU")
+    return torch.device("cpu")
+
+
+def setup_logging(save_path: Optional[str] = None) -> None:
+    root = logging.getLogger()
+    if not any(getattr(h, "_coic", False) for h in root.handlers):
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        console._coic = True
+        root.addHandler(console)
+        root.setLevel(logging.INFO)
+    if save_path:
+        path = os.path.abspath(os.path.join(save_path, "train.log"))
+        if not any(getattr(h, "baseFilename", None) == path for h in root.handlers):
+            handler = logging.FileHandler(path)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            root.addHandler(handler)
+
+
+def list_checkpoints(save_path: str) -> list[str]:
+    """Our checkpoints in ``save_path``, oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(save_path, "ckpt_*.pth")):
+        m = CKPT_PATTERN.match(os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.recipe = args.recipe
+        self.device = resolve_device(args)
+        self._check_save_path(args.save_path)
+        setup_logging(args.save_path)
+        self._seed(args.seed)
+
+        self.dataset = MixedRainDataset(parse_data_paths(args.data_paths), args.crop_size)
+        self.iters_per_epoch = EpochSampler.batches_per_epoch(len(self.dataset), args.batch_size)
+
+        self.model = build_model(args.model_name, **args.model_hparams).to(self.device)
+        self.encoder = build_encoder(dim=args.dim_in, temperature=args.temperature).to(self.device)
+        self.loss = self.recipe.make_loss().to(self.device)
+        self.contrastive = ContrastiveLoss()
+
+        tran_ids = {id(p) for p in modulation_parameters(self.model)}
+        self.base_params = [p for p in self.model.parameters() if id(p) not in tran_ids]
+        self.tran_params = modulation_parameters(self.model) + list(self.encoder.encoder_q.parameters())
+        self.base_opt, self.tran_opt = self.recipe.make_optimizers(self.base_params, self.tran_params, args)
+        self.schedulers = []
+        if self.recipe.make_scheduler is not None:
+            self.schedulers = [self.recipe.make_scheduler(opt, args, self.iters_per_epoch)
+                               for opt in (self.base_opt, self.tran_opt)]
+        self.archive = RainArchive.for_batch_size(args.batch_size)
+        self.generator = torch.Generator(device=self.device).manual_seed(args.seed)
+
+        self.iteration, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.bad_steps = 0
+        self.writer = None
+        if not args.no_resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _check_save_path(path: str) -> None:
+        try:
+            os.makedirs(path, exist_ok=True)
+            probe = os.path.join(path, ".write_test")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as exc:
+            raise SystemExit(f"error: cannot write to --save_path {path} ({exc.strerror}); pick a writable folder")
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _tensorboard(self):
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(self.args.save_path)
+        return self.writer
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "model_name": self.args.model_name,
+            "model_hparams": dict(self.args.model_hparams),
+            "encoder_hparams": {"dim": self.args.dim_in, "temperature": self.args.temperature},
+            "model": self.model.state_dict(),
+            "encoder": self.encoder.state_dict(),
+            "base_optim": self.base_opt.state_dict(),
+            "tran_optim": self.tran_opt.state_dict(),
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "iteration": self.iteration,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "archive": self.archive.state_dict(),
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "generator": self.generator.get_state(),
+            },
+            "args": {k: v for k, v in vars(self.args).items() if k != "recipe"},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("model_name") != self.args.model_name or state.get("model_hparams") != self.args.model_hparams:
+            raise CheckpointError(
+                f"checkpoint in {self.args.save_path} is {state.get('model_name')} {state.get('model_hparams')}, "
+                f"this run is {self.args.model_name} {self.args.model_hparams}; use another --save_path or --no_resume")
+        self.model.load_state_dict(state["model"])
+        self.encoder.load_state_dict(state["encoder"])
+        self.base_opt.load_state_dict(state["base_optim"])
+        self.tran_opt.load_state_dict(state["tran_optim"])
+        for sched, s in zip(self.schedulers, state["schedulers"]):
+            sched.load_state_dict(s)
+        self.iteration, self.epoch = state["iteration"], state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.archive.load_state_dict(state["archive"], self.device)
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.generator.set_state(rng["generator"])
+
+    def _resume(self) -> None:
+        for path in reversed(list_checkpoints(self.args.save_path)):
+            try:
+                state = read_checkpoint(path)
+            except CheckpointError as exc:
+                logger.warning("skipping unreadable checkpoint: %s", exc)
+                continue
+            self.load_state_dict(state)
+            logger.info("resumed from %s at iteration %d", path, self.iteration)
+            return
+
+    def save(self) -> str:
+        path = os.path.join(self.args.save_path, f"ckpt_{self.iteration:07d}.pth")
+        save_atomic(self.state_dict(), path)
+        for old in list_checkpoints(self.args.save_path)[:-self.args.keep_checkpoints]:
+            os.remove(old)
+        return path
+
+    # ------------------------------------------------------------------ data
+    def _loader(self) -> DataLoader:
+        sampler = EpochSampler(len(self.dataset), self.args.batch_size, self.args.seed, self.epoch,
+                               self.batch_in_epoch)
+        workers = min(self.args.num_workers, os.cpu_count() or 1)
+        return DataLoader(self.dataset, batch_size=self.args.batch_size, sampler=sampler, num_workers=workers,
+                          pin_memory=self.device.type == "cuda", drop_last=False,
+                          persistent_workers=False)
+
+    # ------------------------------------------------------------------ step
+    @property
+    def in_stage2(self) -> bool:
+        return self.iteration >= self.args.stage1_iters
+
+    def train_step(self, batch) -> dict:
+        rain, clean, query, query_clean = (t.to(self.device, non_blocking=True) for t in batch)
+        self.model.train()
+        self.encoder.train()
+        self.base_opt.zero_grad(set_to_none=True)
+        self.tran_opt.zero_grad(set_to_none=True)
+        if self.in_stage2:
+            positive, negatives = build_negatives(query, query_clean, self.archive, self.args.n_neg, self.generator)
+            logits, z = self.encoder.contrast(query, positive, negatives)
+            contra = self.contrastive(logits) * self.args.contra_loss_weight
+        else:
+            z, logits, contra = None, None, None
+        base, out = self.loss(self.model, rain, clean, z)
+        total = base if contra is None else base + contra
+        if not torch.isfinite(total):
+            self.bad_steps += 1
+            logger.warning("iteration %d: non-finite loss (base %s, contrastive %s); step skipped (%d so far)",
+                           self.iteration, float(base), None if contra is None else float(contra), self.bad_steps)
+            return {"skipped": True}
+        total.backward()
+        if self.recipe.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.base_params, self.recipe.grad_clip)
+        self.base_opt.step()
+        self.tran_opt.step()
+        return {"base": base, "contra": contra, "out": out, "rain": rain, "clean": clean, "logits": logits}
+
+    def _log(self, stats: dict) -> dict:
+        out = stats["out"].detach().clamp(0, 1)
+        values = {
+            "base_loss": float(stats["base"].detach()),
+            "contra_loss": float(stats["contra"].detach()) if stats["contra"] is not None else 0.0,
+            "train_psnr": psnr(out, stats["clean"]),
+            "lr": self.base_opt.param_groups[0]["lr"],
+            "tran_lr": self.tran_opt.param_groups[0]["lr"],
+        }
+        if stats["logits"] is not None:
+            values["contra_acc"] = float((stats["logits"].argmax(1) == 0).float().mean())
+        writer = self._tensorboard()
+        for k, v in values.items():
+            writer.add_scalar(k, v, self.iteration)
+        if self.iteration % self.args.image_freq == 0 or self.iteration == self.args.tot_iters:
+            import torchvision
+
+            n = min(4, out.shape[0])
+            grid = torch.cat([stats["rain"][:n], out[:n], stats["clean"][:n]], dim=0).cpu()
+            writer.add_image("rain|output|clean", torchvision.utils.make_grid(grid, nrow=n), self.iteration)
+        return values
+
+    def _end_of_epoch(self) -> None:
+        if self.recipe.scheduler_unit == "epoch":
+            for s in self.schedulers:
+                s.step()
+        self.epoch += 1
+        self.batch_in_epoch = 0
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> str:
+        """Train up to ``tot_iters``; returns the path of the last checkpoint."""
+        args = self.args
+        last = list_checkpoints(args.save_path)[-1] if self.iteration > 0 else None
+        if self.iteration >= args.tot_iters:
+            logger.info("already trained %d/%d iterations in %s", self.iteration, args.tot_iters, args.save_path)
+            return last or self.save()
+        logger.info("%s: %d training pairs, %d iterations per epoch, %s, save_path %s", args.model_name,
+                    len(self.dataset), self.iters_per_epoch, self.device, args.save_path)
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.tot_iters, initial=self.iteration, desc=f"{args.model_name}", unit="it",
+                   dynamic_ncols=True)
+        start = time.time()
+        while self.iteration < args.tot_iters:
+            for batch in self._loader():
+                was_stage2 = self.in_stage2
+                stats = self.train_step(batch)
+                self.iteration += 1
+                self.batch_in_epoch += 1
+                if self.recipe.scheduler_unit == "iter" and not stats.get("skipped"):
+                    for s in self.schedulers:
+                        s.step()
+                if self.batch_in_epoch >= self.iters_per_epoch:
+                    self._end_of_epoch()
+                if not stats.get("skipped") and (self.iteration % args.log_freq == 0 or self.iteration == 1):
+                    values = self._log(stats)
+                    bar.set_postfix(stage=2 if was_stage2 else 1, loss=f"{values['base_loss']:.4f}",
+                                    psnr=f"{values['train_psnr']:.2f}")
+                bar.update(1)
+                if self.iteration == args.stage1_iters and args.stage1_iters < args.tot_iters:
+                    logger.info("stage 1 done at iteration %d: CoIC (z + contrastive loss) starts", self.iteration)
+                if self.iteration % args.save_freq == 0 or self.iteration == args.tot_iters:
+                    last = self.save()
+                if self.iteration >= args.tot_iters:
+                    break
+        bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+        logger.info("trained to iteration %d in %.1f s; last checkpoint %s", self.iteration, time.time() - start, last)
+        return last
