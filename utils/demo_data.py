@@ -29,7 +29,6 @@ RAIN_TYPES = ("light", "heavy", "hazy", "multiangle")
 TRAIN_SOURCES = ("astronaut", "coffee", "rocket", "retina", "immunohistochemistry", "camera", "brick", "grass")
 TEST_SOURCES = ("chelsea", "coins", "gravel", "hubble_deep_field")
 _DONE = ".complete"
-DEMO_ROOT = os.environ.get("COIC_DEMO_ROOT", "demo_data")
 
 
 def _source(name: str) -> np.ndarray:
@@ -100,6 +99,11 @@ def _write(arr: np.ndarray, path: str) -> None:
     from PIL import Image
 
     Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8)).save(path)
+
+
+def default_root() -> str:
+    """Where ``--demo`` keeps its data: ``$COIC_DEMO_ROOT`` or ``demo_data/``."""
+    return os.environ.get("COIC_DEMO_ROOT", "demo_data")
 
 
 def is_complete(root: str) -> bool:

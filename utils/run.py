@@ -66,14 +66,14 @@ def main(model_name: str, argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     try:
         if args.demo:
-            from utils.demo_data import DEMO_ROOT, build_demo_data, demo_splits
+            from utils.demo_data import build_demo_data, default_root, demo_splits
 
-            build_demo_data(DEMO_ROOT)
-            args.data_paths = ",".join(demo_splits(DEMO_ROOT, "train").values())
+            demo_root = build_demo_data(default_root())
+            args.data_paths = ",".join(demo_splits(demo_root, "train").values())
         trainer = Trainer(args)
         last = trainer.train()
         if args.demo:
-            demo_report(last, model_name, DEMO_ROOT, args.save_path, trainer.device)
+            demo_report(last, model_name, demo_root, args.save_path, trainer.device)
     except (DataError, CheckpointError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

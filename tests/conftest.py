@@ -1,0 +1,37 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+REFERENCE = os.path.join(ROOT, "..", "shared", "reference")
+
+# Tiny tensors: one thread avoids oversubscription when other processes share the cores.
+torch.set_num_threads(1)
+
+
+def reference_file(name: str) -> str:
+    """Path of a published reference file; skips the test when the folder is absent."""
+    path = os.path.join(REFERENCE, name)
+    if not os.path.isfile(path):
+        pytest.skip(f"reference file {path} not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> str:
+    """A small copy of the demo data (same generator, tiny pictures)."""
+    from utils.demo_data import build_demo_data
+
+    root = str(tmp_path_factory.mktemp("demo") / "demo_data")
+    return build_demo_data(root, train_per_source=1, train_size=32, test_size=40)
+
+
+def train_flags(save_path: str, data_paths: str, **overrides) -> list[str]:
+    """Tiny but complete BRN training flags (every code path, seconds on a CPU)."""
+    flags = dict(data_paths=data_paths, save_path=save_path, inter_iter=1, batch_size=2, crop_size=16,
+                 tot_iters=6, stage1_iters=3, num_workers=0, save_freq=2, log_freq=1, image_freq=3, n_neg=2)
+    flags.update(overrides)
+    return [item for k, v in flags.items() for item in (f"--{k}", str(v))]

@@ -1,0 +1,95 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, modulation_parameters
+
+
+def _randomise_generator(layer):
+    with torch.no_grad():
+        for p in layer.generator.parameters():
+            p.normal_()
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_plain_when_z_is_none(groups):
+    torch.manual_seed(0)
+    layer = ModulatedConv2d(16, 32, 3, 1, 1, groups=groups, dim_in=8)
+    x = torch.randn(3, 16, 10, 10)
+    expected = F.conv2d(x, layer.weight, layer.bias, padding=1, groups=groups)
+    assert torch.equal(layer(x), expected)
+    _randomise_generator(layer)
+    assert torch.equal(layer(x, None), expected)
+
+
+@pytest.mark.parametrize("groups,stride", [(1, 1), (4, 2), (16, 1)])
+def test_grouped_form_equals_per_sample_loop(groups, stride):
+    torch.manual_seed(0)
+    layer = ModulatedConv2d(16, 32, 3, stride, 1, groups=groups, dim_in=8)
+    x, z = torch.randn(3, 16, 9, 9), F.normalize(torch.randn(3, 8), dim=1)
+    out = layer(x, z)
+    att = layer.kernel_attention(x, z)
+    for n in range(3):
+        ref = F.conv2d(x[n:n + 1], layer.weight * att[n], layer.bias, stride=stride, padding=1, groups=groups)
+        torch.testing.assert_close(out[n:n + 1], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_formula_and_scale():
+    torch.manual_seed(0)
+    layer = ModulatedConv2d(4, 6, 3, dim_in=5)
+    x, z = torch.randn(2, 4, 7, 7), torch.randn(2, 5)
+    att = layer.kernel_attention(x, z)
+    assert att.shape == (2, 6, 4, 3, 3)
+    # softmax over the 9 taps times k²: every (o, i) kernel's multipliers sum to 9
+    torch.testing.assert_close(att.sum(dim=(-2, -1)), torch.full((2, 6, 4), 9.0))
+    code = layer.generator(torch.cat([z, x.mean(dim=(-2, -1))], 1))
+    a, b, c = code[:, :6], code[:, 6:10], code[:, 10:]
+    # published memory reading: the (C_in, C_out) map laid out as (C_out, C_in)
+    gate = torch.sigmoid(b[:, :, None] + a[:, None, :])
+    expected = (torch.softmax(gate[..., None] * c[:, None, None, :], -1) * 9).reshape(2, 6, 4, 3, 3)
+    torch.testing.assert_close(att, expected)
+
+
+def test_differs_per_sample_when_z_differs():
+    torch.manual_seed(0)
+    layer = ModulatedConv2d(8, 8, 3, dim_in=4)
+    x = torch.randn(1, 8, 8, 8).expand(2, -1, -1, -1)
+    z = F.normalize(torch.randn(2, 4), dim=1)
+    out = layer(x, z)
+    assert not torch.allclose(out[0], out[1])
+    same = layer(x, z[:1].expand(2, -1))
+    torch.testing.assert_close(same[0], same[1])
+    assert not torch.allclose(layer(x, z), layer(x))
+
+
+def test_one_by_one_never_modulated_and_dim0_is_plain():
+    torch.manual_seed(0)
+    layer = ModulatedConv2d(8, 4, 1, 1, 0, dim_in=4)
+    x, z = torch.randn(2, 8, 5, 5), torch.randn(2, 4)
+    assert torch.equal(layer(x, z), layer(x))
+    plain = ModulatedConv2d(8, 4, 3, dim_in=0)
+    assert plain.generator is None and modulation_parameters(plain) == []
+    assert len(plain.state_dict()) == 2
+
+
+def test_transposed_plain_and_loop():
+    torch.manual_seed(0)
+    layer = ModulatedConvTranspose2d(6, 4, 2, stride=2, padding=0, dim_in=5)
+    x, z = torch.randn(3, 6, 5, 5), torch.randn(3, 5)
+    assert torch.equal(layer(x), F.conv_transpose2d(x, layer.weight, layer.bias, stride=2))
+    out = layer(x, z)
+    assert out.shape == (3, 4, 10, 10)
+    att = layer.kernel_attention(x, z)
+    assert att.shape == (3, 6, 4, 2, 2)
+    for n in range(3):
+        ref = F.conv_transpose2d(x[n:n + 1], layer.weight * att[n], layer.bias, stride=2)
+        torch.testing.assert_close(out[n:n + 1], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_generator_only_with_z():
+    layer = ModulatedConv2d(4, 4, 3, dim_in=3)
+    x = torch.randn(2, 4, 6, 6)
+    layer(x).sum().backward()
+    assert all(p.grad is None for p in layer.generator.parameters())
+    layer(x, torch.randn(2, 3)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.generator.parameters())
