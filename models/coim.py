@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ModulatedConv2d", "ModulatedConvTranspose2d", "modulation_parameters"]
+__all__ = ["ModulatedConv2d", "ModulatedConvTranspose2d", "ContextEmbedding", "modulation_parameters",
+           "context_embedding_parameters"]
 
 
 def _generator(dim_in: int, in_channels: int, hidden: int, out_features: int) -> nn.Sequential:
@@ -138,3 +139,23 @@ def modulation_parameters(module: nn.Module) -> list[nn.Parameter]:
             if m.generator is not None:
                 params.extend(m.generator.parameters())
     return params
+
+
+class ContextEmbedding(nn.Module):
+    """Projects the CoIC code into a feature space: ``Linear(SiLU(z))``.
+
+    forward(z): z (B,dim_in) -> (B,dim). Used by the transformer backbones (IDT, DRSformer);
+    the optimiser split finds these layers by type (see :func:`context_embedding_parameters`).
+    """
+
+    def __init__(self, dim_in: int, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.proj(F.silu(z))
+
+
+def context_embedding_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters of every :class:`ContextEmbedding` inside ``module``."""
+    return [p for m in module.modules() if isinstance(m, ContextEmbedding) for p in m.parameters()]

@@ -5,7 +5,6 @@ parameter-count test builds the reference configuration (without running it).
 """
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.coim import ModulatedConv2d, modulation_parameters
+from models.coim import modulation_parameters
 from models.rcdnet import RCDNet, RCDNetStages, load_rain_kernel, streak_kernel_bank
 from utils.checkpoint import load_weights
 

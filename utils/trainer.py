@@ -18,7 +18,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from datasets import EpochSampler, MixedRainDataset, parse_data_paths

@@ -1,0 +1,61 @@
+import torch
+
+from utils.contrastive import RainArchive, build_negatives, gaussian_blur, random_flips
+
+
+def test_archive_capacity_and_most_different():
+    archive = RainArchive.for_batch_size(12)
+    assert archive.capacity == 64 // 12
+    for v in range(8):
+        archive.push(torch.full((2, 3, 4, 4), float(v)))
+    assert len(archive.layers) == 5
+    query = torch.stack([torch.full((3, 4, 4), 3.0), torch.full((3, 4, 4), 7.0)])
+    got = archive.most_different(query)
+    assert torch.equal(got[0], torch.full((3, 4, 4), 7.0))  # archive holds 3..7: furthest from 3 is 7
+    assert torch.equal(got[1], torch.full((3, 4, 4), 3.0))
+
+
+def test_negatives_built_as_described():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing="ij")
+    smooth = 0.25 + 0.2 * torch.sin(xx / 3) * torch.cos(yy / 4)
+    clean = (smooth + 0.05 * torch.rand(3, 3, 24, 24)).clamp(0, 1)
+    rain = torch.zeros(3, 3, 24, 24)
+    rain[0, :, ::4] = 0.1
+    rain[1, :, :, ::3] = 0.4
+    rain[2] = 0.3
+    query = (clean + rain).clamp(0, 1)
+    archive = RainArchive(4)
+    positive, negs = build_negatives(query, clean, archive, n_neg=4, generator=g)
+    assert negs.shape == (3, 5, 3, 24, 24)
+    # rain-aware negative: own clean image + the most different rain layer (L1) of the archive
+    layers = query - clean
+    dist = torch.cdist(layers.flatten(1), layers.flatten(1), p=1)
+    expected = (clean + layers[dist.argmax(1)]).clamp(0, 1)
+    torch.testing.assert_close(negs[:, 0], expected)
+    # positive: the query flipped (same pixels, maybe mirrored)
+    for n in range(3):
+        options = [query[n], query[n].flip(-1), query[n].flip(-2), query[n].flip(-1).flip(-2)]
+        assert any(torch.equal(positive[n], o) for o in options)
+    # detail-aware negatives: blurred flipped copies of the clean image: no rain, less detail
+    for n in range(3):
+        for j in range(1, 5):
+            neg = negs[n, j]
+            unflipped = [neg, neg.flip(-1), neg.flip(-2), neg.flip(-1).flip(-2)]
+            err = min(float((u - clean[n]).abs().mean()) for u in unflipped)
+            assert 0 < err < 0.05
+            assert neg.std() < clean[n].std()
+
+
+def test_blur_per_sample_sigma_and_flip_probability():
+    x = torch.zeros(2, 1, 15, 15)
+    x[:, :, 7, 7] = 1.0
+    y = gaussian_blur(x, torch.tensor([0.3, 1.5]))
+    assert y[0, 0, 7, 7] > y[1, 0, 7, 7]
+    torch.testing.assert_close(y.sum(dim=(1, 2, 3)), torch.ones(2))
+    g = torch.Generator().manual_seed(1)
+    imgs = torch.arange(16.0).view(1, 1, 4, 4).expand(400, -1, -1, -1)
+    flipped = random_flips(imgs, g)
+    unchanged = (flipped == imgs).flatten(1).all(1).float().mean()
+    assert 0.15 < unchanged < 0.35  # P(no flip) = 1/4

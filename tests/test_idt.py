@@ -1,0 +1,165 @@
+"""IDT backbone: modes, gradients, reference size and published-checkpoint names (CPU, tiny nets)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import build_model
+from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, modulation_parameters
+from models.coim import ContextEmbedding, context_embedding_parameters
+from models.idt import IDT
+from utils.checkpoint import load_weights
+
+# 64 is the smallest img_size IDT supports; mlp_ratio 1 keeps the 64x64 FFNs cheap while
+# every depthwise CoI-M generator keeps a non-empty hidden layer (width >= 16).
+TINY = dict(img_size=64, embed_dim=16, depths=[1] * 9, num_heads=[1] * 9, mlp_ratio=1.0)
+
+
+def _codes(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, 128, generator=g), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def model() -> IDT:
+    torch.manual_seed(0)
+    return IDT(**TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def image() -> torch.Tensor:
+    return torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def _coim_and_context(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return modulation_parameters(model) + context_embedding_parameters(model)
+
+
+def test_forward_both_modes(model: IDT, image: torch.Tensor) -> None:
+    z1, z2 = _codes(2, 2), _codes(2, 3)
+    with torch.no_grad():
+        plain, mod1, mod2 = model(image), model(image, z1), model(image, z2)
+    for out in (plain, mod1, mod2):
+        assert out.shape == image.shape
+        assert torch.isfinite(out).all()
+    assert not torch.allclose(plain, mod1, atol=1e-6)
+    assert not torch.allclose(mod1, mod2, atol=1e-6)
+    # Modulation is per sample: changing sample 1's code leaves sample 0 alone.
+    z_mixed = torch.cat([z1[:1], z2[1:]])
+    with torch.no_grad():
+        mixed = model(image, z_mixed)
+    torch.testing.assert_close(mixed[0], mod1[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], mod2[1], rtol=1e-5, atol=1e-5)
+
+
+def test_plain_mode_ignores_coim_and_context_weights(model: IDT, image: torch.Tensor) -> None:
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in _coim_and_context(other):
+            p.normal_(0.0, 0.5)
+        torch.testing.assert_close(other(image), model(image), rtol=0, atol=0)
+        z = _codes(2, 4)
+        assert not torch.allclose(other(image, z), model(image, z), atol=1e-5)
+
+
+def test_context_embeddings_are_found_by_type(model: IDT) -> None:
+    embeddings = [m for m in model.modules() if isinstance(m, ContextEmbedding)]
+    # One per block: 9 stages x (1 window block) + 8 spatial blocks.
+    assert len(embeddings) == 17
+    assert sum(p.numel() for p in context_embedding_parameters(model)) == sum(
+        p.numel() for m in embeddings for p in m.parameters())
+
+
+def test_backward_reaches_generators_only_with_code(model: IDT, image: torch.Tensor) -> None:
+    extra = {id(p) for p in _coim_and_context(model)}
+    model.train()  # exercise the training path (stochastic depth in IDT)
+    model.zero_grad(set_to_none=True)
+    model(image).square().mean().backward()
+    assert all(p.grad is None for p in _coim_and_context(model))
+    base = [p for p in model.parameters() if id(p) not in extra]
+    assert all(p.grad is not None for p in base)
+
+    model.zero_grad(set_to_none=True)
+    model(image, _codes(2, 5)).square().mean().backward()
+    for m in model.modules():
+        used = isinstance(m, (ModulatedConv2d, ModulatedConvTranspose2d)) and m.modulated
+        if used or isinstance(m, ContextEmbedding):
+            params = m.generator.parameters() if used else m.parameters()
+            assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    assert any(p.grad.abs().sum() > 0 for p in context_embedding_parameters(model))
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def test_reference_parameter_counts() -> None:
+    """Counts of the published CoIC IDT (measured from the published code)."""
+    net = IDT()
+    total = sum(p.numel() for p in net.parameters())
+    coim = sum(p.numel() for p in modulation_parameters(net))
+    context = sum(p.numel() for p in context_embedding_parameters(net))
+    assert total == 18_953_632
+    assert coim == 1_953_169
+    assert context == 577_920
+    assert total == pytest.approx(18.95e6, rel=5e-3)
+    assert coim + context == pytest.approx(2.53e6, rel=5e-3)
+
+
+def test_size_contract() -> None:
+    net = build_model("IDT", **TINY)
+    assert isinstance(net, IDT)
+    assert net.tile_size == 64 and net.size_multiple == 64
+    assert IDT.tile_size == 128 and IDT.size_multiple == 128
+    with pytest.raises(ValueError, match="runs only at 64x64"):
+        net(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="img_size 96"):
+        IDT(img_size=96, embed_dim=4, depths=[1] * 9, num_heads=[1] * 9)
+
+
+# Published CoIC key -> ours, for the tiny configuration (depth 1: blocks.1 is the
+# spatial block). Names read from the published models/IDT_CoIM.py and models/CoIM.py.
+PUBLISHED_NAMES = {
+    "input_proj.proj.0.base_conv.conv.weight": "input_proj.weight",
+    "input_proj.proj.0.g2pa_wgen.0.weight": "input_proj.generator.0.weight",
+    "module.output_proj.proj.0.base_conv.conv.bias": "output_proj.bias",
+    "dowsample_0.conv.0.base_conv.conv.weight": "downs.0.conv.weight",
+    "dowsample_3.conv.0.g2pa_wgen.4.bias": "downs.3.conv.generator.4.bias",
+    "upsample_0.deconv.0.base_conv.conv.weight": "ups.0.conv.weight",
+    "upsample_3.deconv.0.g2pa_wgen.2.weight": "ups.3.conv.generator.2.weight",
+    "encoderlayer_0.blocks.0.norm1_kv.weight": "encoders.0.blocks.0.norm1_kv.weight",
+    "encoderlayer_0.blocks.0.context_emb.1.weight": "encoders.0.blocks.0.context_emb.proj.weight",
+    "encoderlayer_0.blocks.0.attn.qkv.to_q.weight": "encoders.0.blocks.0.attn.to_q.weight",
+    "encoderlayer_0.blocks.0.attn.qkv.to_kv.bias": "encoders.0.blocks.0.attn.to_kv.bias",
+    "encoderlayer_0.blocks.0.attn.qkv.proj.weight": "encoders.0.blocks.0.attn.to_pos.weight",
+    "encoderlayer_0.blocks.0.attn.proj.weight": "encoders.0.blocks.0.attn.proj.weight",
+    "encoderlayer_2.blocks.1.attn.Position_Extract.0.weight": "encoders.2.blocks.1.attn.pos_conv.0.weight",
+    "encoderlayer_2.blocks.1.attn.relative_position_bias_table":
+        "encoders.2.blocks.1.attn.relative_position_bias_table",
+    "bottle.blocks.0.context_emb.1.bias": "bottleneck.blocks.0.context_emb.proj.bias",
+    "decoderlayer_3.blocks.0.mlp.linear1.0.weight": "decoders.3.blocks.0.mlp.fc1.weight",
+    "decoderlayer_3.blocks.0.mlp.dwconv.0.base_conv.conv.weight": "decoders.3.blocks.0.mlp.dwconv.weight",
+    "decoderlayer_3.blocks.1.mlp.dwconv.0.g2pa_wgen.0.bias": "decoders.3.blocks.1.mlp.dwconv.generator.0.bias",
+    "decoderlayer_3.blocks.1.mlp.linear2.0.bias": "decoders.3.blocks.1.mlp.fc2.bias",
+}
+
+
+def test_published_key_names_load(model: IDT) -> None:
+    ours = model.state_dict()
+    assert not any("relative_position_index" in k for k in ours)  # not persistent upstream either
+    assert ours["encoders.0.blocks.1.attn.relative_position_bias_table"].shape == ((2 * 16 - 1) ** 2, 1)
+    assert ours["decoders.1.blocks.1.attn.relative_position_bias_table"].shape == ((2 * 4 - 1) ** 2, 1)
+    published_style = dict(ours)
+    for theirs, mine in PUBLISHED_NAMES.items():
+        published_style[theirs] = published_style.pop(mine).clone() + 1.0
+    fresh = IDT(**TINY)
+    load_weights(fresh, published_style)
+    loaded = fresh.state_dict()
+    for theirs, mine in PUBLISHED_NAMES.items():
+        torch.testing.assert_close(loaded[mine], published_style[theirs])
+    # Our own layout passes through the renaming unchanged.
+    load_weights(fresh, ours)
+    reloaded = fresh.state_dict()
+    for key, value in ours.items():
+        torch.testing.assert_close(reloaded[key], value)

@@ -1,0 +1,95 @@
+import csv
+import os
+import shutil
+
+import pytest
+import torch
+
+import test_model
+from conftest import reference_file, train_flags
+from datasets import read_image
+from models import build_model
+from utils.inference import restore
+from utils.options import parse_train_args
+from utils.tiling import tiled_apply
+from utils.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_demo):
+    save = tmp_path_factory.mktemp("run")
+    trainer = Trainer(parse_train_args("BRN", train_flags(str(save), os.path.join(tiny_demo, "heavy", "train"),
+                                                           tot_iters=3, stage1_iters=1)))
+    return trainer.train()
+
+
+def _rows(path):
+    with open(os.path.join(path, "results.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiling_is_exact_for_pointwise_functions():
+    x = torch.rand(1, 3, 70, 90)
+    y = tiled_apply(lambda t: t * 2 + 1, x, tile=32, overlap=8, batch=3)
+    torch.testing.assert_close(y, x * 2 + 1)
+    small = tiled_apply(lambda t: t + 0, torch.rand(1, 3, 20, 25), tile=32, overlap=8)
+    assert small.shape == (1, 3, 20, 25)
+
+
+def test_tiled_restore_close_to_whole_image():
+    torch.manual_seed(0)
+    model = build_model("BRN", inter_iter=1).eval()
+    x = torch.rand(1, 3, 60, 75)
+    whole = restore(model, x)
+    tiled = restore(model, x, tile=48, overlap=24)
+    assert tiled.shape == whole.shape
+    # a conv net with a limited receptive field: tiles blended with overlap differ only near seams
+    assert float((tiled - whole).abs().mean()) < 0.02
+
+
+def test_with_ground_truth_both_modes(tmp_path, trained, tiny_demo):
+    test_dir = os.path.join(tiny_demo, "heavy", "test")
+    for mode in ("normal", "tran"):
+        out = str(tmp_path / mode)
+        assert test_model.main(["--test_model", trained, "--model_name", "BRN", "--load_mode", mode,
+                                "--test_dir", test_dir, "--save_path", out, "--tile", "32",
+                                "--tile_overlap", "8"]) == 0
+        rows = _rows(out)
+        assert len(rows) == 4 and all(float(r["psnr"]) > 0 and 0 < float(r["ssim"]) <= 1 for r in rows)
+        for r in rows:
+            img = read_image(os.path.join(out, r["name"]))
+            assert img.shape == (3, 40, 40)  # larger than the 32 tile: tiled and blended back
+
+
+def test_without_ground_truth_and_separate_encoder(tmp_path, trained, tiny_demo, capsys):
+    folder = tmp_path / "rainy"
+    shutil.copytree(os.path.join(tiny_demo, "light", "test", "rain"), folder)
+    out = str(tmp_path / "out")
+    assert test_model.main(["--test_model", trained, "--feat_ext", trained, "--load_mode", "tran",
+                            "--test_dir", str(folder), "--save_path", out]) == 0
+    rows = _rows(out)
+    assert len(rows) == 4 and all(r["psnr"] == "" for r in rows)
+    assert "Avg. psnr" not in capsys.readouterr().out
+
+
+def test_clear_errors(tmp_path, trained, tiny_demo, capsys):
+    test_dir = os.path.join(tiny_demo, "heavy", "test")
+    assert test_model.main(["--test_model", trained, "--model_name", "Nope", "--test_dir", test_dir,
+                            "--save_path", str(tmp_path)]) == 2
+    assert "unknown --model_name" in capsys.readouterr().err
+    assert test_model.main(["--test_model", trained, "--model_name", "RCDNet", "--test_dir", test_dir,
+                            "--save_path", str(tmp_path)]) == 2
+    assert "not RCDNet" in capsys.readouterr().err
+    assert test_model.main(["--test_model", str(tmp_path / "missing.pth"), "--test_dir", test_dir,
+                            "--save_path", str(tmp_path)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_official_baseline_and_coic_files_evaluate(tmp_path, tiny_demo):
+    test_dir = os.path.join(tiny_demo, "heavy", "test")
+    assert test_model.main(["--test_model", reference_file("brn_baseline_official.pth"), "--model_name", "BRN",
+                            "--load_mode", "normal", "--test_dir", test_dir, "--save_path", str(tmp_path / "b")]) == 0
+    assert len(_rows(str(tmp_path / "b"))) == 4
+    # the published CoIC file has no encoder beside it: tran mode must say so
+    assert test_model.main(["--test_model", reference_file("brn_coic_official.pth"), "--load_mode", "tran",
+                            "--test_dir", test_dir, "--save_path", str(tmp_path / "c")]) == 2
