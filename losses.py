@@ -63,3 +63,56 @@ class CharbonnierLoss(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return torch.sqrt((x - y) ** 2 + self.eps ** 2).mean()
+
+
+class EdgeLoss(nn.Module):
+    """Charbonnier(lap(x), lap(y)), lap = x - G(up(down(G(x)))) with G the 5-tap [.05 .25 .4 .25 .05] Gaussian."""
+
+    def __init__(self, eps: float = 1e-3):
+        super().__init__()
+        k = torch.tensor([0.05, 0.25, 0.4, 0.25, 0.05])
+        self.register_buffer("kernel", torch.outer(k, k)[None, None], persistent=False)
+        self.charbonnier = CharbonnierLoss(eps)
+
+    def _gauss(self, img: Tensor) -> Tensor:
+        c = img.shape[1]
+        return F.conv2d(F.pad(img, (2, 2, 2, 2), mode="replicate"), self.kernel.to(img.dtype).expand(c, 1, 5, 5),
+                        groups=c)
+
+    def laplacian(self, img: Tensor) -> Tensor:
+        blurred = self._gauss(img)
+        upsampled = torch.zeros_like(blurred)
+        upsampled[..., ::2, ::2] = blurred[..., ::2, ::2] * 4
+        return img - self._gauss(upsampled)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.charbonnier(self.laplacian(x), self.laplacian(y))
+
+
+class RCDNetStageLoss(nn.Module):
+    """RCDNet's loss on the 0-255 scale with MSE:
+    0.1·B0 + 0.1·Σ_s B_s + B_final + 0.1·Σ_s R_s + 0.9·R_last  (R targets: rainy - clean)."""
+
+    def forward(self, model: nn.Module, rain: Tensor, clean: Tensor, z) -> tuple[Tensor, Tensor]:
+        stages = model.forward_stages(rain, z)
+        scale = model.value_scale
+        clean_s, rain_layer = clean * scale, (rain - clean) * scale
+        *stage_bs, final = stages.backgrounds
+        loss = 0.1 * F.mse_loss(stages.b0, clean_s) + F.mse_loss(final, clean_s)
+        loss = loss + 0.1 * sum(F.mse_loss(b, clean_s) for b in stage_bs)
+        loss = loss + 0.1 * sum(F.mse_loss(r, rain_layer) for r in stages.rain_layers)
+        loss = loss + 0.9 * F.mse_loss(stages.rain_layers[-1], rain_layer)
+        return loss, final / scale
+
+
+class StageSumLoss(nn.Module):
+    """Σ over stage images of Charbonnier(out, clean) + edge_weight · Edge(out, clean) (DGUNet)."""
+
+    def __init__(self, edge_weight: float = 0.05):
+        super().__init__()
+        self.charbonnier, self.edge, self.edge_weight = CharbonnierLoss(), EdgeLoss(), edge_weight
+
+    def forward(self, model: nn.Module, rain: Tensor, clean: Tensor, z) -> tuple[Tensor, Tensor]:
+        outs = model.forward_stages(rain, z)
+        loss = sum(self.charbonnier(o, clean) + self.edge_weight * self.edge(o, clean) for o in outs)
+        return loss, outs[0]

@@ -35,7 +35,7 @@ def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
     g.add_argument("--log_freq", type=int, default=40, help="log scalars every N iterations")
     g.add_argument("--image_freq", type=int, default=1000, help="log a rain|output|clean grid every N iterations")
     g.add_argument("--no_resume", action="store_true", help="start afresh even if save_path holds a checkpoint")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--seed", type=int, default=recipe.seed, help="random seed")
     g.add_argument("--num_workers", type=int, default=8, help="data loader workers (capped at the CPU count)")
     g = p.add_argument_group("device")
     g.add_argument("--use_GPU", action="store_true", help="train on CUDA (device cuda:<gpu_id>)")
@@ -46,6 +46,8 @@ def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
     g.add_argument("--crop_size", type=int, default=recipe.crop_size, help="training crop size")
     g.add_argument("--lr", type=float, default=recipe.lr, help="initial learning rate")
     g.add_argument("--tot_iters", type=int, default=recipe.tot_iters, help="total training iterations")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="train for this many epochs of the mixed data instead of --tot_iters")
     g.add_argument("--stage1_iters", type=int, default=recipe.stage1_iters,
                    help="iterations of stage 1 (backbone only, no z) before CoIC starts")
     g = p.add_argument_group("CoIC")
@@ -85,6 +87,10 @@ def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> a
     if args.stage1_iters < 0:
         parser.error("--stage1_iters must be >= 0")
     args.recipe = recipe
-    args.model_hparams = {k: getattr(args, k) for k, f in recipe.flags.items() if f.model}
+    args.model_hparams = {k: getattr(args, k) for k, f in recipe.flags.items() if f.model and not f.init_only}
     args.model_hparams["dim_in"] = args.dim_in
+    if recipe.derived_hparams is not None:
+        args.model_hparams.update(recipe.derived_hparams(args))
+    args.init_hparams = {k: getattr(args, k) for k, f in recipe.flags.items()
+                         if f.init_only and getattr(args, k) is not None}
     return args

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from datasets import EpochSampler, MixedRainDataset, parse_data_paths
 from losses import ContrastiveLoss
 from models import build_encoder, build_model
-from models.coim import modulation_parameters
+from models.coim import context_embedding_parameters, modulation_parameters
 from utils.checkpoint import CheckpointError, read_checkpoint, save_atomic
 from utils.contrastive import RainArchive, build_negatives
 from utils.metrics import psnr
@@ -82,15 +82,19 @@ class Trainer:
 
         self.dataset = MixedRainDataset(parse_data_paths(args.data_paths), args.crop_size)
         self.iters_per_epoch = EpochSampler.batches_per_epoch(len(self.dataset), args.batch_size)
+        if args.epochs is not None:
+            args.tot_iters = args.epochs * self.iters_per_epoch
 
-        self.model = build_model(args.model_name, **args.model_hparams).to(self.device)
+        self.model = build_model(args.model_name, **args.model_hparams, **args.init_hparams).to(self.device)
         self.encoder = build_encoder(dim=args.dim_in, temperature=args.temperature).to(self.device)
         self.loss = self.recipe.make_loss().to(self.device)
         self.contrastive = ContrastiveLoss()
 
-        tran_ids = {id(p) for p in modulation_parameters(self.model)}
-        self.base_params = [p for p in self.model.parameters() if id(p) not in tran_ids]
-        self.tran_params = modulation_parameters(self.model) + list(self.encoder.encoder_q.parameters())
+        # CoIC parameters: CoI-M generators, context embeddings (transformers) and the query encoder.
+        coic = modulation_parameters(self.model) + context_embedding_parameters(self.model)
+        coic_ids = {id(p) for p in coic}
+        self.base_params = [p for p in self.model.parameters() if id(p) not in coic_ids]
+        self.tran_params = coic + list(self.encoder.encoder_q.parameters())
         self.base_opt, self.tran_opt = self.recipe.make_optimizers(self.base_params, self.tran_params, args)
         self.schedulers = []
         if self.recipe.make_scheduler is not None:
@@ -198,7 +202,8 @@ class Trainer:
     def _loader(self) -> DataLoader:
         sampler = EpochSampler(len(self.dataset), self.args.batch_size, self.args.seed, self.epoch,
                                self.batch_in_epoch)
-        workers = min(self.args.num_workers, os.cpu_count() or 1)
+        # Leave one core to the training process itself.
+        workers = min(self.args.num_workers, max(0, (os.cpu_count() or 1) - 1))
         return DataLoader(self.dataset, batch_size=self.args.batch_size, sampler=sampler, num_workers=workers,
                           pin_memory=self.device.type == "cuda", drop_last=False,
                           persistent_workers=False)
@@ -222,10 +227,10 @@ class Trainer:
             z, logits, contra = None, None, None
         base, out = self.loss(self.model, rain, clean, z)
         total = base if contra is None else base + contra
-        if not torch.isfinite(total):
+        reason = self._bad_step(total, out)
+        if reason:
             self.bad_steps += 1
-            logger.warning("iteration %d: non-finite loss (base %s, contrastive %s); step skipped (%d so far)",
-                           self.iteration, float(base), None if contra is None else float(contra), self.bad_steps)
+            logger.warning("iteration %d: %s; step skipped (%d so far)", self.iteration + 1, reason, self.bad_steps)
             return {"skipped": True}
         total.backward()
         if self.recipe.grad_clip is not None:
@@ -233,6 +238,17 @@ class Trainer:
         self.base_opt.step()
         self.tran_opt.step()
         return {"base": base, "contra": contra, "out": out, "rain": rain, "clean": clean, "logits": logits}
+
+    def _bad_step(self, total: torch.Tensor, out: torch.Tensor) -> Optional[str]:
+        """Why this step must not update the weights (non-finite loss, exploding output), or None."""
+        threshold = self.recipe.explode_threshold
+        peak = out.detach().abs().amax()
+        finite, peak = torch.stack([torch.isfinite(total.detach()).float(), peak]).tolist()  # one sync
+        if not finite:
+            return f"non-finite loss {float(total.detach())}"
+        if threshold is not None and not peak <= threshold:
+            return f"output exploded (max |output| {peak:.3g} > {threshold})"
+        return None
 
     def _log(self, stats: dict) -> dict:
         out = stats["out"].detach().clamp(0, 1)

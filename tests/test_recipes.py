@@ -1,0 +1,105 @@
+"""Every backbone trains through its own train script (both stages) and evaluates with test_model."""
+import os
+
+import pytest
+import torch
+
+import test_model
+from losses import EdgeLoss, RCDNetStageLoss
+from models import build_model
+from utils.options import parse_train_args
+from utils.recipes import RECIPES
+from utils.run import main
+from utils.schedulers import CyclicCosineRestart
+
+# Tiny hyper-parameters per backbone: the same code paths in seconds.
+TINY = {
+    "BRN": ["--inter_iter", "1"],
+    "RCDNet": ["--inter_iter", "2", "--num_block", "1", "--num_map", "4", "--num_channel", "4"],
+    "DGUNet": ["--depth", "1"],
+    "IDT": ["--embed_dim", "8"],
+    "DRSformer": ["--dim", "16", "--num_blocks", "1", "1", "1", "1"],
+}
+CROP = {"IDT": 64}
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_train_script_two_iterations_then_evaluate(name, tmp_path, tiny_demo, monkeypatch, capsys):
+    crop = CROP.get(name, 16)
+    save = str(tmp_path / "run")
+    data = os.path.join(tiny_demo, "heavy", "train")
+    flags = ["--model_name", name, "--data_paths", data, "--save_path", save, "--tot_iters", "2",
+             "--stage1_iters", "1", "--batch_size", "2", "--crop_size", str(crop), "--num_workers", "0",
+             "--save_freq", "1", "--log_freq", "1", "--n_neg", "1"] + TINY[name]
+    if name == "IDT":
+        # the smallest IDT (img_size 64); keep the test light with one image per batch
+        flags[flags.index("--batch_size") + 1] = "1"
+    assert main(name, flags) == 0
+    ckpt = os.path.join(save, "ckpt_0000002.pth")
+    assert os.path.isfile(ckpt)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["model_name"] == name and state["iteration"] == 2
+    test_dir = os.path.join(tiny_demo, "heavy", "test")
+    for mode in ("normal", "tran"):
+        out = str(tmp_path / mode)
+        assert test_model.main(["--test_model", ckpt, "--model_name", name, "--load_mode", mode,
+                                "--test_dir", test_dir, "--save_path", out]) == 0
+        assert len([f for f in os.listdir(out) if f.endswith(".png")]) == 4
+
+
+def test_paper_commands_parse_with_reference_defaults():
+    paths = "datasets/Rain200H/train,datasets/Rain200L/train,datasets/Rain800/train,datasets/DID/train," \
+            "datasets/DDN/train,datasets/spa"
+    for name in RECIPES:
+        for weight, stage1 in (("0.0", "40000000"), ("0.2", "40000")):
+            args = parse_train_args(name, ["--model_name", name, "--use_GPU", "--gpu_id", "0",
+                                           "--contra_loss_weight", weight, "--stage1_iters", stage1,
+                                           "--data_paths", paths])
+            assert args.contra_loss_weight == float(weight) and args.stage1_iters == int(stage1)
+    rcd = parse_train_args("RCDNet", [])
+    assert (rcd.batch_size, rcd.crop_size, rcd.contra_loss_weight, rcd.milestone) == (16, 64, 50.0, [25, 50, 75])
+    assert rcd.model_hparams == {"num_map": 32, "num_channel": 32, "num_block": 4, "inter_iter": 17, "dim_in": 128}
+    assert parse_train_args("DGUNet", []).seed == 1234
+    idt = parse_train_args("IDT", ["--crop_size", "64"])
+    assert idt.model_hparams["img_size"] == 64 and idt.milestone == [100, 250, 350]
+    drs = parse_train_args("DRSformer", [])
+    assert (drs.batch_size, drs.lr, drs.seed) == (4, 3e-4, 100) and RECIPES["DRSformer"].grad_clip == 0.01
+
+
+def test_rcdnet_stage_loss_formula():
+    torch.manual_seed(0)
+    model = build_model("RCDNet", inter_iter=2, num_block=1, num_map=4, num_channel=4)
+    rain, clean = torch.rand(1, 3, 12, 12), torch.rand(1, 3, 12, 12)
+    loss, out = RCDNetStageLoss()(model, rain, clean, None)
+    s = model.forward_stages(rain)
+    mse = torch.nn.functional.mse_loss
+    c, r = clean * 255, (rain - clean) * 255
+    expected = (0.1 * mse(s.b0, c) + 0.1 * (mse(s.backgrounds[0], c) + mse(s.backgrounds[1], c))
+                + mse(s.backgrounds[2], c) + 0.1 * (mse(s.rain_layers[0], r) + mse(s.rain_layers[1], r))
+                + 0.9 * mse(s.rain_layers[1], r))
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(out, model(rain))
+
+
+def test_edge_loss_zero_for_equal_and_sees_edges():
+    edge = EdgeLoss()
+    x = torch.rand(1, 3, 16, 16)
+    assert float(edge(x, x)) == pytest.approx(1e-3, abs=1e-6)  # Charbonnier floor ε
+    flat = torch.full((1, 3, 16, 16), 0.5)
+    # flat regions have no edges (the borders see the zero-inserted upsampling through the padding)
+    assert float(edge.laplacian(flat)[..., 4:-4, 4:-4].abs().max()) < 1e-6
+    assert float(edge(x, flat)) > float(edge(x, x))
+
+
+def test_cyclic_cosine_restart_values():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+    sched = CyclicCosineRestart(opt, [4, 8], [3e-4, 1e-6])
+    lrs = []
+    for _ in range(14):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([3e-4] * 4)  # first cycle: eta_min == base
+    assert lrs[4] == pytest.approx(3e-4)  # restart
+    assert lrs[8] == pytest.approx(1e-6 + (3e-4 - 1e-6) * 0.5)  # half way through the second cycle
+    assert lrs[12] == pytest.approx(1e-6) and lrs[13] == pytest.approx(1e-6)

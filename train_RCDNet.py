@@ -1,0 +1,5 @@
+"""Train RCDNet on mixed rain datasets, with or without CoIC (see README)."""
+from utils.run import main
+
+if __name__ == "__main__":
+    raise SystemExit(main("RCDNet"))
