@@ -60,7 +60,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_demo):
     full.train()
     part = _trainer(tmp_path / "part", data, tot_iters=3, stage1_iters=3, save_freq=100)
     part.train()
-    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "part"))] == ["ckpt_0000003.pth"]
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "part"))] == ["ckpt_0000000.pth", "ckpt_0000003.pth"]
     resumed = _trainer(tmp_path / "part", data, tot_iters=6, stage1_iters=3)
     assert resumed.iteration == 3
     resumed.train()

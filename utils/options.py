@@ -35,6 +35,14 @@ def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
     g.add_argument("--log_freq", type=int, default=40, help="log scalars every N iterations")
     g.add_argument("--image_freq", type=int, default=1000, help="log a rain|output|clean grid every N iterations")
     g.add_argument("--no_resume", action="store_true", help="start afresh even if save_path holds a checkpoint")
+    g.add_argument("--pretrained", default=None,
+                   help="start from this checkpoint's weights (ours or the published code's) with fresh optimizers")
+    g.add_argument("--pretrained_encoder", default=None,
+                   help="encoder weights for --pretrained when they are in a separate file (published MoCo state_dict)")
+    g.add_argument("--max_bad_steps", type=int, default=5,
+                   help="consecutive skipped (non-finite/exploding) steps before rolling back with the LR halved")
+    g.add_argument("--strict_data", action="store_true",
+                   help="stop at an unreadable image instead of skipping it with a warning")
     g.add_argument("--seed", type=int, default=recipe.seed, help="random seed")
     g.add_argument("--num_workers", type=int, default=8, help="data loader workers (capped at the CPU count)")
     g = p.add_argument_group("device")
@@ -81,7 +89,8 @@ def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> a
             args.save_path = f"runs/demo_{model_name}"
     if args.save_path is None:
         args.save_path = f"checkpoints/{model_name}_{args.dim_in}d_{args.contra_loss_weight}contra"
-    for key in ("batch_size", "crop_size", "tot_iters", "save_freq", "keep_checkpoints", "log_freq", "n_neg"):
+    for key in ("batch_size", "crop_size", "tot_iters", "save_freq", "keep_checkpoints", "log_freq", "n_neg",
+                "max_bad_steps"):
         if getattr(args, key) < 1:
             parser.error(f"--{key} must be at least 1, got {getattr(args, key)}")
     if args.stage1_iters < 0:

@@ -61,7 +61,7 @@ def demo_report(checkpoint: str, model_name: str, demo_root: str, save_path: str
 
 def main(model_name: str, argv: Optional[Sequence[str]] = None) -> int:
     args = parse_train_args(model_name, argv)
-    from utils.trainer import Trainer, setup_logging
+    from utils.trainer import Trainer, TrainingDiverged, TrainingInterrupted, setup_logging
 
     setup_logging()
     try:
@@ -74,10 +74,23 @@ def main(model_name: str, argv: Optional[Sequence[str]] = None) -> int:
         last = trainer.train()
         if args.demo:
             demo_report(last, model_name, demo_root, args.save_path, trainer.device)
-    except (DataError, CheckpointError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except TrainingInterrupted as exc:
+        print(f"{exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except (DataError, CheckpointError, FileExistsError, TrainingDiverged, ValueError) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        print("stopped at once without saving; rerun the same command to resume from the last checkpoint",
+              file=sys.stderr)
         return 130
     return 0
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` without the worker traceback a DataLoader wraps around it."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return " ".join(lines)

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import re
+import signal
 import time
 from typing import Optional
 
@@ -24,13 +25,27 @@ from datasets import EpochSampler, MixedRainDataset, parse_data_paths
 from losses import ContrastiveLoss
 from models import build_encoder, build_model
 from models.coim import context_embedding_parameters, modulation_parameters
-from utils.checkpoint import CheckpointError, read_checkpoint, save_atomic
+from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, save_atomic
 from utils.contrastive import RainArchive, build_negatives
 from utils.metrics import psnr
 
 logger = logging.getLogger("coic")
 
 CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.pth$")
+MAX_ROLLBACKS = 3
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived: the current step finished and a checkpoint was saved."""
+
+    def __init__(self, signum: int, checkpoint: str):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at {checkpoint}; "
+                         "rerun the same command to resume")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """Bad steps kept coming back after rolling back and halving the learning rate."""
 
 
 def resolve_device(args: argparse.Namespace) -> torch.device:
@@ -80,7 +95,8 @@ class Trainer:
         setup_logging(args.save_path)
         self._seed(args.seed)
 
-        self.dataset = MixedRainDataset(parse_data_paths(args.data_paths), args.crop_size)
+        self.dataset = MixedRainDataset(parse_data_paths(args.data_paths), args.crop_size,
+                                        strict=args.strict_data)
         self.iters_per_epoch = EpochSampler.batches_per_epoch(len(self.dataset), args.batch_size)
         if args.epochs is not None:
             args.tot_iters = args.epochs * self.iters_per_epoch
@@ -104,10 +120,28 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(args.seed)
 
         self.iteration, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.bad_steps = 0
+        self.bad_steps = 0  # skipped steps in total
+        self.consecutive_bad = 0
+        self.rollbacks = 0
+        self.lr_scale = 1.0  # halved at every rollback
         self.writer = None
-        if not args.no_resume:
-            self._resume()
+        self._signal: Optional[int] = None
+        resumed = False if args.no_resume else self._resume()
+        if not resumed and args.pretrained:
+            self._load_pretrained(args.pretrained)
+
+    def _load_pretrained(self, path: str) -> None:
+        """Start from ``path``'s weights (ours or the published code's) with fresh optimizers."""
+        ckpt = read_checkpoint(path)
+        load_weights(self.model, ckpt, part="model")
+        parts = ["backbone"]
+        encoder_source = self.args.pretrained_encoder or (ckpt if isinstance(ckpt, dict) and "encoder" in ckpt
+                                                          else None)
+        if encoder_source is not None:
+            load_weights(self.encoder, encoder_source, part="encoder")
+            parts.append("encoder")
+        logger.info("initialised %s from %s%s", " and ".join(parts), path,
+                    f" (encoder from {self.args.pretrained_encoder})" if self.args.pretrained_encoder else "")
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -148,6 +182,9 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "archive": self.archive.state_dict(),
+            "bad_steps": self.bad_steps,
+            "rollbacks": self.rollbacks,
+            "lr_scale": self.lr_scale,
             "rng": {
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
@@ -172,6 +209,9 @@ class Trainer:
         self.iteration, self.epoch = state["iteration"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.archive.load_state_dict(state["archive"], self.device)
+        self.bad_steps = state.get("bad_steps", 0)
+        self.rollbacks = state.get("rollbacks", 0)
+        self.lr_scale = state.get("lr_scale", 1.0)
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -180,16 +220,25 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.generator.set_state(rng["generator"])
 
-    def _resume(self) -> None:
+    def _resume(self) -> bool:
+        """Load the newest readable checkpoint of ``save_path``; False when there is none."""
+        unreadable = []
         for path in reversed(list_checkpoints(self.args.save_path)):
             try:
                 state = read_checkpoint(path)
             except CheckpointError as exc:
-                logger.warning("skipping unreadable checkpoint: %s", exc)
+                logger.warning("%s", exc)
+                unreadable.append(path)
                 continue
             self.load_state_dict(state)
+            if unreadable:
+                logger.warning("resuming from %s instead of the unreadable %s", path, ", ".join(unreadable))
             logger.info("resumed from %s at iteration %d", path, self.iteration)
-            return
+            return True
+        if unreadable:
+            raise CheckpointError(f"no readable checkpoint in {self.args.save_path} ({', '.join(unreadable)} "
+                                  "unreadable); move them away or pass --no_resume")
+        return False
 
     def save(self) -> str:
         path = os.path.join(self.args.save_path, f"ckpt_{self.iteration:07d}.pth")
@@ -200,6 +249,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _loader(self) -> DataLoader:
+        # Real-world pairs (SPA) are re-drawn every epoch, a function of (epoch, seed) only.
+        self.dataset.resample(self.epoch, self.args.seed)
         sampler = EpochSampler(len(self.dataset), self.args.batch_size, self.args.seed, self.epoch,
                                self.batch_in_epoch)
         # Leave one core to the training process itself.
@@ -229,9 +280,7 @@ class Trainer:
         total = base if contra is None else base + contra
         reason = self._bad_step(total, out)
         if reason:
-            self.bad_steps += 1
-            logger.warning("iteration %d: %s; step skipped (%d so far)", self.iteration + 1, reason, self.bad_steps)
-            return {"skipped": True}
+            return {"skipped": True, "reason": reason}
         total.backward()
         if self.recipe.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.base_params, self.recipe.grad_clip)
@@ -279,45 +328,130 @@ class Trainer:
         self.epoch += 1
         self.batch_in_epoch = 0
 
+    # ------------------------------------------------------------------ bad steps
+    def _record_bad_step(self, reason: str) -> None:
+        self.bad_steps += 1
+        self.consecutive_bad += 1
+        logger.warning("iteration %d: %s; step skipped (%d in a row, %d in total)", self.iteration, reason,
+                       self.consecutive_bad, self.bad_steps)
+        self._tensorboard().add_scalar("bad_steps", self.bad_steps, self.iteration)
+        if self.consecutive_bad >= self.args.max_bad_steps:
+            self._roll_back()
+
+    def _roll_back(self) -> None:
+        """Reload the newest checkpoint and halve both learning rates (and every later one)."""
+        if self.rollbacks >= MAX_ROLLBACKS:
+            raise TrainingDiverged(
+                f"{self.args.max_bad_steps} bad steps in a row again after {self.rollbacks} rollbacks with halved "
+                f"learning rates (now x{self.lr_scale:g}); check the data (--strict_data) or lower --lr")
+        checkpoints = list_checkpoints(self.args.save_path)
+        if not checkpoints:
+            raise TrainingDiverged("bad steps before any checkpoint was written; check the data or lower --lr")
+        rollbacks, scale, total = self.rollbacks + 1, self.lr_scale * 0.5, self.bad_steps
+        failed_at = self.iteration
+        self.load_state_dict(read_checkpoint(checkpoints[-1]))
+        self.rollbacks, self.lr_scale, self.bad_steps = rollbacks, scale, total
+        self.consecutive_bad = 0
+        self._apply_lr_scale(0.5)
+        logger.warning("%d bad steps in a row at iteration %d: rolled back to %s (iteration %d) with the learning "
+                       "rates halved (x%g of the recipe's)", self.args.max_bad_steps, failed_at, checkpoints[-1],
+                       self.iteration, self.lr_scale)
+
+    def _apply_lr_scale(self, factor: float) -> None:
+        for opt in (self.base_opt, self.tran_opt):
+            for group in opt.param_groups:
+                group["lr"] *= factor
+                if "initial_lr" in group:
+                    group["initial_lr"] *= factor
+        for sched in self.schedulers:
+            sched.base_lrs = [lr * factor for lr in sched.base_lrs]
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None:  # second signal: stop now, no checkpoint
+            raise KeyboardInterrupt
+        self._signal = signum
+        logger.warning("%s received: finishing this step and saving a checkpoint (send it again to stop at once)",
+                       signal.Signals(signum).name)
+
+    def _install_signal_handlers(self) -> dict:
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        return previous
+
     # ------------------------------------------------------------------ loop
     def train(self) -> str:
-        """Train up to ``tot_iters``; returns the path of the last checkpoint."""
+        """Train up to ``tot_iters``; returns the path of the last checkpoint.
+
+        Raises ``TrainingInterrupted`` after saving when SIGINT/SIGTERM arrives, and
+        ``TrainingDiverged`` when bad steps persist after ``MAX_ROLLBACKS`` rollbacks.
+        """
         args = self.args
-        last = list_checkpoints(args.save_path)[-1] if self.iteration > 0 else None
+        checkpoints = list_checkpoints(args.save_path)
         if self.iteration >= args.tot_iters:
             logger.info("already trained %d/%d iterations in %s", self.iteration, args.tot_iters, args.save_path)
-            return last or self.save()
+            return checkpoints[-1] if checkpoints else self.save()
+        if not checkpoints:
+            self.save()  # the starting point: what a rollback returns to before the first save
         logger.info("%s: %d training pairs, %d iterations per epoch, %s, save_path %s", args.model_name,
                     len(self.dataset), self.iters_per_epoch, self.device, args.save_path)
         from tqdm import tqdm
 
+        previous = self._install_signal_handlers()
         bar = tqdm(total=args.tot_iters, initial=self.iteration, desc=f"{args.model_name}", unit="it",
                    dynamic_ncols=True)
-        start = time.time()
-        while self.iteration < args.tot_iters:
-            for batch in self._loader():
-                was_stage2 = self.in_stage2
-                stats = self.train_step(batch)
-                self.iteration += 1
-                self.batch_in_epoch += 1
-                if self.recipe.scheduler_unit == "iter" and not stats.get("skipped"):
+        start, last = time.time(), None
+        try:
+            while self.iteration < args.tot_iters:
+                last = self._train_epoch(bar) or last
+        finally:
+            bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self.writer is not None:
+                self.writer.flush()
+        logger.info("trained to iteration %d in %.1f s; last checkpoint %s", self.iteration, time.time() - start, last)
+        return last
+
+    def _train_epoch(self, bar) -> Optional[str]:
+        """Run the rest of the current epoch (or until ``tot_iters``); returns the last checkpoint written."""
+        args, last = self.args, None
+        for batch in self._loader():
+            was_stage2 = self.in_stage2
+            stats = self.train_step(batch)
+            self.iteration += 1
+            self.batch_in_epoch += 1
+            if stats.get("skipped"):
+                rolled = self.rollbacks
+                self._record_bad_step(stats["reason"])
+                if self.rollbacks != rolled:  # state reloaded: restart from the checkpoint's data position
+                    bar.n = self.iteration
+                    bar.refresh()
+                    return None
+            else:
+                self.consecutive_bad = 0
+                if self.recipe.scheduler_unit == "iter":
                     for s in self.schedulers:
                         s.step()
-                if self.batch_in_epoch >= self.iters_per_epoch:
-                    self._end_of_epoch()
-                if not stats.get("skipped") and (self.iteration % args.log_freq == 0 or self.iteration == 1):
-                    values = self._log(stats)
-                    bar.set_postfix(stage=2 if was_stage2 else 1, loss=f"{values['base_loss']:.4f}",
-                                    psnr=f"{values['train_psnr']:.2f}")
-                bar.update(1)
-                if self.iteration == args.stage1_iters and args.stage1_iters < args.tot_iters:
-                    logger.info("stage 1 done at iteration %d: CoIC (z + contrastive loss) starts", self.iteration)
-                if self.iteration % args.save_freq == 0 or self.iteration == args.tot_iters:
-                    last = self.save()
-                if self.iteration >= args.tot_iters:
-                    break
-        bar.close()
-        if self.writer is not None:
-            self.writer.flush()
-        logger.info("trained to iteration %d in %.1f s; last checkpoint %s", self.iteration, time.time() - start, last)
+            if self.batch_in_epoch >= self.iters_per_epoch:
+                self._end_of_epoch()
+            if not stats.get("skipped") and (self.iteration % args.log_freq == 0 or self.iteration == 1):
+                values = self._log(stats)
+                bar.set_postfix(stage=2 if was_stage2 else 1, loss=f"{values['base_loss']:.4f}",
+                                psnr=f"{values['train_psnr']:.2f}")
+            bar.update(1)
+            if self.iteration == args.stage1_iters and args.stage1_iters < args.tot_iters:
+                logger.info("stage 1 done at iteration %d: CoIC (z + contrastive loss) starts", self.iteration)
+            saved = None
+            # No periodic save inside a run of bad steps: a rollback must land before it.
+            if (self.iteration % args.save_freq == 0 and self.consecutive_bad == 0) or self.iteration == args.tot_iters:
+                saved = last = self.save()
+            if self._signal is not None:
+                raise TrainingInterrupted(self._signal, saved or self.save())
+            if self.iteration >= args.tot_iters:
+                break
         return last
