@@ -1,10 +1,21 @@
 """Training losses: small modules, each with its formula in one line."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def full_precision(forward):
+    """Run a criterion in float32 with autocast off (losses in bf16/fp16 lose the small differences)."""
+    @functools.wraps(forward)
+    def wrapped(self, *tensors: Tensor) -> Tensor:
+        with torch.autocast(tensors[0].device.type, enabled=False):
+            return forward(self, *(t.float() for t in tensors))
+    return wrapped
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float32) -> Tensor:
@@ -22,6 +33,7 @@ class SSIMLoss(nn.Module):
         super().__init__()
         self.register_buffer("window", gaussian_window(window, sigma)[None, None], persistent=False)
 
+    @full_precision
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         c = x.shape[1]
         w = self.window.to(x.dtype).expand(c, 1, -1, -1)
@@ -50,6 +62,7 @@ class ContrastiveLoss(nn.Module):
 class L1Loss(nn.Module):
     """mean |x - y|."""
 
+    @full_precision
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return F.l1_loss(x, y)
 
@@ -61,6 +74,7 @@ class CharbonnierLoss(nn.Module):
         super().__init__()
         self.eps = eps
 
+    @full_precision
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return torch.sqrt((x - y) ** 2 + self.eps ** 2).mean()
 
@@ -85,6 +99,7 @@ class EdgeLoss(nn.Module):
         upsampled[..., ::2, ::2] = blurred[..., ::2, ::2] * 4
         return img - self._gauss(upsampled)
 
+    @full_precision
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return self.charbonnier(self.laplacian(x), self.laplacian(y))
 

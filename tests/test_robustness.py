@@ -42,17 +42,22 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, tiny_demo, caplog):
         _trainer(tmp_path, data, tot_iters=4)
 
 
-def _poison(trainer, bad_iterations):
-    """Make the base loss NaN at the given (0-based) iterations."""
-    loss = trainer.loss
+class _Poisoned(torch.nn.Module):
+    """The recipe's loss, NaN at the given (0-based) iterations."""
 
-    def poisoned(model, rain, clean, z):
-        value, out = loss(model, rain, clean, z)
-        if trainer.iteration in bad_iterations:
+    def __init__(self, trainer, bad_iterations):
+        super().__init__()
+        self.inner, self.trainer, self.bad = trainer.step_module.loss, [trainer], bad_iterations
+
+    def forward(self, model, rain, clean, z):
+        value, out = self.inner(model, rain, clean, z)
+        if self.trainer[0].iteration in self.bad:
             value = value * float("nan")
         return value, out
 
-    trainer.loss = poisoned
+
+def _poison(trainer, bad_iterations):
+    trainer.step_module.loss = _Poisoned(trainer, bad_iterations)
 
 
 def test_nan_step_is_skipped_and_counted(tmp_path, tiny_demo, caplog):

@@ -10,7 +10,7 @@ All randomness is drawn per sample from the given generator.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,7 @@ class RainArchive:
 
     @classmethod
     def for_batch_size(cls, batch_size: int, images: int = 64) -> "RainArchive":
+        """Keep about ``images`` rain layers: the last ⌊images / batch_size⌋ batches."""
         return cls(images // max(1, batch_size))
 
     def push(self, rain_layers: Tensor) -> None:
@@ -70,16 +71,18 @@ class RainArchive:
 
 
 def build_negatives(query: Tensor, clean: Tensor, archive: RainArchive, n_neg: int,
-                    generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+                    generator: Optional[torch.Generator] = None,
+                    gather: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor]:
     """Positive keys (B,3,h,w) and negatives (B,1+n_neg,3,h,w) for rainy ``query`` and its ``clean``.
 
     The current batch's rain layers are pushed into ``archive`` first, so the archive is
     never empty and the rain-aware negative never carries the query's own rain unless the
-    whole archive holds only that.
+    whole archive holds only that. ``gather`` (distributed training) collects the rain layers
+    of every rank before they enter the archive, so all ranks keep the same archive.
     """
     b = query.shape[0]
     rain = query - clean
-    archive.push(rain)
+    archive.push(gather(rain) if gather is not None else rain)
     rain_negative = (clean + archive.most_different(rain)).clamp(0.0, 1.0)
     copies = clean.unsqueeze(1).expand(b, n_neg, *clean.shape[1:]).flatten(0, 1)
     sigma = torch.empty(b * n_neg, device=generator.device if generator else None).uniform_(

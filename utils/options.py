@@ -49,6 +49,11 @@ def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
     g.add_argument("--use_GPU", action="store_true", help="train on CUDA (device cuda:<gpu_id>)")
     g.add_argument("--gpu_id", default="0", help="CUDA device index used with --use_GPU")
     g.add_argument("--device", default=None, help="explicit torch device (cpu, cuda, cuda:1); overrides --use_GPU")
+    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
+                   help="mixed precision: autocast to bf16 or fp16 (fp16 adds a gradient scaler)")
+    g.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPUs)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=recipe.batch_size, help="training batch size")
     g.add_argument("--crop_size", type=int, default=recipe.crop_size, help="training crop size")

@@ -19,6 +19,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datasets import EpochSampler, MixedRainDataset, parse_data_paths
@@ -26,6 +28,7 @@ from losses import ContrastiveLoss
 from models import build_encoder, build_model
 from models.coim import context_embedding_parameters, modulation_parameters
 from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, save_atomic
+from utils import distributed as dist_utils
 from utils.contrastive import RainArchive, build_negatives
 from utils.metrics import psnr
 
@@ -48,20 +51,47 @@ class TrainingDiverged(RuntimeError):
     """Bad steps kept coming back after rolling back and halving the learning rate."""
 
 
-def resolve_device(args: argparse.Namespace) -> torch.device:
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CoICStep(nn.Module):
+    """One training forward (contrast + backbone + base loss): the module DDP wraps.
+
+    forward(rain, clean, query=None, positive=None, negatives=None) -> (base loss, output, logits).
+    Without ``query`` (stage 1) no z is computed and the backbone runs unmodulated.
+    """
+
+    def __init__(self, model: nn.Module, encoder: nn.Module, loss: nn.Module):
+        super().__init__()
+        self.model, self.encoder, self.loss = model, encoder, loss
+
+    def forward(self, rain: Tensor, clean: Tensor, query: Optional[Tensor] = None,
+                positive: Optional[Tensor] = None, negatives: Optional[Tensor] = None):
+        logits = z = None
+        if query is not None:
+            logits, z = self.encoder.contrast(query, positive, negatives)
+        base, out = self.loss(self.model, rain, clean, z)
+        return base, out, logits
+
+
+def resolve_device(args: argparse.Namespace, local_rank: int = 0) -> torch.device:
     if args.device:
         return torch.device(args.device)
     if args.use_GPU:
         if not torch.cuda.is_available():
             raise SystemExit("error: --use_GPU was given but CUDA is not available; drop the flag to run on the CPU")
-        return torch.device(f"cuda:{int(args.gpu_id)}")
+        # Under torchrun every process takes its own GPU (LOCAL_RANK); otherwise --gpu_id.
+        return torch.device(f"cuda:{local_rank if os.environ.get('WORLD_SIZE', '1') != '1' else int(args.gpu_id)}")
     if torch.cuda.is_available():
         logger.warning("CUDA is available but not used; pass --use_GPU to train on the GPU")
     return torch.device("cpu")
 
 
-def setup_logging(save_path: Optional[str] = None) -> None:
+def setup_logging(save_path: Optional[str] = None, main_process: bool = True) -> None:
     root = logging.getLogger()
+    if not main_process:  # under DDP only rank 0 talks
+        root.setLevel(logging.ERROR)
+        return
     if not any(getattr(h, "_coic", False) for h in root.handlers):
         console = logging.StreamHandler()
         console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
@@ -90,21 +120,46 @@ class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.recipe = args.recipe
-        self.device = resolve_device(args)
-        self._check_save_path(args.save_path)
-        setup_logging(args.save_path)
+        self.dist = dist_utils.init_from_env(use_cuda=bool(args.use_GPU or (args.device or "").startswith("cuda")))
+        self.device = resolve_device(args, self.dist.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.dist.is_main:
+            self._check_save_path(args.save_path)
+        setup_logging(args.save_path, self.dist.is_main)
         self._seed(args.seed)
+        self.amp_dtype = AMP_DTYPES[args.amp]
 
         self.dataset = MixedRainDataset(parse_data_paths(args.data_paths), args.crop_size,
                                         strict=args.strict_data)
-        self.iters_per_epoch = EpochSampler.batches_per_epoch(len(self.dataset), args.batch_size)
+        self.iters_per_epoch = EpochSampler.batches_per_epoch(len(self.dataset), args.batch_size,
+                                                              self.dist.world_size)
         if args.epochs is not None:
             args.tot_iters = args.epochs * self.iters_per_epoch
 
-        self.model = build_model(args.model_name, **args.model_hparams, **args.init_hparams).to(self.device)
-        self.encoder = build_encoder(dim=args.dim_in, temperature=args.temperature).to(self.device)
+        self.model = build_model(args.model_name, **args.model_hparams, **args.init_hparams)
+        self.encoder = build_encoder(dim=args.dim_in, temperature=args.temperature)
+        if args.sync_bn and self.device.type != "cuda":
+            raise ValueError("--sync_bn works with CUDA devices only (PyTorch's SyncBatchNorm); drop it on the CPU")
+        if args.sync_bn and self.dist.enabled:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.model.to(self.device, memory_format=self.memory_format)
+        self.encoder.to(self.device)
         self.loss = self.recipe.make_loss().to(self.device)
         self.contrastive = ContrastiveLoss()
+        self.step_module = CoICStep(torch.compile(self.model) if args.compile else self.model,
+                                    self.encoder, self.loss)
+        self.step_fn: nn.Module = self.step_module
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Stage 1 leaves generators and encoder unused, 1x1 generators are never used.
+            self.step_fn = DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
 
         # CoIC parameters: CoI-M generators, context embeddings (transformers) and the query encoder.
         coic = modulation_parameters(self.model) + context_embedding_parameters(self.model)
@@ -116,8 +171,9 @@ class Trainer:
         if self.recipe.make_scheduler is not None:
             self.schedulers = [self.recipe.make_scheduler(opt, args, self.iters_per_epoch)
                                for opt in (self.base_opt, self.tran_opt)]
-        self.archive = RainArchive.for_batch_size(args.batch_size)
-        self.generator = torch.Generator(device=self.device).manual_seed(args.seed)
+        self.archive = RainArchive.for_batch_size(args.batch_size * self.dist.world_size)
+        # Exemplar randomness differs per rank (each rank sees other images).
+        self.generator = torch.Generator(device=self.device).manual_seed(args.seed + 1000 * self.dist.rank)
 
         self.iteration, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.bad_steps = 0  # skipped steps in total
@@ -182,6 +238,7 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "archive": self.archive.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "bad_steps": self.bad_steps,
             "rollbacks": self.rollbacks,
             "lr_scale": self.lr_scale,
@@ -209,6 +266,8 @@ class Trainer:
         self.iteration, self.epoch = state["iteration"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.archive.load_state_dict(state["archive"], self.device)
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.bad_steps = state.get("bad_steps", 0)
         self.rollbacks = state.get("rollbacks", 0)
         self.lr_scale = state.get("lr_scale", 1.0)
@@ -219,6 +278,9 @@ class Trainer:
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.generator.set_state(rng["generator"])
+        if self.dist.rank > 0:  # checkpoints hold rank 0's streams: derive the others from it
+            torch.manual_seed(self.args.seed + 1000 * self.dist.rank + self.iteration)
+            self.generator.manual_seed(self.args.seed + 1000 * self.dist.rank + self.iteration)
 
     def _resume(self) -> bool:
         """Load the newest readable checkpoint of ``save_path``; False when there is none."""
@@ -241,10 +303,13 @@ class Trainer:
         return False
 
     def save(self) -> str:
+        """Rank 0 writes ``ckpt_<iteration>.pth`` atomically and prunes old ones; all ranks wait."""
         path = os.path.join(self.args.save_path, f"ckpt_{self.iteration:07d}.pth")
-        save_atomic(self.state_dict(), path)
-        for old in list_checkpoints(self.args.save_path)[:-self.args.keep_checkpoints]:
-            os.remove(old)
+        if self.dist.is_main:
+            save_atomic(self.state_dict(), path)
+            for old in list_checkpoints(self.args.save_path)[:-self.args.keep_checkpoints]:
+                os.remove(old)
+        dist_utils.barrier(self.dist)
         return path
 
     # ------------------------------------------------------------------ data
@@ -252,7 +317,7 @@ class Trainer:
         # Real-world pairs (SPA) are re-drawn every epoch, a function of (epoch, seed) only.
         self.dataset.resample(self.epoch, self.args.seed)
         sampler = EpochSampler(len(self.dataset), self.args.batch_size, self.args.seed, self.epoch,
-                               self.batch_in_epoch)
+                               self.batch_in_epoch, self.dist.rank, self.dist.world_size)
         # Leave one core to the training process itself.
         workers = min(self.args.num_workers, max(0, (os.cpu_count() or 1) - 1))
         return DataLoader(self.dataset, batch_size=self.args.batch_size, sampler=sampler, num_workers=workers,
@@ -266,35 +331,48 @@ class Trainer:
 
     def train_step(self, batch) -> dict:
         rain, clean, query, query_clean = (t.to(self.device, non_blocking=True) for t in batch)
-        self.model.train()
-        self.encoder.train()
+        rain = rain.contiguous(memory_format=self.memory_format)
+        self.step_module.train()
         self.base_opt.zero_grad(set_to_none=True)
         self.tran_opt.zero_grad(set_to_none=True)
+        extra = ()
         if self.in_stage2:
-            positive, negatives = build_negatives(query, query_clean, self.archive, self.args.n_neg, self.generator)
-            logits, z = self.encoder.contrast(query, positive, negatives)
-            contra = self.contrastive(logits) * self.args.contra_loss_weight
-        else:
-            z, logits, contra = None, None, None
-        base, out = self.loss(self.model, rain, clean, z)
+            gather = (lambda t: dist_utils.all_gather_cat(t, self.dist)) if self.dist.enabled else None
+            positive, negatives = build_negatives(query, query_clean, self.archive, self.args.n_neg,
+                                                  self.generator, gather)
+            extra = (query, positive, negatives)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            base, out, logits = self.step_fn(rain, clean, *extra)
+        contra = None if logits is None else self.contrastive(logits.float()) * self.args.contra_loss_weight
         total = base if contra is None else base + contra
         reason = self._bad_step(total, out)
         if reason:
             return {"skipped": True, "reason": reason}
-        total.backward()
+        self.scaler.scale(total).backward()
         if self.recipe.grad_clip is not None:
+            self.scaler.unscale_(self.base_opt)
             torch.nn.utils.clip_grad_norm_(self.base_params, self.recipe.grad_clip)
-        self.base_opt.step()
-        self.tran_opt.step()
+        self.scaler.step(self.base_opt)
+        self.scaler.step(self.tran_opt)
+        self.scaler.update()
         return {"base": base, "contra": contra, "out": out, "rain": rain, "clean": clean, "logits": logits}
 
-    def _bad_step(self, total: torch.Tensor, out: torch.Tensor) -> Optional[str]:
-        """Why this step must not update the weights (non-finite loss, exploding output), or None."""
+    def _bad_step(self, total: Tensor, out: Tensor) -> Optional[str]:
+        """Why this step must not update the weights (non-finite loss, exploding output), or None.
+
+        One host sync per step; under DDP the verdict (and a pending signal) is agreed by all
+        ranks, so they skip, roll back and stop together.
+        """
+        flags = torch.stack([(~torch.isfinite(total.detach())).float(), out.detach().abs().amax().float(),
+                             torch.tensor(float(self._signal or 0), device=out.device)])
+        non_finite, peak, signum = dist_utils.all_reduce_max(flags, self.dist).tolist()
+        if signum and self._signal is None:
+            self._signal = int(signum)
         threshold = self.recipe.explode_threshold
-        peak = out.detach().abs().amax()
-        finite, peak = torch.stack([torch.isfinite(total.detach()).float(), peak]).tolist()  # one sync
-        if not finite:
-            return f"non-finite loss {float(total.detach())}"
+        if non_finite:
+            local = not bool(torch.isfinite(total.detach()))
+            return f"non-finite loss {float(total.detach())}" if local else "non-finite loss on another rank"
         if threshold is not None and not peak <= threshold:
             return f"output exploded (max |output| {peak:.3g} > {threshold})"
         return None
@@ -334,7 +412,8 @@ class Trainer:
         self.consecutive_bad += 1
         logger.warning("iteration %d: %s; step skipped (%d in a row, %d in total)", self.iteration, reason,
                        self.consecutive_bad, self.bad_steps)
-        self._tensorboard().add_scalar("bad_steps", self.bad_steps, self.iteration)
+        if self.dist.is_main:
+            self._tensorboard().add_scalar("bad_steps", self.bad_steps, self.iteration)
         if self.consecutive_bad >= self.args.max_bad_steps:
             self._roll_back()
 
@@ -395,7 +474,7 @@ class Trainer:
         if self.iteration >= args.tot_iters:
             logger.info("already trained %d/%d iterations in %s", self.iteration, args.tot_iters, args.save_path)
             return checkpoints[-1] if checkpoints else self.save()
-        if not checkpoints:
+        if self.iteration == 0:
             self.save()  # the starting point: what a rollback returns to before the first save
         logger.info("%s: %d training pairs, %d iterations per epoch, %s, save_path %s", args.model_name,
                     len(self.dataset), self.iters_per_epoch, self.device, args.save_path)
@@ -403,7 +482,7 @@ class Trainer:
 
         previous = self._install_signal_handlers()
         bar = tqdm(total=args.tot_iters, initial=self.iteration, desc=f"{args.model_name}", unit="it",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not self.dist.is_main)
         start, last = time.time(), None
         try:
             while self.iteration < args.tot_iters:
@@ -439,7 +518,8 @@ class Trainer:
                         s.step()
             if self.batch_in_epoch >= self.iters_per_epoch:
                 self._end_of_epoch()
-            if not stats.get("skipped") and (self.iteration % args.log_freq == 0 or self.iteration == 1):
+            if self.dist.is_main and not stats.get("skipped") and (self.iteration % args.log_freq == 0
+                                                                   or self.iteration == 1):
                 values = self._log(stats)
                 bar.set_postfix(stage=2 if was_stage2 else 1, loss=f"{values['base_loss']:.4f}",
                                 psnr=f"{values['train_psnr']:.2f}")
