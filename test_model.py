@@ -1,16 +1,24 @@
-"""Evaluate a deraining checkpoint (ours or the published code's) on a folder of images.
+"""Evaluate a deraining checkpoint (ours or the published code's) on one folder or the paper's test sets.
 
     python test_model.py --use_GPU --gpu_id 0 --test_model MODEL.pth --model_name BRN --load_mode normal
     python test_model.py --use_GPU --gpu_id 0 --test_model MODEL.pth --feat_ext ENC.pth --model_name BRN --load_mode tran
+    python test_model.py --test_model MODEL.pth --load_mode tran --testset Rain200L,Rain200H,Rain800,DID,DDN,SPA
 
-``--test_dir`` holds rain/ and norain/ (PSNR/SSIM are computed on Y, as the paper), or just
-images (they are derained and saved). Results go to ``--save_path``: the derained PNGs and
-``results.csv`` (name, psnr, ssim).
+``--test_dir`` holds a pair layout of ``datasets.scan_folder`` (rain/ + norain/, SPA's rain/ +
+gt/) and is scored, or just images (they are derained and saved). Results go to
+``--save_path``: the derained PNGs and ``results.csv`` (name, psnr, ssim, protocol).
+
+``--testset A,B,...`` evaluates each named set under ``--data_root`` (layouts in
+``datasets.DATASET_SPECS``; DID and Rain800 test folders may still be stacked) into
+``--save_path/<Name>/`` and writes the paper-style table, mean over the scored sets, as
+``summary.csv`` and ``summary.md``. PSNR/SSIM follow ``--metric_protocol`` (``utils.metrics``);
+the protocol is written into every result file.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import logging
 import os
 import sys
@@ -19,11 +27,12 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from datasets import DataError, find_pairs, is_image, read_image, save_image
+from datasets import (DATASET_SPECS, DataError, dataset_spec, find_dataset_folder, find_pairs, is_image, read_image,
+                      read_pair, save_image)
 from models import available_models, build_encoder, build_model
 from utils.checkpoint import CheckpointError, load_weights, read_checkpoint
 from utils.inference import image_code, restore
-from utils.metrics import psnr, ssim
+from utils.metrics import PROTOCOLS, score
 
 logger = logging.getLogger("coic.test")
 
@@ -39,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="normal/base: no modulation; tran: modulate with z from the encoder")
     p.add_argument("--test_dir", default="datasets/Rain200H/test",
                    help="folder with rain/ and norain/, or a folder of rainy images only")
+    p.add_argument("--testset", default=None,
+                   help="comma-separated test sets under --data_root (" + ", ".join(s.name for s in DATASET_SPECS)
+                   + "); replaces --test_dir")
+    p.add_argument("--data_root", default="datasets", help="folder holding the datasets, for --testset")
+    p.add_argument("--metric_protocol", default="coic", choices=list(PROTOCOLS),
+                   help="coic: the paper's Python metrics; matlab: Restormer/DRSformer evaluate_PSNR_SSIM.m "
+                        "(Rain200L/H, SPA); matlab-ddn: DID/DDN statistic.m")
+    p.add_argument("--skip_existing", action="store_true",
+                   help="skip images whose derained PNG exists, reusing their scores from results.csv when present")
     p.add_argument("--save_path", default="results", help="where derained images and results.csv go")
     p.add_argument("--tile", type=int, default=None,
                    help="tile images larger than this (default: whole images; IDT always tiles at 128)")
@@ -90,85 +108,246 @@ def load_encoder(path: Optional[str], model_ckpt: dict, model_path: str, device:
     return encoder.to(device).eval()
 
 
-def collect_inputs(test_dir: str) -> list[tuple[str, Optional[str]]]:
-    """(rainy path, clean path or None) for a test folder."""
+def collect_inputs(test_dir: str, stacked_rain_half: Optional[str] = None) -> list[tuple[str, Optional[str]]]:
+    """(rainy path, clean path or None) for a test folder: scored pairs, or rainy images only.
+
+    A folder with a pair layout (rain/ + norain/, SPA's rain/ + gt/) is paired; a folder of
+    side-by-side images is paired when ``stacked_rain_half`` names its rainy half; otherwise
+    the images of ``rain/`` (or of the folder itself) are derained without ground truth.
+    """
     if not os.path.isdir(test_dir):
         raise DataError(f"--test_dir {test_dir} does not exist")
-    if os.path.isdir(os.path.join(test_dir, "rain")) and os.path.isdir(os.path.join(test_dir, "norain")):
-        return list(find_pairs(test_dir))
-    folder = os.path.join(test_dir, "rain") if os.path.isdir(os.path.join(test_dir, "rain")) else test_dir
-    images = sorted(f for f in os.listdir(folder) if is_image(f))
+    rain_dir = os.path.join(test_dir, "rain")
+    paired = any(os.path.isdir(os.path.join(test_dir, d)) for d in ("norain", "gt", "real_world"))
+    if paired or (stacked_rain_half and not os.path.isdir(rain_dir) and _images(test_dir)):
+        return list(find_pairs(test_dir, stacked_rain_half))
+    folder = rain_dir if os.path.isdir(rain_dir) else test_dir
+    images = _images(folder)
     if not images:
         raise DataError(f"--test_dir {test_dir} holds no images (and no rain/ + norain/ folders)")
     return [(os.path.join(folder, f), None) for f in images]
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_path: Optional[str],
-             device: torch.device, tile: Optional[int] = None, overlap: int = 32,
-             progress: bool = True) -> list[dict]:
-    """Derain each item, save it under ``save_path`` (when given) and score it against its clean image."""
-    from tqdm import tqdm
+def _images(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if is_image(f))
 
-    rows = []
-    for rain_path, clean_path in tqdm(items, desc="test", unit="img", disable=not progress, dynamic_ncols=True):
-        x = read_image(rain_path).unsqueeze(0).to(device)
-        z = image_code(encoder, x) if encoder is not None else None
-        y = restore(model, x, z, tile=tile, overlap=overlap)[0].cpu()
-        row = {"name": os.path.basename(rain_path), "psnr": None, "ssim": None}
-        if clean_path is not None:
-            clean = read_image(clean_path)
-            if clean.shape != y.shape:
-                raise DataError(f"pair sizes differ: {rain_path} vs {clean_path}")
-            row["psnr"], row["ssim"] = psnr(y, clean), ssim(y, clean)
-        if save_path:
-            save_image(y, os.path.join(save_path, os.path.splitext(row["name"])[0] + ".png"))
-        rows.append(row)
+
+def collect_testset(name: str, data_root: str) -> tuple[str, str, list[tuple[str, Optional[str]]]]:
+    """(canonical name, test folder, items) of a named test set under ``data_root``."""
+    spec = dataset_spec(name)
+    folder = find_dataset_folder(data_root, spec)
+    if folder is None:
+        raise DataError(f"--testset {name}: no {' or '.join(spec.folders)} folder in --data_root {data_root}")
+    test_dir = os.path.join(folder, spec.splits["test"]) if spec.splits["test"] else folder
+    if not os.path.isdir(test_dir):
+        raise DataError(f"--testset {name}: test folder {test_dir} does not exist")
+    if not spec.ground_truth:
+        for sub in ("rain", "Real_Internet"):  # RealInt: the images, or a sub-folder of them
+            if not _images(test_dir) and os.path.isdir(os.path.join(test_dir, sub)):
+                test_dir = os.path.join(test_dir, sub)
+        images = _images(test_dir)
+        if not images:
+            raise DataError(f"--testset {name}: {test_dir} holds no images")
+        return spec.name, test_dir, [(os.path.join(test_dir, f), None) for f in images]
+    return spec.name, test_dir, collect_inputs(test_dir, spec.stacked_rain_half)
+
+
+def output_name(rain_path: str) -> str:
+    """File name of the derained image of ``rain_path``: its stem as PNG."""
+    return os.path.splitext(os.path.basename(rain_path))[0] + ".png"
+
+
+def read_table(path: str) -> dict[str, dict]:
+    """Rows of an existing results.csv by image name, scores as floats ({} when absent or unreadable)."""
+    if not os.path.isfile(path):
+        return {}
+    rows = {}
+    try:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                scores = [float(row[k]) if row.get(k) else None for k in ("psnr", "ssim")]
+                rows[row["name"]] = {"name": row["name"], "psnr": scores[0], "ssim": scores[1],
+                                     "protocol": row.get("protocol") or "coic"}
+    except (OSError, csv.Error, KeyError, TypeError, ValueError):
+        logger.warning("ignoring unreadable results file %s", path)
+        return {}
     return rows
 
 
-def write_table(rows: list[dict], path: str) -> None:
-    tmp = path + ".tmp"
+@torch.no_grad()
+def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_path: Optional[str],
+             device: torch.device, tile: Optional[int] = None, overlap: int = 32,
+             progress: bool = True, protocol: str = "coic", skip_existing: bool = False,
+             table_path: Optional[str] = None, desc: str = "test") -> list[dict]:
+    """Derain each (rain, clean or None) item, save it under ``save_path`` and score it.
+
+    One image in memory at a time. ``skip_existing``: an item whose PNG already exists is not
+    derained again; its scores come from the rows of ``table_path`` scored with the same
+    protocol, else from the saved PNG. ``table_path`` is also rewritten (atomically) every 50
+    images, so an interrupted run loses little.
+    """
+    from tqdm import tqdm
+
+    previous = read_table(table_path) if (skip_existing and table_path) else {}
+    rows, skipped, rescored = [], 0, 0
+    for rain_path, clean_path in tqdm(items, desc=desc, unit="img", disable=not progress, dynamic_ncols=True):
+        name = output_name(rain_path)
+        out_path = os.path.join(save_path, name) if save_path else None
+        row = {"name": name, "psnr": None, "ssim": None, "protocol": protocol}
+        if skip_existing and out_path and os.path.isfile(out_path):
+            skipped += 1
+            old = previous.get(name)
+            if clean_path is None:
+                pass
+            elif old is not None and old["protocol"] == protocol and old["psnr"] is not None:
+                row["psnr"], row["ssim"] = old["psnr"], old["ssim"]
+            else:  # no score on record for this protocol: score the saved 8-bit PNG
+                rescored += 1
+                y, clean = read_image(out_path), read_image(clean_path)
+                _check_sizes(y, clean, out_path, clean_path)
+                row["psnr"], row["ssim"] = score(y, clean, protocol)
+        else:
+            if clean_path is not None:
+                x, clean = read_pair(rain_path, clean_path)
+            else:
+                x, clean = read_image(rain_path), None
+            x = x.unsqueeze(0).to(device)
+            z = image_code(encoder, x) if encoder is not None else None
+            y = restore(model, x, z, tile=tile, overlap=overlap)[0].cpu()
+            if clean is not None:
+                _check_sizes(y, clean, rain_path, clean_path)
+                row["psnr"], row["ssim"] = score(y, clean, protocol)
+            if out_path:
+                save_image(y, out_path)
+        rows.append(row)
+        if table_path and len(rows) % 50 == 0:
+            # keep the earlier run's rows not reached yet, so an interruption loses no score
+            done = {r["name"] for r in rows}
+            write_table(rows + [r for n, r in previous.items() if n not in done], table_path)
+    if skipped:
+        logger.info("%s: %d images already derained, skipped (%d re-scored from their saved PNGs)", desc, skipped,
+                    rescored)
+    if table_path:
+        write_table(rows, table_path)
+    return rows
+
+
+def _check_sizes(y: torch.Tensor, clean: torch.Tensor, rain_path: str, clean_path: str) -> None:
+    if clean.shape != y.shape:
+        raise DataError(f"pair sizes differ: {rain_path} gives {tuple(y.shape[1:])}, "
+                        f"{clean_path} is {tuple(clean.shape[1:])}")
+
+
+def _fmt(value: Optional[float], digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["name", "psnr", "ssim"])
-        for r in rows:
-            writer.writerow([r["name"], "" if r["psnr"] is None else f"{r['psnr']:.4f}",
-                             "" if r["ssim"] is None else f"{r['ssim']:.6f}"])
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_table(rows: list[dict], path: str) -> None:
+    """Per-image results as CSV (name, psnr, ssim, protocol), written atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["name", "psnr", "ssim", "protocol"])
+    for r in rows:
+        writer.writerow([r["name"], _fmt(r["psnr"], 4), _fmt(r["ssim"], 6), r.get("protocol", "coic")])
+    _write_atomic(path, buf.getvalue())
+
+
+def summarize(name: str, rows: list[dict]) -> dict:
+    """One line of the summary table: the set's mean PSNR/SSIM over its scored images."""
+    scored = [r for r in rows if r["psnr"] is not None]
+    return {"dataset": name, "images": len(rows), "scored": len(scored),
+            "psnr": sum(r["psnr"] for r in scored) / len(scored) if scored else None,
+            "ssim": sum(r["ssim"] for r in scored) / len(scored) if scored else None}
+
+
+def with_mean(summary: list[dict]) -> list[dict]:
+    """The summary plus the paper's "mean" line: the unweighted mean of the scored sets' means."""
+    scored = [s for s in summary if s["psnr"] is not None]
+    if len(scored) < 2:
+        return list(summary)
+    mean = {"dataset": "Mean", "images": sum(s["images"] for s in scored), "scored": sum(s["scored"] for s in scored),
+            "psnr": sum(s["psnr"] for s in scored) / len(scored), "ssim": sum(s["ssim"] for s in scored) / len(scored)}
+    return list(summary) + [mean]
+
+
+def format_markdown(summary: list[dict], protocol: str) -> str:
+    """The paper-style table (Markdown): one line per test set and the mean."""
+    lines = [f"Metric protocol: `{protocol}` ({PROTOCOLS[protocol].description})", "",
+             "| Dataset | Images | PSNR | SSIM |", "|---|---:|---:|---:|"]
+    for s in summary:
+        psnr = "—" if s["psnr"] is None else f"{s['psnr']:.2f}"
+        ssim = "—" if s["ssim"] is None else f"{s['ssim']:.4f}"
+        lines.append(f"| {s['dataset']} | {s['images']} | {psnr} | {ssim} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(summary: list[dict], save_path: str, protocol: str) -> None:
+    """``summary.csv`` and ``summary.md`` in ``save_path``, each written atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["dataset", "images", "psnr", "ssim", "protocol"])
+    for s in summary:
+        writer.writerow([s["dataset"], s["images"], _fmt(s["psnr"], 4), _fmt(s["ssim"], 6), protocol])
+    _write_atomic(os.path.join(save_path, "summary.csv"), buf.getvalue())
+    _write_atomic(os.path.join(save_path, "summary.md"), format_markdown(summary, protocol))
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    if args.device:
+        return torch.device(args.device)
+    if args.use_GPU:
+        if not torch.cuda.is_available():
+            raise ValueError("--use_GPU was given but CUDA is not available; drop the flag to run on the CPU")
+        return torch.device(f"cuda:{int(args.gpu_id)}")
+    return torch.device("cpu")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.device:
-        device = torch.device(args.device)
-    elif args.use_GPU:
-        if not torch.cuda.is_available():
-            print("error: --use_GPU was given but CUDA is not available; drop the flag to run on the CPU",
-                  file=sys.stderr)
-            return 2
-        device = torch.device(f"cuda:{int(args.gpu_id)}")
-    else:
-        device = torch.device("cpu")
     try:
+        device = _device(args)
         if args.model_name not in available_models():
-            raise ValueError(f"unknown --model_name {args.model_name!r}; choose one of: {', '.join(available_models())}")
+            raise ValueError(f"unknown --model_name {args.model_name!r}; "
+                             f"choose one of: {', '.join(available_models())}")
+        # Resolve the inputs before loading the model: a typo in a path fails at once.
+        if args.testset:
+            names = [n.strip() for n in args.testset.split(",") if n.strip()]
+            if not names:
+                raise DataError("--testset is empty; pass names such as Rain200L,Rain200H,SPA")
+            sets = [collect_testset(n, args.data_root) for n in names]
+        else:
+            sets = [(None, args.test_dir, collect_inputs(args.test_dir))]
         model, ckpt = load_model(args.model_name, args.test_model, args.load_mode, device,
                                  {"inter_iter": args.inter_iter})
         encoder = load_encoder(args.feat_ext, ckpt, args.test_model, device) if args.load_mode == "tran" else None
-        items = collect_inputs(args.test_dir)
-        os.makedirs(args.save_path, exist_ok=True)
-        rows = evaluate(model, encoder, items, args.save_path, device, args.tile, args.tile_overlap)
+        summary = []
+        for name, folder, items in sets:
+            out = os.path.join(args.save_path, name) if name else args.save_path
+            os.makedirs(out, exist_ok=True)
+            rows = evaluate(model, encoder, items, out, device, args.tile, args.tile_overlap,
+                            protocol=args.metric_protocol, skip_existing=args.skip_existing,
+                            table_path=os.path.join(out, "results.csv"), desc=name or "test")
+            summary.append(summarize(name or folder, rows))
+            print(f"{len(rows)} images from {folder} -> {out}")
     except (CheckpointError, DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    write_table(rows, os.path.join(args.save_path, "results.csv"))
-    scored = [r for r in rows if r["psnr"] is not None]
-    print(f"{len(rows)} images from {args.test_dir} -> {args.save_path}")
-    if scored:
-        print(f"Avg. psnr: {sum(r['psnr'] for r in scored) / len(scored):.4f}")
-        print(f"Avg. ssim: {sum(r['ssim'] for r in scored) / len(scored):.4f}")
+    if args.testset:
+        table = with_mean(summary)
+        write_summary(table, args.save_path, args.metric_protocol)
+        print(format_markdown(table, args.metric_protocol))
+    elif summary[0]["psnr"] is not None:
+        print(f"Avg. psnr: {summary[0]['psnr']:.4f}  ({args.metric_protocol} protocol)")
+        print(f"Avg. ssim: {summary[0]['ssim']:.4f}")
     return 0
 
 

@@ -149,13 +149,22 @@ def test_sigterm_saves_and_resumes(tmp_path, tiny_demo):
 
 
 def test_second_signal_stops_at_once(tmp_path, tiny_demo):
-    proc = _spawn(tmp_path, os.path.join(tiny_demo, "light", "train"))
-    _wait_for_training(proc, tmp_path)
-    proc.send_signal(signal.SIGINT)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out[-2000:]
-    assert "stopped at once" in out
+    # Signals are not queued by the OS, so two sent back to back may arrive as one: drive the
+    # handler directly (the graceful path is exercised end to end by the SIGTERM test above).
+    trainer = _trainer(tmp_path, os.path.join(tiny_demo, "light", "train"))
+    trainer._on_signal(signal.SIGINT, None)
+    assert trainer._signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        trainer._on_signal(signal.SIGINT, None)
+
+
+def test_keyboard_interrupt_message(tmp_path, tiny_demo, monkeypatch, capsys):
+    def boom(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train", boom)
+    code = main("BRN", train_flags(str(tmp_path), os.path.join(tiny_demo, "light", "train")))
+    assert code == 130 and "stopped at once" in capsys.readouterr().err
 
 
 def _png(path, size=(24, 24)):

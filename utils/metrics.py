@@ -94,9 +94,10 @@ def ssim(restored: Tensor, target: Tensor) -> float:
 
 
 # --------------------------------------------------------------------------- MATLAB protocols
-# MATLAB's rgb2ycbcr: origT row 1 = [65.481 128.553 24.966], offset 16, both scaled by 1/255 for
-# uint8 input (offset by 1) and for double input (offset by 1/255). The weights are formed as
-# MATLAB forms them, (1/255) * 65.481, so ties round the same way.
+# MATLAB's rgb2ycbcr: origT row 1 = [65.481 128.553 24.966], offset 16; T is scaled by 1/255 for
+# uint8 and double input, the offset by 1 (uint8) or 1/255 (double), and imlincomb sums
+# T1 R + T2 G + T3 B + offset in double. We form and sum them in that order: 194 of the 2^24
+# colours are exact ties in exact arithmetic (255,51,187 -> 125.5) and round by the last bit.
 _MATLAB_T = tuple((1.0 / 255.0) * c for c in (65.481, 128.553, 24.966))
 
 
@@ -219,7 +220,8 @@ PROTOCOLS: dict[str, MetricProtocol] = {
     "matlab": MetricProtocol("matlab", matlab_psnr, matlab_ssim,
                              "Restormer/DRSformer evaluate_PSNR_SSIM.m: uint8 Y, PSNR 255, SSIM without downsampling"),
     "matlab-ddn": MetricProtocol("matlab-ddn", ddn_psnr, ddn_ssim,
-                                 "DID/DDN statistic.m: double Y, PSNR peak 1, SSIM on Y*255 after box downsampling by f"),
+                                 "DID/DDN statistic.m: double Y, PSNR peak 1, "
+                                 "SSIM on Y*255 after box downsampling by f"),
 }
 
 

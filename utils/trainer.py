@@ -14,6 +14,7 @@ import os
 import random
 import re
 import signal
+import sys
 import time
 from typing import Optional
 
@@ -87,13 +88,21 @@ def resolve_device(args: argparse.Namespace, local_rank: int = 0) -> torch.devic
     return torch.device("cpu")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Console handler that writes to the *current* ``sys.stderr`` (it may be replaced, e.g. by pytest)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup_logging(save_path: Optional[str] = None, main_process: bool = True) -> None:
     root = logging.getLogger()
     if not main_process:  # under DDP only rank 0 talks
         root.setLevel(logging.ERROR)
         return
     if not any(getattr(h, "_coic", False) for h in root.handlers):
-        console = logging.StreamHandler()
+        console = _StderrHandler()
         console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         console._coic = True
         root.addHandler(console)
@@ -388,6 +397,7 @@ class Trainer:
         }
         if stats["logits"] is not None:
             values["contra_acc"] = float((stats["logits"].argmax(1) == 0).float().mean())
+        values["skipped_images"] = self.dataset.skipped
         writer = self._tensorboard()
         for k, v in values.items():
             writer.add_scalar(k, v, self.iteration)
@@ -494,6 +504,9 @@ class Trainer:
             if self.writer is not None:
                 self.writer.flush()
         logger.info("trained to iteration %d in %.1f s; last checkpoint %s", self.iteration, time.time() - start, last)
+        if self.dataset.skipped:
+            logger.warning("%d unreadable training images were skipped (run `python datasets.py check` on the data)",
+                           self.dataset.skipped)
         return last
 
     def _train_epoch(self, bar) -> Optional[str]:
