@@ -103,3 +103,14 @@ def test_cyclic_cosine_restart_values():
     assert lrs[4] == pytest.approx(3e-4)  # restart
     assert lrs[8] == pytest.approx(1e-6 + (3e-4 - 1e-6) * 0.5)  # half way through the second cycle
     assert lrs[12] == pytest.approx(1e-6) and lrs[13] == pytest.approx(1e-6)
+
+
+def test_idt_tiles_any_image_size():
+    from utils.inference import restore
+
+    torch.manual_seed(0)
+    model = build_model("IDT", img_size=64, embed_dim=8).eval()
+    for shape in ((1, 3, 100, 90), (1, 3, 40, 52)):
+        x = torch.rand(*shape)
+        y = restore(model, x, torch.nn.functional.normalize(torch.randn(1, 128), dim=1), overlap=16)
+        assert y.shape == x.shape and torch.isfinite(y).all()

@@ -212,3 +212,24 @@ def test_tile_not_a_size_multiple(tmp_path, tiny_demo, capsys):
     code = test_model.main(["--test_model", path, "--model_name", "DRSformer", "--tile", "12",
                             "--test_dir", os.path.join(tiny_demo, "heavy", "test"), "--save_path", str(tmp_path / "o")])
     assert code == 2 and "--tile 12 is not a multiple" in capsys.readouterr().err
+
+
+class _Exploding(torch.nn.Module):
+    """The recipe's loss with the output blown up (x1000) at one iteration, loss kept finite."""
+
+    def __init__(self, trainer, at):
+        super().__init__()
+        self.inner, self.trainer, self.at = trainer.step_module.loss, [trainer], at
+
+    def forward(self, model, rain, clean, z):
+        value, out = self.inner(model, rain, clean, z)
+        return value, out * 1000 if self.trainer[0].iteration == self.at else out
+
+
+def test_exploding_output_is_skipped(tmp_path, tiny_demo, caplog):
+    # the published DGUNet recipe shrank gradients when |output| > 10; we skip the step and say so
+    trainer = _trainer(tmp_path, os.path.join(tiny_demo, "hazy", "train"), tot_iters=3, stage1_iters=10)
+    trainer.step_module.loss = _Exploding(trainer, 1)
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert trainer.bad_steps == 1 and "output exploded" in caplog.text
