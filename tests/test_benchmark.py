@@ -1,0 +1,62 @@
+"""benchmarks/benchmark.py end to end at a tiny size (one BRN case in its worker process)."""
+import csv
+import os
+
+import torch
+
+from benchmarks import benchmark
+
+
+def test_benchmark_writes_markdown_and_csv(tmp_path, tiny_demo):
+    out = tmp_path / "results"
+    rc = benchmark.main(["--models", "BRN", "--small", "--batch_size", "1", "--crop_size", "32",
+                         "--infer_size", "32", "--iters", "1", "--warmup", "0", "--threads", "1",
+                         "--device", "cpu", "--data_dir", os.path.join(tiny_demo, "light", "train"),
+                         "--save_path", str(out)])
+    assert rc == 0
+
+    with open(out / "benchmark.csv", newline="") as f:
+        header = f.readline()
+        assert header.startswith("# device: ") and f"torch {torch.__version__}" in header
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == benchmark.COLUMNS
+    # On a CPU both settings are fp32: one row, measured once.
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["backbone"], row["batch"], row["crop"], row["infer_size"]) == ("BRN", "1", "32", "32")
+    for key in ("ours_stage1_img_s", "ours_coic_img_s", "ours_peak_mib", "ours_infer_normal_ms",
+                "ours_infer_coic_ms"):
+        assert float(row[key]) > 0, key
+    assert row["published_stage1_img_s"] == "" and row["note"] == ""
+
+    md = (out / "benchmark.md").read_text()
+    assert "| " + " | ".join(benchmark.HEADERS) + " |" in md
+    assert "| BRN | fp32 = recommended | 1 | 32 | 32 |" in md
+
+
+def test_settings_resolve_per_device():
+    cpu = benchmark.unique_settings(["fp32", "recommended"], torch.device("cpu"))
+    assert [(s.amp, s.channels_last) for s in cpu] == [(None, False)]
+    cuda = benchmark.unique_settings(["fp32", "recommended"], torch.device("cuda"))
+    assert [(s.amp, s.channels_last) for s in cuda] == [(None, False), ("bf16", True)]
+
+
+def test_bad_arguments_are_one_line_errors(capsys):
+    assert benchmark.main(["--models", "Nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown --models Nope") and "\n" not in err
+    assert benchmark.main(["--published", "/nonexistent"]) == 2
+    assert "not a checkout" in capsys.readouterr().err
+
+
+def test_time_calls_counts_only_timed_iterations():
+    calls = []
+    times = benchmark.time_calls(calls.append, warmup=2, iters=3, device=torch.device("cpu"))
+    assert calls == [0, 1, 2, 3, 4] and len(times) == 3 and all(t >= 0 for t in times)
+
+
+def test_synthetic_batch_is_a_rainy_pair():
+    rain, clean, query, query_clean = benchmark.synthetic_batch(2, 16, torch.Generator().manual_seed(0))
+    for t in (rain, clean, query, query_clean):
+        assert t.shape == (2, 3, 16, 16) and 0 <= float(t.min()) and float(t.max()) <= 1
+    assert bool((rain >= clean - 1e-6).all()) and float((rain - clean).abs().sum()) > 0
