@@ -31,6 +31,7 @@ from datasets import (DATASET_SPECS, DataError, dataset_spec, find_dataset_folde
                       read_pair, save_image)
 from models import available_models, build_encoder, build_model
 from utils.checkpoint import CheckpointError, load_weights, read_checkpoint
+from utils.distributed import resolve_device
 from utils.inference import image_code, restore
 from utils.metrics import PROTOCOLS, score
 
@@ -300,21 +301,11 @@ def write_summary(summary: list[dict], save_path: str, protocol: str) -> None:
     _write_atomic(os.path.join(save_path, "summary.md"), format_markdown(summary, protocol))
 
 
-def _device(args: argparse.Namespace) -> torch.device:
-    if args.device:
-        return torch.device(args.device)
-    if args.use_GPU:
-        if not torch.cuda.is_available():
-            raise ValueError("--use_GPU was given but CUDA is not available; drop the flag to run on the CPU")
-        return torch.device(f"cuda:{int(args.gpu_id)}")
-    return torch.device("cpu")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        device = _device(args)
+        device = resolve_device(args)
         if args.model_name not in available_models():
             raise ValueError(f"unknown --model_name {args.model_name!r}; "
                              f"choose one of: {', '.join(available_models())}")

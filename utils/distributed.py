@@ -1,11 +1,31 @@
 """Thin helpers over ``torch.distributed`` for torchrun launches (no-ops in a single process)."""
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+
+logger = logging.getLogger("coic")
+
+
+def resolve_device(args: argparse.Namespace, local_rank: Optional[int] = None) -> torch.device:
+    """``--device`` if given, else ``cuda:<gpu_id>`` with ``--use_GPU`` (``cuda:<local_rank>`` under
+    torchrun), else the CPU. Shared by training and ``test_model.py``."""
+    if args.device:
+        return torch.device(args.device)
+    if args.use_GPU:
+        if not torch.cuda.is_available():
+            raise ValueError("--use_GPU was given but CUDA is not available; drop the flag to run on the CPU")
+        return torch.device(f"cuda:{local_rank if local_rank is not None else int(args.gpu_id)}")
+    if torch.cuda.is_available():
+        logger.warning("CUDA is available but not used; pass --use_GPU to run on the GPU")
+    return torch.device("cpu")
 
 
 @dataclass(frozen=True)

@@ -75,19 +75,6 @@ class CoICStep(nn.Module):
         return base, out, logits
 
 
-def resolve_device(args: argparse.Namespace, local_rank: int = 0) -> torch.device:
-    if args.device:
-        return torch.device(args.device)
-    if args.use_GPU:
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --use_GPU was given but CUDA is not available; drop the flag to run on the CPU")
-        # Under torchrun every process takes its own GPU (LOCAL_RANK); otherwise --gpu_id.
-        return torch.device(f"cuda:{local_rank if os.environ.get('WORLD_SIZE', '1') != '1' else int(args.gpu_id)}")
-    if torch.cuda.is_available():
-        logger.warning("CUDA is available but not used; pass --use_GPU to train on the GPU")
-    return torch.device("cpu")
-
-
 class _StderrHandler(logging.StreamHandler):
     """Console handler that writes to the *current* ``sys.stderr`` (it may be replaced, e.g. by pytest)."""
 
@@ -130,7 +117,7 @@ class Trainer:
         self.args = args
         self.recipe = args.recipe
         self.dist = dist_utils.init_from_env(use_cuda=bool(args.use_GPU or (args.device or "").startswith("cuda")))
-        self.device = resolve_device(args, self.dist.local_rank)
+        self.device = dist_utils.resolve_device(args, self.dist.local_rank if self.dist.enabled else None)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.dist.is_main:
