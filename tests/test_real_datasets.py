@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import datasets
+from utils import dataset_cli
 from datasets import (DataError, MixedRainDataset, SampleKey, StackedHalf, check_root, dataset_spec, find_pairs,
                       prepare, read_image, read_pair, scan_folder)
 
@@ -181,7 +182,7 @@ def _raw_did(raw: str) -> list[str]:
 def test_prepare_did_merges_densities_and_is_idempotent(tmp_path, capsys):
     raw, out = str(tmp_path / "DID-MDN-training"), str(tmp_path / "DID" / "train")
     sources = _raw_did(raw)
-    assert datasets.main(["prepare", "did", raw, out]) == 0
+    assert dataset_cli.main(["prepare", "did", raw, out]) == 0
     assert "12 written, 0 unchanged" in capsys.readouterr().out
     for k, src in enumerate(sources, 1):  # heavy 0,1 then medium 0,1 then light 0,1 -> 1..6
         full = np.asarray(Image.open(src).convert("RGB"))
@@ -195,7 +196,7 @@ def test_prepare_did_merges_densities_and_is_idempotent(tmp_path, capsys):
     _save(np.zeros((H, W, 3), np.uint8), os.path.join(out, "norain", "3.png"))
     with pytest.raises(DataError, match="3.png already exists and differs"):
         prepare("did", raw, out, progress=False)
-    assert datasets.main(["prepare", "did", raw, out]) == 2
+    assert dataset_cli.main(["prepare", "did", raw, out]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert prepare("did", raw, out, overwrite=True, progress=False)["overwritten"] == 1
 
@@ -223,8 +224,8 @@ def test_check_counts_and_reports_problems(real_tree, tmp_path, capsys):
     assert {k: r.pairs for k, r in results.items()} == expected
     assert not any(r.problems(ignore_counts=True) for r in results.values())
     assert results[("Rain200L", "train")].problems() == ["3 of 1800 expected"]
-    assert datasets.main(["check", root, "--ignore_counts"]) == 0
-    assert datasets.main(["check", root]) == 1
+    assert dataset_cli.main(["check", root, "--ignore_counts"]) == 0
+    assert dataset_cli.main(["check", root]) == 1
     assert "3 of 1800 expected" in capsys.readouterr().out
     # plant an unpaired rainy file, a stray clean file, a truncated image and a mis-sized pair
     _save(_arrays("stray")[0], os.path.join(root, "Rain200H/train/rain/norain-99x2.png"))
@@ -235,14 +236,14 @@ def test_check_counts_and_reports_problems(real_tree, tmp_path, capsys):
     with open(ddn_clean, "wb") as f:
         f.write(data[: len(data) // 2])
     _save(np.zeros((H + 2, W, 3), np.uint8), os.path.join(root, "spa/real_test_1000/gt/001gt.png"))
-    assert datasets.main(["check", root, "--ignore_counts"]) == 1
+    assert dataset_cli.main(["check", root, "--ignore_counts"]) == 1
     out = capsys.readouterr().out
     assert "norain-99x2.png" in out and "norain-050.png" in out and "901.jpg" in out and "001.png is 24x32" in out
     results = {(r.dataset, r.split): r for r in check_root(root, progress=False)}
     assert results[("DDN", "test")].problems(True) == ["1 unreadable"]  # one file, shared by 14 pairs
     assert results[("Rain200H", "train")].problems(True) == ["1 unpaired"]
     assert results[("SPA", "test")].problems(True) == ["1 mis-sized"]
-    assert datasets.main(["check", str(tmp_path / "empty")]) == 1
+    assert dataset_cli.main(["check", str(tmp_path / "empty")]) == 1
     # a stacked (unprepared) training set is readable for check but flagged: training needs prepare
     shutil.rmtree(os.path.join(root, "DID", "train"))
     shutil.copytree(os.path.join(root, "DID", "test"), os.path.join(root, "DID", "train"))

@@ -1,0 +1,58 @@
+"""``python datasets.py demo|pairs|prepare|check``: the command line of ``datasets.py``."""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+from datasets import DATASET_SPECS, DataError, check_root, find_pairs, format_check, prepare
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        description="Dataset tools: demo data, pair counts, prepare raw sets, check a data root.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    demo = sub.add_parser("demo", help="write the synthetic mixed-rain demo data")
+    demo.add_argument("root", nargs="?", default="demo_data")
+    count = sub.add_parser("pairs", help="count the rain/clean pairs of folders")
+    count.add_argument("folders", nargs="+")
+    prep = sub.add_parser("prepare",
+                          help="split stacked Rain800/DID images into rain/ + norain/ (DID: merge densities)")
+    prep.add_argument("dataset", choices=["rain800", "did"])
+    prep.add_argument("raw", help="folder of side-by-side images (DID: or the folder holding Rain_Heavy/Medium/Light)")
+    prep.add_argument("out", help="output folder; receives rain/, norain/ and sources.csv")
+    prep.add_argument("--overwrite", action="store_true", help="replace existing outputs that differ")
+    chk = sub.add_parser("check", help="check every dataset under a data root: pairs, counts, unreadable images")
+    chk.add_argument("root", nargs="?", default="datasets")
+    chk.add_argument("--ignore_counts", action="store_true",
+                     help="do not fail when counts differ from the official ones")
+    chk.add_argument("--fast", action="store_true", help="read image headers only (misses truncated files)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.cmd == "demo":
+            from utils.demo_data import build_demo_data
+
+            build_demo_data(args.root)
+        elif args.cmd == "pairs":
+            for folder in args.folders:
+                print(f"{folder}: {len(find_pairs(folder))} pairs")
+        elif args.cmd == "prepare":
+            counts = prepare(args.dataset, args.raw, args.out, overwrite=args.overwrite)
+            print(f"prepare {args.dataset}: {counts['written']} written, {counts['unchanged']} unchanged, "
+                  f"{counts['overwritten']} overwritten -> {args.out}")
+        else:
+            results = check_root(args.root, full=not args.fast)
+            print(format_check(results, args.ignore_counts))
+            present = [r for r in results if not r.absent]
+            if not present:
+                print(f"error: {args.root} holds none of {', '.join(s.name for s in DATASET_SPECS)}", file=sys.stderr)
+                return 1
+            return 1 if any(r.problems(args.ignore_counts) for r in present) else 0
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
