@@ -35,3 +35,24 @@ def train_flags(save_path: str, data_paths: str, **overrides) -> list[str]:
                  tot_iters=6, stage1_iters=3, num_workers=0, save_freq=2, log_freq=1, image_freq=3, n_neg=2)
     flags.update(overrides)
     return [item for k, v in flags.items() for item in (f"--{k}", str(v))]
+
+
+# Shared by the backbone tests.
+def unit_codes(batch: int, dim: int, seed: int) -> torch.Tensor:
+    """(batch, dim) unit vectors, reproducible from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen), dim=1)
+
+
+def image(seed: int = 1, size: int = 16) -> torch.Tensor:
+    """(2, 3, size, size) in [0, 1], reproducible from ``seed``."""
+    return torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def scramble_generators(model: torch.nn.Module, std: float = 0.5) -> None:
+    """Give every CoI-M generator large random weights (the default init is near-neutral)."""
+    from models.coim import modulation_parameters
+
+    with torch.no_grad():
+        for p in modulation_parameters(model):
+            p.normal_(0.0, std)

@@ -8,44 +8,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, modulation_parameters
 from models.dgunet import DGUNet
+from conftest import image, scramble_generators, unit_codes
 from utils.checkpoint import load_weights
 
 TINY = dict(depth=1, dim_in=8, n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4)
 MODULATED = (ModulatedConv2d, ModulatedConvTranspose2d)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: with several threads on a busy machine the per-op thread
-    # synchronisation costs ~100x the arithmetic. Restored after the module.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_model(seed: int = 0, **overrides) -> DGUNet:
     torch.manual_seed(seed)
     return DGUNet(**{**TINY, **overrides})
-
-
-def unit_codes(batch: int, dim: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(batch, dim, generator=gen), dim=1)
-
-
-def image(seed: int = 1, size: int = 16) -> torch.Tensor:
-    return torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def scramble_generators(model: torch.nn.Module, std: float = 0.5) -> None:
-    with torch.no_grad():
-        for p in modulation_parameters(model):
-            p.normal_(0.0, std)
 
 
 def test_forward_shapes_both_modes():

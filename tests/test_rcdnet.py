@@ -10,44 +10,18 @@ import re
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models.coim import modulation_parameters
 from models.rcdnet import RCDNet, RCDNetStages, load_rain_kernel, streak_kernel_bank
+from conftest import image, scramble_generators, unit_codes
 from utils.checkpoint import load_weights
 
 TINY = dict(inter_iter=2, num_map=4, num_channel=4, num_block=1, dim_in=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: with several threads on a busy machine the per-op thread
-    # synchronisation costs ~100x the arithmetic. Restored after the module.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_model(seed: int = 0, **overrides) -> RCDNet:
     torch.manual_seed(seed)
     return RCDNet(**{**TINY, **overrides})
-
-
-def unit_codes(batch: int, dim: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(batch, dim, generator=gen), dim=1)
-
-
-def image(seed: int = 1, size: int = 16) -> torch.Tensor:
-    return torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def scramble_generators(model: torch.nn.Module, std: float = 0.5) -> None:
-    """Give every CoI-M generator large random weights (the default init is near-neutral)."""
-    with torch.no_grad():
-        for p in modulation_parameters(model):
-            p.normal_(0.0, std)
 
 
 def test_forward_shapes_both_modes():
