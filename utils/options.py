@@ -41,6 +41,9 @@ def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
                    help="encoder weights for --pretrained when they are in a separate file (published MoCo state_dict)")
     g.add_argument("--max_bad_steps", type=int, default=5,
                    help="consecutive skipped (non-finite/exploding) steps before rolling back with the LR halved")
+    g.add_argument("--check_every", type=int, default=20,
+                   help="read the skipped-step counts on the host every N iterations (the step itself never "
+                        "waits for the device); under torchrun a signal is also agreed on then")
     g.add_argument("--strict_data", action="store_true",
                    help="stop at an unreadable image instead of skipping it with a warning")
     g.add_argument("--seed", type=int, default=recipe.seed, help="random seed")
@@ -95,7 +98,7 @@ def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> a
     if args.save_path is None:
         args.save_path = f"checkpoints/{model_name}_{args.dim_in}d_{args.contra_loss_weight}contra"
     for key in ("batch_size", "crop_size", "tot_iters", "save_freq", "keep_checkpoints", "log_freq", "n_neg",
-                "max_bad_steps"):
+                "max_bad_steps", "check_every"):
         if getattr(args, key) < 1:
             parser.error(f"--{key} must be at least 1, got {getattr(args, key)}")
     if args.stage1_iters < 0:

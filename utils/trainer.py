@@ -172,15 +172,21 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(args.seed + 1000 * self.dist.rank)
 
         self.iteration, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.bad_steps = 0  # skipped steps in total
-        self.consecutive_bad = 0
+        self.bad_steps = 0  # skipped steps in total (as of the last check_steps)
+        self.consecutive_bad = 0  # the run of skipped steps at the last check_steps
+        # On the device, read every --check_every iterations: [non-finite, exploded, current run,
+        # longest run, worst |output|] since the last check.
+        self._tracker = torch.zeros(5, device=self.device)
+        self._checked_at = 0
         self.rollbacks = 0
         self.lr_scale = 1.0  # halved at every rollback
         self.writer = None
-        self._signal: Optional[int] = None
+        self._signal: Optional[int] = None  # set by the signal handler
+        self._stop_signal: Optional[int] = None  # the signal all ranks agreed to stop on (check_steps)
         resumed = False if args.no_resume else self._resume()
         if not resumed and args.pretrained:
             self._load_pretrained(args.pretrained)
+        self._checked_at = self.iteration
 
     def _load_pretrained(self, path: str) -> None:
         """Start from ``path``'s weights (ours or the published code's) with fresh optimizers."""
@@ -326,13 +332,22 @@ class Trainer:
         return self.iteration >= self.args.stage1_iters
 
     def train_step(self, batch) -> dict:
+        """One optimisation step, with no host-device sync.
+
+        A step whose loss is non-finite or whose output explodes (the recipe's threshold) must
+        not change the weights. The verdict stays on the device: fused optimizers skip their
+        update on it (``found_inf``), the fp16 scaler skips it as a non-finite gradient, and the
+        counts are read every ``--check_every`` iterations (:meth:`check_steps`).
+        Returns the step's tensors for logging; ``skipped`` is a device bool.
+        """
         rain, clean, query, query_clean = (t.to(self.device, non_blocking=True) for t in batch)
         rain = rain.contiguous(memory_format=self.memory_format)
         self.step_module.train()
         self.base_opt.zero_grad(set_to_none=True)
         self.tran_opt.zero_grad(set_to_none=True)
         extra = ()
-        if self.in_stage2:
+        stage2 = self.in_stage2
+        if stage2:
             gather = (lambda t: dist_utils.all_gather_cat(t, self.dist)) if self.dist.enabled else None
             positive, negatives = build_negatives(query, query_clean, self.archive, self.args.n_neg,
                                                   self.generator, gather)
@@ -342,36 +357,95 @@ class Trainer:
             base, out, logits = self.step_fn(rain, clean, *extra)
         contra = None if logits is None else self.contrastive(logits.float()) * self.args.contra_loss_weight
         total = base if contra is None else base + contra
-        reason = self._bad_step(total, out)
-        if reason:
-            return {"skipped": True, "reason": reason}
+        code, peak = self._verdict(total, out)
+        skipped = code > 0
+        if self.scaler.is_enabled():  # the scaler skips steps with non-finite gradients: make a bad step one
+            total = total * torch.where(skipped, float("nan"), 1.0)  # NaN gradients (not the loss value alone)
         self.scaler.scale(total).backward()
         if self.recipe.grad_clip is not None:
             self.scaler.unscale_(self.base_opt)
-            torch.nn.utils.clip_grad_norm_(self.base_params, self.recipe.grad_clip)
-        self.scaler.step(self.base_opt)
-        self.scaler.step(self.tran_opt)
+            torch.nn.utils.clip_grad_norm_(self.base_params, self.recipe.grad_clip, foreach=True)
+        self._optimizer_step(self.base_opt, skipped)
+        self._optimizer_step(self.tran_opt, skipped, has_grads=stage2)
         self.scaler.update()
-        return {"base": base, "contra": contra, "out": out, "rain": rain, "clean": clean, "logits": logits}
+        self._track(code, peak)
+        return {"base": base, "contra": contra, "out": out, "rain": rain, "clean": clean, "logits": logits,
+                "skipped": skipped}
 
-    def _bad_step(self, total: Tensor, out: Tensor) -> Optional[str]:
-        """Why this step must not update the weights (non-finite loss, exploding output), or None.
+    def _verdict(self, total: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+        """(code, max |output|) on the device; code 0 = good, 1 = output exploded, 2 = non-finite loss.
 
-        One host sync per step; under DDP the verdict (and a pending signal) is agreed by all
-        ranks, so they skip, roll back and stop together.
+        Under DDP the ranks agree (max over ranks) so they skip, roll back and stop together.
         """
-        flags = torch.stack([(~torch.isfinite(total.detach())).float(), out.detach().abs().amax().float(),
-                             torch.tensor(float(self._signal or 0), device=out.device)])
-        non_finite, peak, signum = dist_utils.all_reduce_max(flags, self.dist).tolist()
-        if signum and self._signal is None:
-            self._signal = int(signum)
+        code = (~torch.isfinite(total.detach())).float() * 2
+        peak = out.detach().abs().amax().float()
         threshold = self.recipe.explode_threshold
+        if threshold is not None:
+            code = torch.maximum(code, (~(peak <= threshold)).float())
+        if self.dist.enabled:
+            code, peak = dist_utils.all_reduce_max(torch.stack([code, peak]), self.dist).unbind()
+        return code, peak
+
+    def _optimizer_step(self, opt: torch.optim.Optimizer, skipped: Tensor, has_grads: bool = True) -> None:
+        if not has_grads:  # stage 1: the CoIC optimizer has nothing to do
+            opt.step()  # (a no-op without gradients; keeps its scheduler in order)
+        elif self.scaler.is_enabled():
+            self.scaler.step(opt)
+        elif opt.defaults.get("fused"):
+            opt.found_inf, opt.grad_scale = skipped.float(), None  # the fused kernel skips on the device
+            try:
+                opt.step()
+            finally:
+                del opt.found_inf, opt.grad_scale
+        elif not bool(skipped):  # an optimizer without a device-side skip: one host sync
+            opt.step()
+
+    def _track(self, code: Tensor, peak: Tensor) -> None:
+        """Fold this step's verdict into the device-side counts read by :meth:`check_steps`."""
+        non_finite, exploded, run, longest, worst = self._tracker.unbind()
+        bad = (code > 0).float()
+        run = (run + 1) * bad
+        self._tracker = torch.stack([non_finite + (code == 2).float(), exploded + (code == 1).float(), run,
+                                     torch.maximum(longest, run),
+                                     torch.maximum(worst, torch.where(code == 1, peak, torch.zeros_like(peak)))])
+
+    def check_steps(self) -> bool:
+        """Read the skipped-step counts (and, under DDP, agree on a pending signal): the host sync.
+
+        Logs and counts the steps skipped since the last check; rolls back when a run of
+        ``--max_bad_steps`` happened. Returns True when the state was rolled back.
+        """
+        values = self._tracker
+        if self.dist.enabled:
+            pending = torch.tensor([float(self._signal or 0)], device=values.device)
+            values = dist_utils.all_reduce_max(torch.cat([values, pending]), self.dist)
+        values = values.tolist()
+        non_finite, exploded, run, longest, worst = (values[0], values[1], values[2], values[3], values[4])
+        agreed = (int(values[5]) or None) if self.dist.enabled else self._signal
+        if agreed and self._stop_signal is None:
+            self._stop_signal = agreed
+        self._tracker = torch.tensor([0.0, 0.0, run, run, 0.0], device=self.device)
+        self.consecutive_bad = int(run)
+        checked_from, self._checked_at = self._checked_at, self.iteration
+        skipped = int(non_finite + exploded)
+        if not skipped:
+            return False
+        self.bad_steps += skipped
+        reasons = []
         if non_finite:
-            local = not bool(torch.isfinite(total.detach()))
-            return f"non-finite loss {float(total.detach())}" if local else "non-finite loss on another rank"
-        if threshold is not None and not peak <= threshold:
-            return f"output exploded (max |output| {peak:.3g} > {threshold})"
-        return None
+            reasons.append(f"{int(non_finite)} non-finite loss")
+        if exploded:
+            reasons.append(f"{int(exploded)} output exploded (max |output| {worst:.3g} > "
+                           f"{self.recipe.explode_threshold})")
+        logger.warning("iterations %d-%d: %d step%s skipped (%s); %d in a row now, %d in total",
+                       checked_from + 1, self.iteration, skipped, "s" if skipped > 1 else "",
+                       ", ".join(reasons), self.consecutive_bad, self.bad_steps)
+        if self.dist.is_main:
+            self._tensorboard().add_scalar("bad_steps", self.bad_steps, self.iteration)
+        if longest >= self.args.max_bad_steps:
+            self._roll_back()
+            return True
+        return False
 
     def _log(self, stats: dict) -> dict:
         out = stats["out"].detach().clamp(0, 1)
@@ -404,16 +478,6 @@ class Trainer:
         self.batch_in_epoch = 0
 
     # ------------------------------------------------------------------ bad steps
-    def _record_bad_step(self, reason: str) -> None:
-        self.bad_steps += 1
-        self.consecutive_bad += 1
-        logger.warning("iteration %d: %s; step skipped (%d in a row, %d in total)", self.iteration, reason,
-                       self.consecutive_bad, self.bad_steps)
-        if self.dist.is_main:
-            self._tensorboard().add_scalar("bad_steps", self.bad_steps, self.iteration)
-        if self.consecutive_bad >= self.args.max_bad_steps:
-            self._roll_back()
-
     def _roll_back(self) -> None:
         """Reload the newest checkpoint and halve both learning rates (and every later one)."""
         if self.rollbacks >= MAX_ROLLBACKS:
@@ -428,6 +492,8 @@ class Trainer:
         self.load_state_dict(read_checkpoint(checkpoints[-1]))
         self.rollbacks, self.lr_scale, self.bad_steps = rollbacks, scale, total
         self.consecutive_bad = 0
+        self._tracker.zero_()
+        self._checked_at = self.iteration
         self._apply_lr_scale(0.5)
         logger.warning("%d bad steps in a row at iteration %d: rolled back to %s (iteration %d) with the learning "
                        "rates halved (x%g of the recipe's)", self.args.max_bad_steps, failed_at, checkpoints[-1],
@@ -447,8 +513,9 @@ class Trainer:
         if self._signal is not None:  # second signal: stop now, no checkpoint
             raise KeyboardInterrupt
         self._signal = signum
-        logger.warning("%s received: finishing this step and saving a checkpoint (send it again to stop at once)",
-                       signal.Signals(signum).name)
+        when = "this step" if not self.dist.enabled else "the next check (--check_every)"
+        logger.warning("%s received: finishing %s and saving a checkpoint (send it again to stop at once)",
+                       signal.Signals(signum).name, when)
 
     def _install_signal_handlers(self) -> dict:
         previous = {}
@@ -504,34 +571,34 @@ class Trainer:
             stats = self.train_step(batch)
             self.iteration += 1
             self.batch_in_epoch += 1
-            if stats.get("skipped"):
-                rolled = self.rollbacks
-                self._record_bad_step(stats["reason"])
-                if self.rollbacks != rolled:  # state reloaded: restart from the checkpoint's data position
+            if self.recipe.scheduler_unit == "iter":  # skipped steps count: the schedule follows iterations
+                for s in self.schedulers:
+                    s.step()
+            if self.batch_in_epoch >= self.iters_per_epoch:
+                self._end_of_epoch()
+            logging_now = self.iteration % args.log_freq == 0 or self.iteration == 1
+            saving_now = self.iteration % args.save_freq == 0 or self.iteration == args.tot_iters
+            # The host reads the device's step verdicts only here; under DDP every rank checks at
+            # the same iterations (a pending signal is agreed then), alone a signal is seen at once.
+            if (logging_now or saving_now or self.iteration % args.check_every == 0
+                    or (self._signal is not None and not self.dist.enabled)):
+                if self.check_steps():  # rolled back: restart from the checkpoint's data position
                     bar.n = self.iteration
                     bar.refresh()
                     return None
-            else:
-                self.consecutive_bad = 0
-                if self.recipe.scheduler_unit == "iter":
-                    for s in self.schedulers:
-                        s.step()
-            if self.batch_in_epoch >= self.iters_per_epoch:
-                self._end_of_epoch()
-            if self.dist.is_main and not stats.get("skipped") and (self.iteration % args.log_freq == 0
-                                                                   or self.iteration == 1):
-                values = self._log(stats)
-                bar.set_postfix(stage=2 if was_stage2 else 1, loss=f"{values['base_loss']:.4f}",
-                                psnr=f"{values['train_psnr']:.2f}")
+                if logging_now and self.dist.is_main and self.consecutive_bad == 0:
+                    values = self._log(stats)
+                    bar.set_postfix(stage=2 if was_stage2 else 1, loss=f"{values['base_loss']:.4f}",
+                                    psnr=f"{values['train_psnr']:.2f}")
             bar.update(1)
             if self.iteration == args.stage1_iters and args.stage1_iters < args.tot_iters:
                 logger.info("stage 1 done at iteration %d: CoIC (z + contrastive loss) starts", self.iteration)
             saved = None
             # No periodic save inside a run of bad steps: a rollback must land before it.
-            if (self.iteration % args.save_freq == 0 and self.consecutive_bad == 0) or self.iteration == args.tot_iters:
+            if (saving_now and self.consecutive_bad == 0) or self.iteration == args.tot_iters:
                 saved = last = self.save()
-            if self._signal is not None:
-                raise TrainingInterrupted(self._signal, saved or self.save())
+            if self._stop_signal is not None:
+                raise TrainingInterrupted(self._stop_signal, saved or self.save())
             if self.iteration >= args.tot_iters:
                 break
         return last
