@@ -1,7 +1,7 @@
 """Training and inference speed of every backbone, ours side by side with the published code.
 
     python -m benchmarks.benchmark                                    # reference batch/crop, all five
-    python -m benchmarks.benchmark --small --iters 3 --warmup 1 --infer_size 256 \\
+    python -m benchmarks.benchmark --small --iters 3 --warmup 1 --infer_size 256 --rounds 3 \\
         --published /tmp/coic_published                               # CPU-sized, against the published code
     python -m benchmarks.benchmark --models BRN DGUNet --settings recommended --batch_size 8
 
@@ -389,11 +389,29 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
-def header_line(device: torch.device, threads: int, warmup: int, iters: int) -> str:
+def header_line(device: torch.device, threads: int, warmup: int, iters: int, rounds: int = 1) -> str:
+    rounds_text = f"; median of {rounds} alternating rounds" if rounds > 1 else ""
     return (f"device: {device_name(device)} ({device.type}), {threads} thread{'s' if threads != 1 else ''} | "
             f"torch {torch.__version__} | "
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} | median of {iters} timed iterations "
-            f"after {warmup} warm-up")
+            f"after {warmup} warm-up{rounds_text}")
+
+
+def median_result(results: Sequence[dict]) -> dict:
+    """One result from several rounds: the median of each timing and memory figure, the largest
+    count of skipped steps, the first error if any round failed."""
+    failed = [r for r in results if "error" in r]
+    if failed:
+        return failed[0]
+    merged = {}
+    for key, value in results[0].items():
+        if key == "skipped_steps":
+            merged[key] = max(r[key] for r in results)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            merged[key] = statistics.median(r[key] for r in results)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -484,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overlap of inference tiles for backbones that tile (IDT), ours and published alike")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations before each timing")
     p.add_argument("--iters", type=int, default=5, help="timed iterations (the median is reported)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every case this many times, ours and the published code alternating, and report "
+                        "the median of the rounds (steadier on a shared or throttled machine)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per case (default: torch's default); on cores shared with other work use 1: "
@@ -506,7 +527,7 @@ def _check_args(args: argparse.Namespace) -> torch.device:
     unknown = [m for m in args.models if m not in BACKBONES]
     if unknown:
         raise BenchmarkError(f"unknown --models {', '.join(unknown)}; choose from {', '.join(BACKBONES)}")
-    for key, low in (("batch_size", 1), ("crop_size", 8), ("infer_size", 8), ("iters", 1), ("warmup", 0),
+    for key, low in (("batch_size", 1), ("crop_size", 8), ("infer_size", 8), ("iters", 1), ("rounds", 1), ("warmup", 0),
                      ("threads", 1), ("tile_overlap", 0)):
         value = getattr(args, key)
         if value is not None and value < low:
@@ -574,23 +595,30 @@ def run(args: argparse.Namespace) -> int:
                 cases.append((Case(model, batch, crop, s.amp, s.channels_last, str(device), threads, args.warmup,
                                    args.iters, args.infer_size, args.tile_overlap, os.path.abspath(data_dir)), s))
         published: dict[str, dict] = {}
-        total = len(cases) + (len(args.models) if args.published else 0)
+        total = args.rounds * (len(cases) + (len(args.models) if args.published else 0))
         rows, failed = [], False
         with tqdm(total=total, desc="benchmark", unit="case", dynamic_ncols=True) as bar:
             for case, setting in cases:
-                bar.set_postfix_str(f"{case.model} {setting.label.split(' ')[0]} ours")
+                label = setting.label.split(' ')[0]
                 if args.profile:
                     case.profile_path = os.path.abspath(os.path.join(
-                        args.save_path, f"profile_ours_{case.model}_{setting.label.split(' ')[0]}.txt"))
-                ours = run_worker(os.path.abspath(__file__), vars(case), REPO_ROOT, args.case_timeout)
-                failed |= "error" in ours
-                bar.update(1)
-                if args.published and case.model not in published:
-                    bar.set_postfix_str(f"{case.model} published")
-                    published[case.model] = run_published(case, args)
+                        args.save_path, f"profile_ours_{case.model}_{label}.txt"))
+                ours_rounds, published_rounds = [], []
+                for r in range(args.rounds):  # alternate, so that drift of the machine hits both alike
+                    bar.set_postfix_str(f"{case.model} {label} ours, round {r + 1}")
+                    ours_rounds.append(run_worker(os.path.abspath(__file__), vars(case), REPO_ROOT,
+                                                  args.case_timeout))
                     bar.update(1)
+                    if args.published and case.model not in published:
+                        bar.set_postfix_str(f"{case.model} published, round {r + 1}")
+                        published_rounds.append(run_published(case, args))
+                        bar.update(1)
+                ours = median_result(ours_rounds)
+                failed |= "error" in ours
+                if published_rounds:
+                    published[case.model] = median_result(published_rounds)
                 rows.append(make_row(case, setting.label, ours, published.get(case.model)))
-        header = header_line(device, threads, args.warmup, args.iters)
+        header = header_line(device, threads, args.warmup, args.iters, args.rounds)
         md_path, csv_path = write_results(rows, header, report_notes(args, device), args.save_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

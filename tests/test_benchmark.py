@@ -47,6 +47,8 @@ def test_bad_arguments_are_one_line_errors(capsys):
     assert err.startswith("error: unknown --models Nope") and "\n" not in err
     assert benchmark.main(["--published", "/nonexistent"]) == 2
     assert "not a checkout" in capsys.readouterr().err
+    assert benchmark.main(["--rounds", "0"]) == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err
 
 
 def test_time_calls_counts_only_timed_iterations():
@@ -60,3 +62,12 @@ def test_synthetic_batch_is_a_rainy_pair():
     for t in (rain, clean, query, query_clean):
         assert t.shape == (2, 3, 16, 16) and 0 <= float(t.min()) and float(t.max()) <= 1
     assert bool((rain >= clean - 1e-6).all()) and float((rain - clean).abs().sum()) > 0
+
+
+def test_rounds_take_the_median_and_keep_errors():
+    rounds = [{"stage1_img_s": 1.0, "peak_mib": 10, "skipped_steps": 0, "note": "a"},
+              {"stage1_img_s": 3.0, "peak_mib": 30, "skipped_steps": 2, "note": "b"},
+              {"stage1_img_s": 2.0, "peak_mib": 20, "skipped_steps": 0, "note": "c"}]
+    assert benchmark.median_result(rounds) == {"stage1_img_s": 2.0, "peak_mib": 20, "skipped_steps": 2,
+                                               "note": "a"}
+    assert benchmark.median_result(rounds + [{"error": "boom"}]) == {"error": "boom"}
