@@ -32,7 +32,7 @@ from datasets import (DATASET_SPECS, DataError, dataset_spec, find_dataset_folde
 from models import available_models, build_encoder, build_model
 from utils.checkpoint import CheckpointError, load_weights, read_checkpoint
 from utils.distributed import resolve_device
-from utils.inference import image_code, restore
+from utils.inference import AMP_DTYPES, image_code, restore
 from utils.metrics import PROTOCOLS, score
 
 logger = logging.getLogger("coic.test")
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_GPU", action="store_true", help="run on CUDA (cuda:<gpu_id>)")
     p.add_argument("--gpu_id", default="0", help="CUDA device index used with --use_GPU")
     p.add_argument("--device", default=None, help="explicit torch device; overrides --use_GPU")
+    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
+                   help="autocast the model and encoder to bf16/fp16 (faster on recent GPUs; scores use float32)")
+    p.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPUs)")
     p.add_argument("--inter_iter", type=int, default=None, help="override the backbone's recurrent stages")
     return p
 
@@ -175,56 +178,80 @@ def read_table(path: str) -> dict[str, dict]:
     return rows
 
 
+def _read_item(rain_path: str, clean_path: Optional[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if clean_path is not None:
+        return read_pair(rain_path, clean_path)
+    return read_image(rain_path), None
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_path: Optional[str],
              device: torch.device, tile: Optional[int] = None, overlap: int = 32,
              progress: bool = True, protocol: str = "coic", skip_existing: bool = False,
-             table_path: Optional[str] = None, desc: str = "test") -> list[dict]:
+             table_path: Optional[str] = None, desc: str = "test", amp: Optional[torch.dtype] = None,
+             memory_format: torch.memory_format = torch.contiguous_format) -> list[dict]:
     """Derain each (rain, clean or None) item, save it under ``save_path`` and score it.
 
-    One image in memory at a time. ``skip_existing``: an item whose PNG already exists is not
-    derained again; its scores come from the rows of ``table_path`` scored with the same
-    protocol, else from the saved PNG. ``table_path`` is also rewritten (atomically) every 50
-    images, so an interrupted run loses little.
+    The next image is decoded and the previous PNGs are encoded in a background thread while
+    the model runs, so at most a few images are in memory. ``amp``: autocast dtype of the
+    model and encoder (scores are computed on the float32 output). ``skip_existing``: an item
+    whose PNG already exists is not derained again; its scores come from the rows of
+    ``table_path`` scored with the same protocol, else from the saved PNG. ``table_path`` is
+    also rewritten (atomically) every 50 images, so an interrupted run loses little.
     """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     previous = read_table(table_path) if (skip_existing and table_path) else {}
+    out_paths = [os.path.join(save_path, output_name(r)) if save_path else None for r, _ in items]
+    todo = [i for i, out in enumerate(out_paths) if not (skip_existing and out and os.path.isfile(out))]
+    next_todo = dict(zip(todo, todo[1:]))
     rows, skipped, rescored = [], 0, 0
-    for rain_path, clean_path in tqdm(items, desc=desc, unit="img", disable=not progress, dynamic_ncols=True):
-        name = output_name(rain_path)
-        out_path = os.path.join(save_path, name) if save_path else None
-        row = {"name": name, "psnr": None, "ssim": None, "protocol": protocol}
-        if skip_existing and out_path and os.path.isfile(out_path):
-            skipped += 1
-            old = previous.get(name)
-            if clean_path is None:
-                pass
-            elif old is not None and old["protocol"] == protocol and old["psnr"] is not None:
-                row["psnr"], row["ssim"] = old["psnr"], old["ssim"]
-            else:  # no score on record for this protocol: score the saved 8-bit PNG
-                rescored += 1
-                y, clean = read_image(out_path), read_image(clean_path)
-                _check_sizes(y, clean, out_path, clean_path)
-                row["psnr"], row["ssim"] = score(y, clean, protocol)
-        else:
-            if clean_path is not None:
-                x, clean = read_pair(rain_path, clean_path)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="coic-io") as io_pool:
+        reads = {i: io_pool.submit(_read_item, *items[i]) for i in todo[:1]}
+        writes: deque = deque()
+        for k, (rain_path, clean_path) in enumerate(tqdm(items, desc=desc, unit="img", disable=not progress,
+                                                         dynamic_ncols=True)):
+            name, out_path = output_name(rain_path), out_paths[k]
+            row = {"name": name, "psnr": None, "ssim": None, "protocol": protocol}
+            if k not in reads:
+                skipped += 1
+                old = previous.get(name)
+                if clean_path is None:
+                    pass
+                elif old is not None and old["protocol"] == protocol and old["psnr"] is not None:
+                    row["psnr"], row["ssim"] = old["psnr"], old["ssim"]
+                else:  # no score on record for this protocol: score the saved 8-bit PNG
+                    rescored += 1
+                    y, clean = read_image(out_path), read_image(clean_path)
+                    _check_sizes(y, clean, out_path, clean_path)
+                    row["psnr"], row["ssim"] = score(y, clean, protocol)
             else:
-                x, clean = read_image(rain_path), None
-            x = x.unsqueeze(0).to(device)
-            z = image_code(encoder, x) if encoder is not None else None
-            y = restore(model, x, z, tile=tile, overlap=overlap)[0].cpu()
-            if clean is not None:
-                _check_sizes(y, clean, rain_path, clean_path)
-                row["psnr"], row["ssim"] = score(y, clean, protocol)
-            if out_path:
-                save_image(y, out_path)
-        rows.append(row)
-        if table_path and len(rows) % 50 == 0:
-            # keep the earlier run's rows not reached yet, so an interruption loses no score
-            done = {r["name"] for r in rows}
-            write_table(rows + [r for n, r in previous.items() if n not in done], table_path)
+                x, clean = reads.pop(k).result()
+                following = next_todo.get(k)
+                if following is not None:  # decode the next image while this one is derained
+                    reads[following] = io_pool.submit(_read_item, *items[following])
+                x = x.unsqueeze(0).to(device).contiguous(memory_format=memory_format)
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    z = image_code(encoder, x) if encoder is not None else None
+                    y = restore(model, x, z, tile=tile, overlap=overlap)
+                y = y[0].float().cpu()
+                if clean is not None:
+                    _check_sizes(y, clean, rain_path, clean_path)
+                    row["psnr"], row["ssim"] = score(y, clean, protocol)
+                if out_path:
+                    writes.append(io_pool.submit(save_image, y, out_path))
+                while writes and (writes[0].done() or len(writes) > 2):
+                    writes.popleft().result()  # a failed write stops the run here
+            rows.append(row)
+            if table_path and len(rows) % 50 == 0:
+                # keep the earlier run's rows not reached yet, so an interruption loses no score
+                done = {r["name"] for r in rows}
+                write_table(rows + [r for n, r in previous.items() if n not in done], table_path)
+        while writes:
+            writes.popleft().result()
     if skipped:
         logger.info("%s: %d images already derained, skipped (%d re-scored from their saved PNGs)", desc, skipped,
                     rescored)
@@ -320,13 +347,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model, ckpt = load_model(args.model_name, args.test_model, args.load_mode, device,
                                  {"inter_iter": args.inter_iter})
         encoder = load_encoder(args.feat_ext, ckpt, args.test_model, device) if args.load_mode == "tran" else None
+        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        model.to(memory_format=memory_format)
+        amp = AMP_DTYPES[args.amp]
         summary = []
         for name, folder, items in sets:
             out = os.path.join(args.save_path, name) if name else args.save_path
             os.makedirs(out, exist_ok=True)
             rows = evaluate(model, encoder, items, out, device, args.tile, args.tile_overlap,
                             protocol=args.metric_protocol, skip_existing=args.skip_existing,
-                            table_path=os.path.join(out, "results.csv"), desc=name or "test")
+                            table_path=os.path.join(out, "results.csv"), desc=name or "test", amp=amp,
+                            memory_format=memory_format)
             summary.append(summarize(name or folder, rows))
             print(f"{len(rows)} images from {folder} -> {out}")
     except (CheckpointError, DataError, ValueError, OSError) as exc:

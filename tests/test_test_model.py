@@ -93,3 +93,37 @@ def test_official_baseline_and_coic_files_evaluate(tmp_path, tiny_demo):
     # the published CoIC file has no encoder beside it: tran mode must say so
     assert test_model.main(["--test_model", reference_file("brn_coic_official.pth"), "--load_mode", "tran",
                             "--test_dir", test_dir, "--save_path", str(tmp_path / "c")]) == 2
+
+
+def test_bf16_channels_last_evaluation_is_close_to_fp32(tmp_path, trained, tiny_demo):
+    test_dir = os.path.join(tiny_demo, "heavy", "test")
+    runs = {"fp32": [], "bf16": ["--amp", "bf16", "--channels_last"]}
+    for label, flags in runs.items():
+        assert test_model.main(["--test_model", trained, "--load_mode", "tran", "--test_dir", test_dir,
+                                "--save_path", str(tmp_path / label)] + flags) == 0
+    fp32, bf16 = _rows(tmp_path / "fp32"), _rows(tmp_path / "bf16")
+    assert [r["name"] for r in fp32] == [r["name"] for r in bf16]
+    for a, b in zip(fp32, bf16):
+        assert abs(float(a["psnr"]) - float(b["psnr"])) < 0.3, (a, b)
+    # bf16 really ran: some output pixel differs from the fp32 one
+    assert any(not torch.equal(read_image(str(tmp_path / "fp32" / r["name"])),
+                               read_image(str(tmp_path / "bf16" / r["name"]))) for r in fp32)
+
+
+def test_read_ahead_keeps_order_and_reads_each_image_once(tmp_path, trained, tiny_demo, monkeypatch):
+    items = test_model.collect_inputs(os.path.join(tiny_demo, "heavy", "test"))
+    model, _ = test_model.load_model("BRN", trained, "normal", torch.device("cpu"))
+    reads = []
+    real = test_model.read_pair
+    monkeypatch.setattr(test_model, "read_pair", lambda a, b: (reads.append(a), real(a, b))[1])
+    out = tmp_path / "out"
+    out.mkdir()
+    first = test_model.evaluate(model, None, items, str(out), torch.device("cpu"), progress=False)
+    os.remove(out / first[0]["name"])  # only the first image is left to derain: the others are not read
+    reads.clear()
+    again = test_model.evaluate(model, None, items, str(out), torch.device("cpu"), progress=False,
+                                skip_existing=True)
+    assert reads == [items[0][0]]
+    assert [r["name"] for r in again] == [r["name"] for r in first]
+    assert [r["psnr"] for r in again] == pytest.approx([r["psnr"] for r in first], abs=0.05)
+    assert [p.name for p in sorted(out.iterdir())] == sorted(r["name"] for r in first)

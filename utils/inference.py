@@ -10,6 +10,8 @@ from torch import Tensor
 
 from utils.tiling import pad_to_multiple, tiled_apply
 
+# --amp choices of training and evaluation: the autocast dtype (None: float32).
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENCODER_SIZE = 128  # z is computed from the whole image resized to 128 x 128, as the reference test
 
 

@@ -31,6 +31,7 @@ from models.coim import context_embedding_parameters, modulation_parameters
 from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, save_atomic
 from utils import distributed as dist_utils
 from utils.contrastive import RainArchive, build_negatives
+from utils.inference import AMP_DTYPES
 from utils.metrics import psnr
 
 logger = logging.getLogger("coic")
@@ -50,9 +51,6 @@ class TrainingInterrupted(Exception):
 
 class TrainingDiverged(RuntimeError):
     """Bad steps kept coming back after rolling back and halving the learning rate."""
-
-
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class CoICStep(nn.Module):
