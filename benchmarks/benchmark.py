@@ -119,6 +119,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def count_cuda_syncs(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """How many times ``fn`` made the host wait for the GPU (CUDA's sync debug mode); None on a CPU."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def time_calls(fn: Callable[[int], object], warmup: int, iters: int, device: torch.device) -> list[float]:
     """Seconds of each of ``iters`` calls ``fn(i)`` after ``warmup`` untimed calls."""
     for i in range(warmup):
@@ -306,6 +323,7 @@ def measure_ours(case: Case) -> dict:
         stage1 = time_calls(step, case.warmup, case.iters, device)
         trainer.iteration = trainer.args.stage1_iters  # CoIC: z, negatives, contrastive loss
         coic = time_calls(step, case.warmup, case.iters, device)
+        syncs = count_cuda_syncs(lambda: step(0), device)
         peak = memory.peak_mib()
         if case.profile_path:
             write_profile(case.profile_path, lambda: step(0), device)
@@ -325,7 +343,7 @@ def measure_ours(case: Case) -> dict:
         modulated = time_calls(infer(True), case.warmup, case.iters, device)
         return {"stage1_img_s": median_rate(stage1, case.batch), "coic_img_s": median_rate(coic, case.batch),
                 "peak_mib": peak, "infer_normal_ms": median_ms(normal), "infer_coic_ms": median_ms(modulated),
-                "skipped_steps": int(skipped)}
+                "skipped_steps": int(skipped), "cuda_syncs_per_step": syncs}
     finally:
         for h in list(root.handlers):  # the Trainer's log file lives in save_path: close it
             if h not in handlers:
@@ -426,6 +444,8 @@ def make_row(case: Case, label: str, ours: dict, published: Optional[dict]) -> d
         notes.append(f"ours failed: {ours['error']}")
     elif ours.get("skipped_steps"):
         notes.append(f"ours skipped {ours['skipped_steps']} steps (non-finite/exploding output)")
+    if ours.get("cuda_syncs_per_step") is not None:
+        notes.append(f"ours: {ours['cuda_syncs_per_step']} host-GPU syncs in a CoIC step")
     if published is not None and "error" in pub:
         notes.append(f"published not measured: {pub['error']}")
     elif pub.get("contrast_inputs_ms") is not None:
