@@ -156,8 +156,10 @@ class _SubspaceMerge(nn.Module):
         basis = basis / (basis.abs().sum(dim=2, keepdim=True) + 1e-6)
         gram = basis @ basis.transpose(1, 2)                                          # (B,K,K)
         flat = previous.flatten(2)                                                    # (B,C,N)
-        # Least-squares coefficients of every channel in the basis: (V V^T)^-1 V f.
-        coeffs = torch.linalg.solve(gram, basis @ flat.transpose(1, 2))             # (B,K,C)
+        # Least-squares coefficients of every channel in the basis: (V V^T)^-1 V f. solve_ex does not
+        # check for singularity (a host-device sync per call on GPUs); a singular Gram matrix gives a
+        # non-finite loss, which the Trainer skips.
+        coeffs = torch.linalg.solve_ex(gram, basis @ flat.transpose(1, 2))[0]      # (B,K,C)
         projected = (coeffs.transpose(1, 2) @ basis).view_as(previous)
         return x + self.conv_block(torch.cat([x, projected], dim=1), z)
 

@@ -50,17 +50,24 @@ def _batch(size=16, seed=0):
     return tuple(torch.rand(2, 3, size, size, generator=g) for _ in range(4))
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_step_reads_nothing_back(tmp_path, tiny_demo, host_reads, stage):
-    trainer = _trainer(tmp_path, os.path.join(tiny_demo, "heavy", "train"), stage1_iters=3)
-    # The step's every branch: explosion threshold, gradient clipping, both optimizers.
+@pytest.mark.parametrize("model,stage", [("BRN", 1), ("BRN", 2), ("RCDNet", 2), ("DGUNet", 2), ("IDT", 2),
+                                         ("DRSformer", 2)])
+def test_step_reads_nothing_back(tmp_path, tiny_demo, host_reads, model, stage):
+    from test_recipes import CROP, TINY
+
+    crop = CROP.get(model, 16)
+    flags = train_flags(str(tmp_path), os.path.join(tiny_demo, "heavy", "train"), stage1_iters=3,
+                        crop_size=crop, n_neg=1)
+    del flags[flags.index("--inter_iter"):flags.index("--inter_iter") + 2]  # a BRN flag: TINY has each model's
+    trainer = Trainer(parse_train_args(model, flags + TINY[model]))
+    # Every branch of the step: explosion threshold, gradient clipping, both optimizers.
     trainer.recipe = dataclasses.replace(trainer.recipe, explode_threshold=10.0, grad_clip=0.01)
     trainer.iteration = 0 if stage == 1 else 3
-    trainer.train_step(_batch())  # warm-up (lazy state: optimizer moments, the rain archive)
+    trainer.train_step(_batch(crop))  # warm-up (lazy state: optimizer moments, the rain archive)
     calls, counting = host_reads
     counting[0] = True
     for seed in (1, 2):
-        stats = trainer.train_step(_batch(seed=seed))
+        stats = trainer.train_step(_batch(crop, seed=seed))
     counting[0] = False
     assert calls == []
     assert isinstance(stats["skipped"], torch.Tensor) and not stats["skipped"]
