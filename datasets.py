@@ -41,7 +41,7 @@ import os
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -369,15 +369,19 @@ def _clean_dir_of(scan: FolderScan) -> str:
 
 
 # --------------------------------------------------------------------------- reading and writing
-def _decode(path: str) -> np.ndarray:
-    """Any image file as float32 (H,W,3) in [0,1] (grey, RGBA and 16-bit converted)."""
+def _decode_native(path: str) -> tuple[np.ndarray, str]:
+    """Decode an image file as PIL holds it: ((H,W) or (H,W,C) array in the file's own dtype, uint8
+    for 8-bit images; PIL mode). What ``MixedRainDataset.cache_images`` keeps."""
     try:
         with Image.open(path) as img:
             img.load()
-            arr = np.asarray(img)
-            mode = img.mode
+            return np.asarray(img), img.mode
     except Exception as exc:  # missing, truncated, corrupt, not an image
         raise UnreadableImageError(f"cannot read image {path} ({type(exc).__name__}: {exc})", str(path)) from None
+
+
+def _to_float_rgb(arr: np.ndarray, mode: str) -> np.ndarray:
+    """A ``_decode_native`` result as float32 (H,W,3) in [0,1] (grey, RGBA and 16-bit converted)."""
     if mode.startswith("I;16") or arr.dtype == np.uint16:
         arr = arr.astype(np.float32) / 65535.0
     elif arr.dtype == bool:
@@ -395,31 +399,42 @@ def _decode(path: str) -> np.ndarray:
     return arr
 
 
-def read_image(path: Union[str, StackedHalf]) -> Tensor:
+def _decode(path: str) -> np.ndarray:
+    """Any image file as float32 (H,W,3) in [0,1] (grey, RGBA and 16-bit converted)."""
+    return _to_float_rgb(*_decode_native(path))
+
+
+def _chw(arr: np.ndarray) -> Tensor:
+    """float32 (H,W,3) -> (3,H,W) tensor."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+
+
+def read_image(path: Union[str, StackedHalf], decode: Optional[Callable[[str], np.ndarray]] = None) -> Tensor:
     """Read an image file as RGB float (3,H,W) in [0,1] (grey, RGBA and 16-bit converted).
 
-    A ``StackedHalf`` path returns only its half of the side-by-side image.
+    A ``StackedHalf`` path returns only its half of the side-by-side image. ``decode`` maps a
+    file path to float32 (H,W,3) in [0,1] (the training set passes its image cache).
     """
-    img = torch.from_numpy(np.ascontiguousarray(_decode(str(path)))).permute(2, 0, 1)
+    img = _chw((decode or _decode)(str(path)))
     if isinstance(path, StackedHalf):
         left, right = split_stacked(img, str(path))
         img = (left if path.half == "left" else right).contiguous()
     return img
 
 
-def read_pair(rain_path: str, clean_path: str) -> tuple[Tensor, Tensor]:
+def read_pair(rain_path: str, clean_path: str,
+              decode: Optional[Callable[[str], np.ndarray]] = None) -> tuple[Tensor, Tensor]:
     """(rain (3,H,W), clean (3,H,W)) in [0,1]; a stacked image is decoded once for both halves.
 
     Raises ``UnreadableImageError`` for a file that cannot be decoded and ``DataError`` when
-    the two sizes differ.
+    the two sizes differ. ``decode`` as in ``read_image``.
     """
     if isinstance(rain_path, StackedHalf) and isinstance(clean_path, StackedHalf) and str(rain_path) == str(clean_path):
-        full = torch.from_numpy(np.ascontiguousarray(_decode(str(rain_path)))).permute(2, 0, 1)
-        left, right = split_stacked(full, str(rain_path))
+        left, right = split_stacked(_chw((decode or _decode)(str(rain_path))), str(rain_path))
         halves = {"left": left.contiguous(), "right": right.contiguous()}
         rain, clean = halves[rain_path.half], halves[clean_path.half]
     else:
-        rain, clean = read_image(rain_path), read_image(clean_path)
+        rain, clean = read_image(rain_path, decode), read_image(clean_path, decode)
     if rain.shape != clean.shape:
         raise DataError(f"pair sizes differ: {rain_path} is {tuple(rain.shape[1:])}, "
                         f"{clean_path} is {tuple(clean.shape[1:])}")
@@ -454,9 +469,16 @@ def resize(img: Tensor, size: int) -> Tensor:
 # --------------------------------------------------------------------------- training set
 @dataclass(frozen=True)
 class SampleKey:
-    """What the sampler hands the dataset: which pair and the seed of its augmentation."""
+    """What the sampler hands the dataset: everything an item depends on.
+
+    ``index``: position in the epoch's mix; ``seed``: seed of its crop and flip; ``epoch`` and
+    ``mix_seed``: which real pairs the epoch's mix holds (``MixedRainDataset.epoch_pairs``).
+    Carrying the epoch in the key lets one set of DataLoader workers serve every epoch.
+    """
     index: int
     seed: int
+    epoch: int = 0
+    mix_seed: int = 0
 
 
 class _SharedCounter:
@@ -490,6 +512,57 @@ class _SharedCounter:
 
 
 MAX_CONSECUTIVE_SKIPS = 100  # then the data is broken, not a stray file: stop instead of scanning it all
+CACHE_MEMORY_FRACTION = 0.8  # --cache_images refuses above this share of the available memory
+_CACHE_SIZE_SAMPLE = 1000  # headers read to estimate the cache's size (all of them when fewer)
+_KEPT_DRAWS = 4  # per-epoch real-pair draws kept per process (a rollback may revisit an epoch)
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory this machine can still give (``MemAvailable``, or less under a cgroup limit); None if unknown."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        try:  # free pages only: stricter than MemAvailable, which counts reclaimable caches too
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            pass
+    try:  # a container's limit (cgroup v2) can be far below what the host reports
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                room = int(limit) - int(f.read())
+            available = room if available is None else min(available, room)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _decoded_size(path: str) -> int:
+    """Bytes ``_decode_native`` will hold for ``path``, from the file's header only."""
+    with Image.open(path) as img:
+        (w, h), bands, mode = img.size, len(img.getbands()), img.mode
+    per_value = 2 if "16" in mode else 4 if mode in ("I", "F", "I;32") else 1
+    return w * h * bands * per_value
+
+
+def estimate_decoded_bytes(paths: Sequence[str], sample: int = _CACHE_SIZE_SAMPLE) -> int:
+    """Estimated bytes of all ``paths`` decoded (headers of at most ``sample`` evenly spaced files)."""
+    picked = list(paths)[::max(1, math.ceil(len(paths) / sample))]
+    sizes = []
+    for path in picked:
+        try:
+            sizes.append(_decoded_size(path))
+        except Exception:  # unreadable: the decoding pass names it
+            pass
+    return int(sum(sizes) / len(sizes) * len(paths)) if sizes else 0
 
 
 class MixedRainDataset(Dataset):
@@ -500,19 +573,23 @@ class MixedRainDataset(Dataset):
     real rain (SPA) are recognised from their contents.
 
     Mixing real and synthetic rain (the paper's recipe): every epoch uses all synthetic pairs
-    plus as many real pairs as there are synthetic ones, drawn without replacement by
-    ``resample(epoch, seed)`` (all real pairs when there are fewer), so real rain neither
-    floods nor vanishes from the mix and ``len(self)`` is the same every epoch. With only
-    real folders every real pair is used. The draw at construction is ``resample(0, 0)``.
+    plus as many real pairs as there are synthetic ones, drawn without replacement per epoch
+    (all real pairs when there are fewer), so real rain neither floods nor vanishes from the
+    mix and ``len(self)`` is the same every epoch. With only real folders every real pair is
+    used. The draw is a function of (epoch, mix seed) only, made lazily (and cached) in
+    whichever process reads the item, so DataLoader workers that live across epochs need no
+    new copy of the dataset: ``epoch_pairs(epoch, seed)`` lists an epoch's mix.
 
     Item = (rain crop, clean crop, rain resized, clean resized), each (3,crop,crop) in [0,1].
-    Indexing with a ``SampleKey`` makes the crop and flip a function of its seed
-    (reproducible under any worker count).
+    Indexing with a ``SampleKey`` makes the item a function of the key alone (same under any
+    worker count); an integer index reads the mix of epoch 0, seed 0, with a random crop.
 
     ``strict=False``: an image that cannot be decoded (corrupt, truncated) is skipped with a
     warning naming the file, counted in ``self.skipped`` (also across DataLoader workers), and
     the next pair (index + 1, same augmentation seed) is returned instead. ``strict=True``
     raises ``DataError`` naming the file. Pairs of different sizes always raise.
+
+    ``cache_images()`` decodes every image once and keeps it in memory (see there).
     """
 
     def __init__(self, data_paths: Sequence[str], crop_size: int, strict: bool = False):
@@ -532,47 +609,116 @@ class MixedRainDataset(Dataset):
                 self.synthetic_pairs.extend(found)
                 self.synthetic_sources.extend([path] * len(found))
             logger.info("%s: %d pairs (%s%s)", path, len(found), scan.layout, ", real rain" if scan.real else "")
+        n_syn, n_real = len(self.synthetic_pairs), len(self.real_pairs)
+        self._draws_real = n_syn > 0 and n_real > n_syn
+        self._len = n_syn + (n_syn if self._draws_real else n_real)
+        self._draws: dict[tuple[int, int], np.ndarray] = {}
         self._skipped = _SharedCounter()
-        self.pairs: list[tuple[str, str]] = []
-        self.sources: list[str] = []
-        self.resample(0, 0)
+        self._images: Optional[dict[str, tuple[np.ndarray, str]]] = None  # path -> (_decode_native result)
+        self._unreadable: dict[str, str] = {}  # path -> why, found while caching
 
     @property
     def skipped(self) -> int:
         """Unreadable images skipped so far (in this process and its DataLoader workers)."""
         return self._skipped.value
 
-    def resample(self, epoch: int, seed: int) -> None:
-        """Re-draw the real pairs of the mix for ``epoch``; a function of (epoch, seed) only.
-
-        Call it before building the epoch's DataLoader (workers hold a copy of the pairs).
-        No-op without real folders.
-        """
-        n_syn, n_real = len(self.synthetic_pairs), len(self.real_pairs)
-        draw = n_syn > 0 and n_real > n_syn
-        if self.pairs and not draw:
-            return  # nothing to draw: no real folders, or every real pair is used every epoch
-        if draw:
+    # -------------------------------------------------------------- the per-epoch mix
+    def real_draw(self, epoch: int, seed: int) -> np.ndarray:
+        """Indices into ``real_pairs`` used in ``epoch``, sorted; a function of (epoch, seed) only."""
+        if not self._draws_real:
+            return np.arange(len(self.real_pairs))
+        key = (epoch, seed)
+        draw = self._draws.get(key)
+        if draw is None:
             rng = np.random.default_rng(np.random.SeedSequence([seed % 2 ** 63, epoch % 2 ** 63, 0x5BA]))
-            chosen = np.sort(rng.choice(n_real, size=n_syn, replace=False)).tolist()
-        else:
-            chosen = range(n_real)
-        self.pairs = self.synthetic_pairs + [self.real_pairs[i] for i in chosen]
-        self.sources = self.synthetic_sources + [self.real_sources[i] for i in chosen]
+            draw = np.sort(rng.choice(len(self.real_pairs), size=len(self.synthetic_pairs), replace=False))
+            if len(self._draws) >= _KEPT_DRAWS:
+                self._draws.pop(next(iter(self._draws)))
+            self._draws[key] = draw
+        return draw
+
+    def epoch_pairs(self, epoch: int = 0, seed: int = 0) -> list[tuple[str, str]]:
+        """The (rain, clean) paths of ``epoch``'s mix: all synthetic pairs, then that epoch's real ones."""
+        return self.synthetic_pairs + [self.real_pairs[i] for i in self.real_draw(epoch, seed)]
+
+    def epoch_sources(self, epoch: int = 0, seed: int = 0) -> list[str]:
+        """The data folder of each pair of ``epoch_pairs(epoch, seed)``."""
+        return self.synthetic_sources + [self.real_sources[i] for i in self.real_draw(epoch, seed)]
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """The mix of epoch 0, seed 0: what an integer index reads."""
+        return self.epoch_pairs(0, 0)
+
+    def _pair_at(self, index: int, epoch: int, seed: int) -> tuple[str, str]:
+        n_syn = len(self.synthetic_pairs)
+        if index < n_syn:
+            return self.synthetic_pairs[index]
+        return self.real_pairs[int(self.real_draw(epoch, seed)[index - n_syn])]
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return self._len
 
+    # -------------------------------------------------------------- the image cache
+    def cache_images(self, progress: bool = True, memory_fraction: float = CACHE_MEMORY_FRACTION) -> None:
+        """Decode every training image once and keep it in memory as the file holds it (8-bit: uint8).
+
+        All pairs are cached, real ones included: over a run every real pair may be drawn.
+        Call it in the main process before DataLoader workers start: forked workers (the Linux
+        default) share the cache copy-on-write; spawned ones (macOS, Windows) get a copy each,
+        as does every process under torchrun. Refuses (``DataError``, one line) when the
+        estimated size exceeds ``memory_fraction`` of ``available_memory()``. An unreadable
+        image raises ``DataError`` under ``strict``; otherwise it is logged here and skipped
+        like an uncached one whenever an item needs it.
+        """
+        from tqdm import tqdm
+
+        paths = list(dict.fromkeys(str(p) for pair in self.synthetic_pairs + self.real_pairs for p in pair))
+        need, available = estimate_decoded_bytes(paths), available_memory()
+        if available is None:
+            logger.warning("--cache_images: cannot tell the available memory (no /proc/meminfo); caching about "
+                           "%.2f GiB unchecked", need / 2 ** 30)
+        elif need > memory_fraction * available:
+            raise DataError(f"--cache_images needs about {need / 2 ** 30:.2f} GiB for {len(paths)} decoded images, "
+                            f"more than {memory_fraction:.0%} of the {available / 2 ** 30:.2f} GiB of memory "
+                            "available; train without --cache_images")
+        images: dict[str, tuple[np.ndarray, str]] = {}
+        unreadable: dict[str, str] = {}
+        for path in tqdm(paths, desc="caching images", unit="img", disable=not progress, dynamic_ncols=True):
+            try:
+                arr, mode = _decode_native(path)
+            except UnreadableImageError as exc:
+                if self.strict:
+                    raise DataError(f"{exc} (training with strict data checking)") from None
+                logger.warning("cannot cache unreadable training image %s; its pairs will be skipped", exc.path)
+                unreadable[path] = str(exc)
+                continue
+            # An array owning its own buffer: forked workers then share the pixel pages untouched.
+            images[path] = (np.array(arr, copy=True), mode)
+        self._images, self._unreadable = images, unreadable
+        logger.info("cached %d training images (%.2f GiB)", len(images),
+                    sum(a.nbytes for a, _ in images.values()) / 2 ** 30)
+
+    def _decode_cached(self, path: str) -> np.ndarray:
+        """float32 (H,W,3) in [0,1] of ``path``, from the image cache when there is one."""
+        if self._images is not None:
+            if path in self._images:
+                return _to_float_rgb(*self._images[path])
+            if path in self._unreadable:
+                raise UnreadableImageError(self._unreadable[path], path)
+        return _decode(path)
+
+    # -------------------------------------------------------------- items
     def __getitem__(self, key) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if isinstance(key, SampleKey):
-            index, rng = key.index, random.Random(key.seed)
+            index, rng, epoch, mix_seed = key.index, random.Random(key.seed), key.epoch, key.mix_seed
         else:
-            index, rng = int(key), random
-        n = len(self.pairs)
+            index, rng, epoch, mix_seed = int(key), random, 0, 0
+        n = len(self)
         for attempt in range(min(n, MAX_CONSECUTIVE_SKIPS)):
-            rain_path, clean_path = self.pairs[(index + attempt) % n]
+            rain_path, clean_path = self._pair_at((index + attempt) % n, epoch, mix_seed)
             try:
-                rain, clean = read_pair(rain_path, clean_path)
+                rain, clean = read_pair(rain_path, clean_path, self._decode_cached)
             except UnreadableImageError as exc:
                 if self.strict:
                     raise DataError(f"{exc} (training with strict data checking)") from None
@@ -581,7 +727,8 @@ class MixedRainDataset(Dataset):
                 continue
             return self._augment(rain, clean, rng)
         raise DataError(f"{min(n, MAX_CONSECUTIVE_SKIPS)} unreadable training pairs in a row from "
-                        f"{self.pairs[index % n][0]}; check the data with: python datasets.py check ROOT")
+                        f"{self._pair_at(index % n, epoch, mix_seed)[0]}; check the data with: "
+                        "python datasets.py check ROOT")
 
     def _augment(self, rain: Tensor, clean: Tensor, rng) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         p = self.crop_size
@@ -605,8 +752,10 @@ class MixedRainDataset(Dataset):
 class EpochSampler(Sampler):
     """Shuffles once per epoch from (seed, epoch), pads to whole batches, can start mid-epoch.
 
-    Yields ``SampleKey``s; the position in the epoch fixes the augmentation seed, so a run
-    resumed at batch k sees exactly the data an uninterrupted run would.
+    Yields ``SampleKey``s carrying the epoch and ``seed`` (which fix the epoch's mix of real
+    pairs) and an augmentation seed fixed by the position in the epoch, so a run resumed at
+    batch k sees exactly the data an uninterrupted run would. One sampler serves a whole run:
+    ``set_epoch(epoch, start_batch)`` before iterating each epoch (as ``DistributedSampler``).
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int, epoch: int = 0, start_batch: int = 0,
@@ -614,6 +763,10 @@ class EpochSampler(Sampler):
         self.n, self.batch_size, self.seed = num_items, batch_size, seed
         self.epoch, self.start_batch = epoch, start_batch
         self.rank, self.world_size = rank, world_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next iteration serve ``epoch`` from its batch ``start_batch`` on."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     @staticmethod
     def batches_per_epoch(num_items: int, batch_size: int, world_size: int = 1) -> int:
@@ -631,7 +784,7 @@ class EpochSampler(Sampler):
         for pos in range(self.start_batch * per_step, len(order)):
             if (pos % per_step) // self.batch_size != self.rank:
                 continue
-            yield SampleKey(order[pos], (self.seed * 7_919 + self.epoch) * 10_000_019 + pos)
+            yield SampleKey(order[pos], (self.seed * 7_919 + self.epoch) * 10_000_019 + pos, self.epoch, self.seed)
 
     def __len__(self) -> int:
         steps = self.batches_per_epoch(self.n, self.batch_size, self.world_size) - self.start_batch

@@ -259,34 +259,25 @@ def test_spa_is_resampled_to_the_synthetic_count(real_tree):
     assert len(ds) == 10 and len(ds.real_pairs) == 8
     draws = []
     for epoch in range(6):
-        ds.resample(epoch, seed=3)
-        assert len(ds) == 10 and ds.pairs[:5] == ds.synthetic_pairs
-        real = ds.pairs[5:]
+        pairs = ds.epoch_pairs(epoch, seed=3)
+        assert len(ds) == len(pairs) == 10 and pairs[:5] == ds.synthetic_pairs
+        real = pairs[5:]
         assert len(set(real)) == 5 and set(real) <= set(ds.real_pairs)  # without replacement
-        assert all(s == spa for s in ds.sources[5:])
+        assert all(s == spa for s in ds.epoch_sources(epoch, seed=3)[5:])
         draws.append(real)
     assert len({tuple(d) for d in draws}) > 1  # a new draw each epoch
-    ds.resample(2, seed=3)
-    assert ds.pairs[5:] == draws[2]  # a function of (epoch, seed) only
+    assert ds.epoch_pairs(2, seed=3)[5:] == draws[2]  # a function of (epoch, seed) only
     other = MixedRainDataset(syn + [spa], crop_size=16)
-    other.resample(2, seed=3)
-    assert other.pairs == ds.pairs
-    seeds = set()
-    for seed in range(5):
-        other.resample(0, seed)
-        seeds.add(tuple(other.pairs[5:]))
-    assert len(seeds) > 1
-    # fewer real than synthetic pairs: all of them, every epoch; no real folder: resample is a no-op
+    assert other.epoch_pairs(2, seed=3) == ds.epoch_pairs(2, seed=3)
+    assert len({tuple(other.epoch_pairs(0, seed)[5:]) for seed in range(5)}) > 1
+    assert ds.pairs == ds.epoch_pairs(0, 0)  # what integer indices read
+    # fewer real than synthetic pairs: all of them, every epoch; no real folder: the synthetic pairs
     many = MixedRainDataset([os.path.join(root, "DDN", "train"), os.path.join(root, "spa", "real_test_1000")], 16)
-    many.resample(4, 1)
-    assert len(many) == 30 and sorted(many.pairs[28:]) == sorted(many.real_pairs)
+    assert len(many) == 30 and sorted(many.epoch_pairs(4, 1)[28:]) == sorted(many.real_pairs)
     plain = MixedRainDataset(syn, 16)
-    before = plain.pairs
-    plain.resample(7, 1)
-    assert plain.pairs is before
+    assert plain.epoch_pairs(7, 1) == plain.synthetic_pairs and len(plain) == 5
     only_real = MixedRainDataset([spa], 16)
-    only_real.resample(3, 0)
-    assert sorted(only_real.pairs) == sorted(only_real.real_pairs)
+    assert sorted(only_real.epoch_pairs(3, 0)) == sorted(only_real.real_pairs)
 
 
 def _corrupt_set(tmp_path) -> str:

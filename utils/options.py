@@ -47,7 +47,11 @@ def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
     g.add_argument("--strict_data", action="store_true",
                    help="stop at an unreadable image instead of skipping it with a warning")
     g.add_argument("--seed", type=int, default=recipe.seed, help="random seed")
-    g.add_argument("--num_workers", type=int, default=8, help="data loader workers (capped at the CPU count)")
+    g.add_argument("--num_workers", type=int, default=8,
+                   help="data loader workers, kept for the whole run (capped at the CPU count - 1)")
+    g.add_argument("--cache_images", action="store_true",
+                   help="decode every training image once at start and keep it in memory (8-bit images as "
+                        "uint8; workers share it); refuses when it would take over 80%% of the available memory")
     g = p.add_argument_group("device")
     g.add_argument("--use_GPU", action="store_true", help="train on CUDA (device cuda:<gpu_id>)")
     g.add_argument("--gpu_id", default="0", help="CUDA device index used with --use_GPU")

@@ -314,15 +314,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _loader(self) -> DataLoader:
-        # Real-world pairs (SPA) are re-drawn every epoch, a function of (epoch, seed) only.
-        self.dataset.resample(self.epoch, self.args.seed)
-        sampler = EpochSampler(len(self.dataset), self.args.batch_size, self.args.seed, self.epoch,
-                               self.batch_in_epoch, self.dist.rank, self.dist.world_size)
-        # Leave one core to the training process itself.
-        workers = min(self.args.num_workers, max(0, (os.cpu_count() or 1) - 1))
-        return DataLoader(self.dataset, batch_size=self.args.batch_size, sampler=sampler, num_workers=workers,
-                          pin_memory=self.device.type == "cuda", drop_last=False,
-                          persistent_workers=False)
+        """The run's one DataLoader, set to the current epoch and batch (workers live across epochs).
+
+        The sampler's keys carry the epoch, and the dataset draws that epoch's real pairs (SPA)
+        itself, so workers never need a fresh copy of the dataset.
+        """
+        loader = getattr(self, "_train_loader", None)
+        if loader is None:
+            if self.args.cache_images:  # before the workers fork, so that they share it
+                self.dataset.cache_images(progress=self.dist.is_main)
+            sampler = EpochSampler(len(self.dataset), self.args.batch_size, self.args.seed,
+                                   rank=self.dist.rank, world_size=self.dist.world_size)
+            # Leave one core to the training process itself.
+            workers = min(self.args.num_workers, max(0, (os.cpu_count() or 1) - 1))
+            # Its own generator: starting an epoch then never draws from the global RNG, which
+            # the model may use (drop path), whatever the worker count and across resumes.
+            loader = DataLoader(self.dataset, batch_size=self.args.batch_size, sampler=sampler, num_workers=workers,
+                                pin_memory=self.device.type == "cuda", drop_last=False,
+                                persistent_workers=workers > 0,
+                                generator=torch.Generator().manual_seed(self.args.seed))
+            self._train_loader = loader
+        loader.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+        return loader
 
     # ------------------------------------------------------------------ step
     @property
