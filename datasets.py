@@ -375,6 +375,8 @@ def _decode_native(path: str) -> tuple[np.ndarray, str]:
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):  # palette / other colour spaces
+                img = img.convert("RGB")
             return np.asarray(img), img.mode
     except Exception as exc:  # missing, truncated, corrupt, not an image
         raise UnreadableImageError(f"cannot read image {path} ({type(exc).__name__}: {exc})", str(path)) from None

@@ -60,6 +60,16 @@ def test_read_image_converts_grey_rgba_16bit(tmp_path):
         read_image(str(tmp_path / "bad.png"))
 
 
+def test_read_image_converts_palette_and_cmyk(tmp_path):
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    rgb[..., 0], rgb[1:, :, 2] = 200, 30
+    Image.fromarray(rgb).quantize(colors=4).save(str(tmp_path / "p.png"))  # palette PNG: values are indices
+    Image.fromarray(rgb).convert("CMYK").save(str(tmp_path / "c.jpg"), quality=100)
+    expected = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(read_image(str(tmp_path / "p.png")), expected, atol=1 / 255, rtol=0)
+    torch.testing.assert_close(read_image(str(tmp_path / "c.jpg")), expected, atol=12 / 255, rtol=0)
+
+
 def test_items_crops_and_determinism(tmp_path):
     root = str(tmp_path)
     for i in range(3):

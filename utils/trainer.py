@@ -126,6 +126,9 @@ class Trainer:
 
         self.dataset = MixedRainDataset(parse_data_paths(args.data_paths), args.crop_size,
                                         strict=args.strict_data)
+        if args.cache_images:  # before any worker forks, so that they share it
+            self.dataset.cache_images(progress=self.dist.is_main)
+        self._train_loader: Optional[DataLoader] = None  # built once by _loader, workers kept for the run
         self.iters_per_epoch = EpochSampler.batches_per_epoch(len(self.dataset), args.batch_size,
                                                               self.dist.world_size)
         if args.epochs is not None:
@@ -319,10 +322,8 @@ class Trainer:
         The sampler's keys carry the epoch, and the dataset draws that epoch's real pairs (SPA)
         itself, so workers never need a fresh copy of the dataset.
         """
-        loader = getattr(self, "_train_loader", None)
+        loader = self._train_loader
         if loader is None:
-            if self.args.cache_images:  # before the workers fork, so that they share it
-                self.dataset.cache_images(progress=self.dist.is_main)
             sampler = EpochSampler(len(self.dataset), self.args.batch_size, self.args.seed,
                                    rank=self.dist.rank, world_size=self.dist.world_size)
             # Leave one core to the training process itself.
