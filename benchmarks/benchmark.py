@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -408,7 +410,7 @@ def device_name(device: torch.device) -> str:
 
 
 def header_line(device: torch.device, threads: int, warmup: int, iters: int, rounds: int = 1) -> str:
-    rounds_text = f"; median of {rounds} alternating rounds" if rounds > 1 else ""
+    rounds_text = f"; median of {rounds} rounds" if rounds > 1 else ""
     return (f"device: {device_name(device)} ({device.type}), {threads} thread{'s' if threads != 1 else ''} | "
             f"torch {torch.__version__} | "
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} | median of {iters} timed iterations "
@@ -522,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overlap of inference tiles for backbones that tile (IDT), ours and published alike")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations before each timing")
     p.add_argument("--iters", type=int, default=5, help="timed iterations (the median is reported)")
+    p.add_argument("--concurrent", action="store_true",
+                   help="with --published: run ours and the published code at the same time, each in its own "
+                        "process (use with --threads 1 on a machine with 2+ cores: both see the same machine state)")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every case this many times, ours and the published code alternating, and report "
                         "the median of the rounds (steadier on a shared or throttled machine)")
@@ -625,11 +630,22 @@ def run(args: argparse.Namespace) -> int:
                         args.save_path, f"profile_ours_{case.model}_{label}.txt"))
                 ours_rounds, published_rounds = [], []
                 for r in range(args.rounds):  # alternate, so that drift of the machine hits both alike
+                    ours_job = functools.partial(run_worker, os.path.abspath(__file__), vars(case), REPO_ROOT,
+                                                 args.case_timeout)
+                    with_published = bool(args.published) and case.model not in published
+                    if with_published and args.concurrent:  # same moment, one core each
+                        bar.set_postfix_str(f"{case.model} {label} ours + published, round {r + 1}")
+                        with ThreadPoolExecutor(max_workers=2) as pool:
+                            ours_future, published_future = pool.submit(ours_job), pool.submit(run_published, case,
+                                                                                               args)
+                            ours_rounds.append(ours_future.result())
+                            published_rounds.append(published_future.result())
+                        bar.update(2)
+                        continue
                     bar.set_postfix_str(f"{case.model} {label} ours, round {r + 1}")
-                    ours_rounds.append(run_worker(os.path.abspath(__file__), vars(case), REPO_ROOT,
-                                                  args.case_timeout))
+                    ours_rounds.append(ours_job())
                     bar.update(1)
-                    if args.published and case.model not in published:
+                    if with_published:
                         bar.set_postfix_str(f"{case.model} published, round {r + 1}")
                         published_rounds.append(run_published(case, args))
                         bar.update(1)
@@ -669,6 +685,9 @@ def report_notes(args: argparse.Namespace, device: torch.device) -> list[str]:
         f"resize + modulated backbone; tiling backbones (IDT) tile at their training crop with overlap "
         f"{args.tile_overlap}.",
     ]
+    if args.published and args.concurrent:
+        notes.append("--concurrent: ours and the published code ran at the same time, each in its own process "
+                     f"with {args.threads or torch.get_num_threads()} thread(s).")
     if args.published:
         notes.append("published: the code of github Schizophreni/CoIC in fp32 as its train_<X>.py scripts run an "
                      "iteration (their batch transforms and rain negatives run in stage 1 too); the same numbers "

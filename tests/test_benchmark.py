@@ -71,3 +71,34 @@ def test_rounds_take_the_median_and_keep_errors():
     assert benchmark.median_result(rounds) == {"stage1_img_s": 2.0, "peak_mib": 20, "skipped_steps": 2,
                                                "note": "a"}
     assert benchmark.median_result(rounds + [{"error": "boom"}]) == {"error": "boom"}
+
+
+def test_concurrent_runs_ours_and_published_at_the_same_time(tmp_path, tiny_demo, monkeypatch):
+    import threading
+    import time
+
+    (tmp_path / "published" / "models").mkdir(parents=True)
+    spans, lock = {}, threading.Lock()
+    result = {"stage1_img_s": 1.0, "coic_img_s": 0.5, "peak_mib": 1.0, "infer_normal_ms": 1.0,
+              "infer_coic_ms": 1.0}
+
+    def fake(name):
+        def run(*args, **kwargs):
+            start = time.monotonic()
+            time.sleep(0.3)
+            with lock:
+                spans.setdefault(name, []).append((start, time.monotonic()))
+            return dict(result)
+        return run
+
+    monkeypatch.setattr(benchmark, "run_worker", fake("ours"))
+    monkeypatch.setattr(benchmark, "run_published", fake("published"))
+    out = tmp_path / "results"
+    assert benchmark.main(["--models", "BRN", "--small", "--device", "cpu", "--rounds", "2", "--concurrent",
+                           "--published", str(tmp_path / "published"), "--save_path", str(out),
+                           "--data_dir", os.path.join(tiny_demo, "light", "train")]) == 0
+    assert len(spans["ours"]) == len(spans["published"]) == 2
+    for (a0, a1), (b0, b1) in zip(spans["ours"], spans["published"]):
+        assert a0 < b1 and b0 < a1  # the two overlapped in time
+    text = (out / "benchmark.md").read_text()
+    assert "--concurrent" in text and "median of 2 rounds" in text
