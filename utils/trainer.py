@@ -399,6 +399,7 @@ class Trainer:
         return code, peak
 
     def _optimizer_step(self, opt: torch.optim.Optimizer, skipped: Tensor, has_grads: bool = True) -> None:
+        """Step ``opt`` unless ``skipped`` (a device bool), without reading it on the host when possible."""
         if not has_grads:  # stage 1: the CoIC optimizer has nothing to do
             opt.step()  # (a no-op without gradients; keeps its scheduler in order)
         elif self.scaler.is_enabled():
@@ -432,7 +433,7 @@ class Trainer:
             pending = torch.tensor([float(self._signal or 0)], device=values.device)
             values = dist_utils.all_reduce_max(torch.cat([values, pending]), self.dist)
         values = values.tolist()
-        non_finite, exploded, run, longest, worst = (values[0], values[1], values[2], values[3], values[4])
+        non_finite, exploded, run, longest, worst = values[:5]
         agreed = (int(values[5]) or None) if self.dist.enabled else self._signal
         if agreed and self._stop_signal is None:
             self._stop_signal = agreed
