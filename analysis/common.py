@@ -54,6 +54,13 @@ def add_output_args(p: argparse.ArgumentParser, default_save: str) -> None:
                    help="CPU threads for torch (default: torch's choice; on a small, shared CPU 1 can be much faster)")
 
 
+def add_restore_args(p, model_help: str = "backbone of checkpoints that do not name it (published files)") -> None:
+    """Flags of the tools that derain images with a checkpoint (``p``: a parser or an argument group)."""
+    p.add_argument("--model_name", default="BRN", help=model_help)
+    p.add_argument("--tile", type=int, default=None, help="tile images larger than this")
+    p.add_argument("--tile_overlap", type=int, default=32, help="overlap of neighbouring tiles")
+
+
 def setup(args: argparse.Namespace) -> torch.device:
     """What every tool does first: pick the device, set the CPU threads, check the figures can be drawn."""
     device = resolve_device(args.device)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from analysis.common import (AnalysisError, add_output_args, check_labels, dataset_colours, dataset_pairs, encode_batch,
+from analysis.common import (AnalysisError, add_output_args, add_restore_args, check_labels, dataset_colours, dataset_pairs, encode_batch,
                              load_encoder_file, logger, markdown_table, new_figure, pearson, resize_square, run_main,
                              sample, save_figure, setup, split_paths, write_csv, write_text)
 from datasets import DataError, read_image
@@ -154,9 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coic_model", default=None, help="CoIC checkpoint, evaluated modulated by its encoder")
     g.add_argument("--base_model", default=None,
                    help="the backbone without CoIC (or the CoIC checkpoint again: evaluated without modulation)")
-    g.add_argument("--model_name", default="BRN", help="backbone of checkpoints that do not name it (published files)")
-    g.add_argument("--tile", type=int, default=None, help="tile images larger than this")
-    g.add_argument("--tile_overlap", type=int, default=32, help="overlap of neighbouring tiles")
+    add_restore_args(g)
     add_output_args(p, "analysis_results/rain_detail")
     return p
 

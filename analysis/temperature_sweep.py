@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from analysis.common import (AnalysisError, add_output_args, checkpoint_meta, dataset_pairs, load_encoder_file, logger,
+from analysis.common import (AnalysisError, add_output_args, add_restore_args, checkpoint_meta, dataset_pairs, load_encoder_file, logger,
                              markdown_table, new_figure, resize_square, run_main, sample, save_figure, setup,
                              split_paths, write_csv, write_text)
 from datasets import read_image
@@ -153,10 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detail-aware negatives per query (default: the first checkpoint's, else 4)")
     p.add_argument("--batch_size", type=int, default=8, help="queries per batch (the rain archive holds 64/batch)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pair draw, order and exemplar randomness")
-    p.add_argument("--model_name", default="BRN", help="backbone of checkpoints that do not name it")
     p.add_argument("--no_psnr", action="store_true", help="skip the restoration (contrastive accuracy only)")
-    p.add_argument("--tile", type=int, default=None, help="tile images larger than this")
-    p.add_argument("--tile_overlap", type=int, default=32, help="overlap of neighbouring tiles")
+    add_restore_args(p)
     add_output_args(p, "analysis_results/temperature")
     return p
 
