@@ -390,9 +390,11 @@ class Trainer:
         Under DDP the ranks agree (max over ranks) so they skip, roll back and stop together.
         """
         code = (~torch.isfinite(total.detach())).float() * 2
-        peak = out.detach().abs().amax().float()
         threshold = self.recipe.explode_threshold
-        if threshold is not None:
+        if threshold is None:  # no explosion check: no pass over the output
+            peak = torch.zeros_like(code)
+        else:
+            peak = out.detach().abs().amax().float()
             code = torch.maximum(code, (~(peak <= threshold)).float())
         if self.dist.enabled:
             code, peak = dist_utils.all_reduce_max(torch.stack([code, peak]), self.dist).unbind()
