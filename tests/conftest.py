@@ -12,12 +12,30 @@ REFERENCE = os.path.join(ROOT, "..", "shared", "reference")
 torch.set_num_threads(1)
 
 
+REFERENCE_SKIP = "published reference folder absent"
+
+
 def reference_file(name: str) -> str:
-    """Path of a published reference file; skips the test when the folder is absent."""
+    """Path of a published reference file.
+
+    Skips the test only when the whole folder is absent (a clean checkout without
+    ``../shared``); a folder that is there but lacks the file is a failure, not a skip.
+    """
+    if not os.path.isdir(REFERENCE):
+        pytest.skip(f"{REFERENCE_SKIP}: {os.path.normpath(REFERENCE)}")
     path = os.path.join(REFERENCE, name)
     if not os.path.isfile(path):
-        pytest.skip(f"reference file {path} not present")
+        pytest.fail(f"{name} is missing from {os.path.normpath(REFERENCE)} (its README lists the files)")
     return path
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say in the summary when the comparisons with the published code did not run."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if REFERENCE_SKIP in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(
+            f"{len(skipped)} published-reference tests SKIPPED: {os.path.normpath(REFERENCE)} is absent "
+            "(published checkpoints and outputs); nothing was compared with the published code", yellow=True)
 
 
 @pytest.fixture(scope="session")

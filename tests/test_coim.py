@@ -93,3 +93,19 @@ def test_gradients_reach_generator_only_with_z():
     assert all(p.grad is None for p in layer.generator.parameters())
     layer(x, torch.randn(2, 3)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.generator.parameters())
+
+
+def test_transposed_attention_formula():
+    # C_in != C_out, so reading the gate map the other way gives another tensor
+    torch.manual_seed(0)
+    layer = ModulatedConvTranspose2d(3, 5, 2, stride=2, padding=0, dim_in=4)
+    x, z = torch.randn(2, 3, 6, 6), torch.randn(2, 4)
+    att = layer.kernel_attention(x, z)
+    assert att.shape == (2, 3, 5, 2, 2)
+    code = layer.generator(torch.cat([z, x.mean(dim=(-2, -1))], 1))
+    b, a, c = code[:, :3], code[:, 3:8], code[:, 8:]  # [C_in | C_out | k²], the published split
+    # published memory reading: the (C_out, C_in) gate map laid out as the weight's (C_in, C_out)
+    gate = torch.sigmoid(a[:, :, None] + b[:, None, :])
+    expected = (torch.softmax(gate[..., None] * c[:, None, None, :], -1) * 4).reshape(2, 3, 5, 2, 2)
+    torch.testing.assert_close(att, expected)
+    torch.testing.assert_close(att.sum(dim=(-2, -1)), torch.full((2, 3, 5), 4.0))

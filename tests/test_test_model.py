@@ -1,4 +1,5 @@
 import csv
+import math
 import os
 import shutil
 
@@ -11,7 +12,6 @@ from datasets import read_image
 from models import build_model
 from utils.inference import restore
 from utils.options import parse_train_args
-from utils.tiling import tiled_apply
 from utils.trainer import Trainer
 
 
@@ -23,17 +23,27 @@ def trained(tmp_path_factory, tiny_demo):
     return trainer.train()
 
 
+def _y(img):
+    """Y on 0-255 of the coic protocol (BT.601, as Restormer's evaluation), float64."""
+    r, g, b = (c.double() * 255 for c in img)
+    return 16 + 0.256789 * r + 0.504129 * g + 0.097906 * b
+
+
+def _hand_psnr_y(x, y):
+    mse = float(((_y(x) - _y(y)) ** 2).mean())
+    return 10 * math.log10(255 ** 2 / mse)
+
+
+def _skimage_ssim_y(x, y):
+    from skimage.metrics import structural_similarity
+
+    return structural_similarity(_y(x).numpy(), _y(y).numpy(), data_range=255, gaussian_weights=True,
+                                 sigma=1.5, use_sample_covariance=False)
+
+
 def _rows(path):
     with open(os.path.join(path, "results.csv")) as f:
         return list(csv.DictReader(f))
-
-
-def test_tiling_is_exact_for_pointwise_functions():
-    x = torch.rand(1, 3, 70, 90)
-    y = tiled_apply(lambda t: t * 2 + 1, x, tile=32, overlap=8, batch=3)
-    torch.testing.assert_close(y, x * 2 + 1)
-    small = tiled_apply(lambda t: t + 0, torch.rand(1, 3, 20, 25), tile=32, overlap=8)
-    assert small.shape == (1, 3, 20, 25)
 
 
 def test_tiled_restore_close_to_whole_image():
@@ -44,7 +54,8 @@ def test_tiled_restore_close_to_whole_image():
     tiled = restore(model, x, tile=48, overlap=24)
     assert tiled.shape == whole.shape
     # a conv net with a limited receptive field: tiles blended with overlap differ only near seams
-    assert float((tiled - whole).abs().mean()) < 0.02
+    # (observed 5.7e-5; flat blending weights give 3.7e-4)
+    assert float((tiled - whole).abs().mean()) < 2e-4
 
 
 def test_with_ground_truth_both_modes(tmp_path, trained, tiny_demo):
@@ -55,10 +66,14 @@ def test_with_ground_truth_both_modes(tmp_path, trained, tiny_demo):
                                 "--test_dir", test_dir, "--save_path", out, "--tile", "32",
                                 "--tile_overlap", "8"]) == 0
         rows = _rows(out)
-        assert len(rows) == 4 and all(float(r["psnr"]) > 0 and 0 < float(r["ssim"]) <= 1 for r in rows)
+        assert len(rows) == 4
         for r in rows:
             img = read_image(os.path.join(out, r["name"]))
             assert img.shape == (3, 40, 40)  # larger than the 32 tile: tiled and blended back
+            # the scores, recomputed by hand from the saved 8-bit PNG and the clean image
+            clean = read_image(os.path.join(test_dir, "norain", r["name"]))
+            assert float(r["psnr"]) == pytest.approx(_hand_psnr_y(img, clean), abs=0.05)
+            assert float(r["ssim"]) == pytest.approx(_skimage_ssim_y(img, clean), abs=0.005)
 
 
 def test_without_ground_truth_and_separate_encoder(tmp_path, trained, tiny_demo, capsys):

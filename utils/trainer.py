@@ -520,8 +520,14 @@ class Trainer:
                 group["lr"] *= factor
                 if "initial_lr" in group:
                     group["initial_lr"] *= factor
+        # Every later rate is ``factor`` x the recipe's: a schedule's floor scales with its start
+        # (else a per-iteration cosine drifts back towards the unscaled rates).
         for sched in self.schedulers:
             sched.base_lrs = [lr * factor for lr in sched.base_lrs]
+            if hasattr(sched, "eta_min"):  # CosineAnnealingLR
+                sched.eta_min *= factor
+            if hasattr(sched, "eta_mins"):  # CyclicCosineRestart
+                sched.eta_mins = [eta * factor for eta in sched.eta_mins]
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:
