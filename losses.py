@@ -1,7 +1,13 @@
-"""Training losses: small modules, each with its formula in one line."""
+"""Training losses: small modules, each with its formula in one line.
+
+Two kinds: *criteria* compare two images (``criterion(x, y) -> loss``); *objectives* are what a
+recipe trains, ``objective(model, rain, clean, z) -> (loss, output)``: they run the backbone
+themselves, because some losses need more than its final image (RCDNet's and DGUNet's stages).
+"""
 from __future__ import annotations
 
 import functools
+from typing import Optional, Protocol
 
 import torch
 import torch.nn as nn
@@ -102,6 +108,25 @@ class EdgeLoss(nn.Module):
     @full_precision
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return self.charbonnier(self.laplacian(x), self.laplacian(y))
+
+
+class Objective(Protocol):
+    """``objective(model, rain, clean, z) -> (loss, restored image)``; rain, clean (B,3,H,W) in [0,1]."""
+
+    def __call__(self, model: nn.Module, rain: Tensor, clean: Tensor,
+                 z: Optional[Tensor]) -> tuple[Tensor, Tensor]: ...
+
+
+class ImageLoss(nn.Module):
+    """Objective ``criterion(model(rain, z), clean)``: for backbones trained on their final image only."""
+
+    def __init__(self, criterion: nn.Module):
+        super().__init__()
+        self.criterion = criterion
+
+    def forward(self, model: nn.Module, rain: Tensor, clean: Tensor, z: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        out = model(rain, z)
+        return self.criterion(out, clean), out
 
 
 class RCDNetStageLoss(nn.Module):

@@ -86,18 +86,21 @@ class ContrastiveEncoder(nn.Module):
         for p_k, p_q in zip(self.encoder_k.parameters(), self.encoder_q.parameters()):
             p_k.mul_(self.momentum).add_(p_q.detach(), alpha=1.0 - self.momentum)
 
-    def contrast(self, query: Tensor, positive: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor]:
+    def contrast(self, query: Tensor, positive: Tensor, negatives: Tensor,
+                 update_keys: bool = True) -> tuple[Tensor, Tensor]:
         """One MoCo step.
 
         query, positive: (B,3,h,w); negatives: (B,N,3,h,w), all in [0,1].
         Returns logits (B,1+N) with the positive at index 0, and the query code z (B,dim).
         A logit is ``<q_map, k_map> / (h'*w') / temperature`` over the feature maps.
+        ``update_keys``: run the momentum update first, as the reference's forward does (the
+        Trainer's step calls :meth:`momentum_update` itself and passes False).
         """
         b, n = negatives.shape[:2]
         z, q_feat = self.encoder_q(query)
         with torch.no_grad():
-            # Updated before the keys are computed, as in the reference.
-            self.momentum_update()
+            if update_keys:  # before the keys are computed, as in the reference
+                self.momentum_update()
             _, k_feat = self.encoder_k(torch.cat([positive, negatives.flatten(0, 1)], dim=0))
         area = q_feat.shape[-2] * q_feat.shape[-1]
         q_flat = q_feat.flatten(1)

@@ -76,7 +76,7 @@ def test_step_reads_nothing_back(tmp_path, tiny_demo, host_reads, model, stage):
 def test_fused_skip_leaves_weights_and_optimizer_state(tmp_path, tiny_demo):
     trainer = _trainer(tmp_path, os.path.join(tiny_demo, "heavy", "train"), stage1_iters=0)
     trainer.train_step(_batch())
-    assert trainer.base_opt.defaults["fused"] and trainer.tran_opt.defaults["fused"]
+    assert trainer.base_opt.defaults["fused"] and trainer.coic_opt.defaults["fused"]
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in trainer.base_opt.state.items()}
     inner = trainer.step_module.loss

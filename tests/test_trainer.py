@@ -34,8 +34,8 @@ def test_stage_switch(tmp_path, tiny_demo, monkeypatch):
     monkeypatch.setattr(trainer.model, "forward", lambda x, z=None: (seen.append(z is not None), forward(x, z))[1])
     contrast_calls = []
     contrast = trainer.encoder.contrast
-    monkeypatch.setattr(trainer.encoder, "contrast", lambda *a: (contrast_calls.append(1), contrast(*a))[1])
-    gen = [p for p in trainer.model.parameters() if p in set(trainer.tran_params)][0]
+    monkeypatch.setattr(trainer.encoder, "contrast", lambda *a, **k: (contrast_calls.append(1), contrast(*a, **k))[1])
+    gen = [p for p in trainer.model.parameters() if p in set(trainer.coic_params)][0]
     before = gen.detach().clone()
     trainer.train()
     assert seen == [False, False, True, True]
@@ -47,9 +47,9 @@ def test_stage_switch(tmp_path, tiny_demo, monkeypatch):
 def test_no_coic_run_never_uses_z(tmp_path, tiny_demo):
     data = os.path.join(tiny_demo, "light", "train")
     trainer = _trainer(tmp_path, data, tot_iters=2, stage1_iters=40000000, contra_loss_weight=0.0)
-    gens = [p.detach().clone() for p in trainer.tran_params]
+    gens = [p.detach().clone() for p in trainer.coic_params]
     trainer.train()
-    assert all(torch.equal(a, b.detach()) for a, b in zip(gens, trainer.tran_params))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(gens, trainer.coic_params))
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_demo):
@@ -69,7 +69,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_demo):
         assert torch.equal(a, b), k
     for a, b in zip(full.encoder.state_dict().values(), resumed.encoder.state_dict().values()):
         assert torch.equal(a, b)
-    for opt_a, opt_b in ((full.base_opt, resumed.base_opt), (full.tran_opt, resumed.tran_opt)):
+    for opt_a, opt_b in ((full.base_opt, resumed.base_opt), (full.coic_opt, resumed.coic_opt)):
         sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
         assert sa.keys() == sb.keys()
         for i in sa:
@@ -93,3 +93,18 @@ def test_unwritable_save_path(tmp_path, tiny_demo):
     blocker.write_text("x")
     with pytest.raises(SystemExit, match="--save_path"):
         _trainer(blocker / "sub", os.path.join(tiny_demo, "hazy", "train"))
+
+
+def test_checkpoint_from_before_the_coic_rename_resumes(tmp_path, tiny_demo):
+    # Checkpoints written before the tran_* -> coic_* rename hold the CoIC optimizer as "tran_optim".
+    data = os.path.join(tiny_demo, "heavy", "train")
+    trainer = _trainer(tmp_path, data, tot_iters=3, stage1_iters=1, save_freq=100)
+    last = trainer.train()
+    state = torch.load(last, weights_only=False)
+    state["tran_optim"] = state.pop("coic_optim")
+    torch.save(state, last)
+    resumed = _trainer(tmp_path, data, tot_iters=3, stage1_iters=1)
+    assert resumed.iteration == 3
+    saved = state["tran_optim"]["state"]
+    for i, values in resumed.coic_opt.state_dict()["state"].items():
+        assert torch.equal(values["exp_avg"], saved[i]["exp_avg"])

@@ -40,10 +40,10 @@ def _stage2_step(tmp, data, weight):
     seen = {}
     contrast = trainer.encoder.contrast
 
-    def spy(query, positive, negatives):
+    def spy(query, positive, negatives, **kw):
         seen.update(query=query.detach().clone(), positive=positive.detach().clone(),
                     negatives=negatives.detach().clone())
-        return contrast(query, positive, negatives)
+        return contrast(query, positive, negatives, **kw)
 
     trainer.encoder.contrast = spy
     stats = trainer.train_step(batch)
@@ -96,7 +96,7 @@ def test_weight_zero_gradient_is_the_base_loss_alone(steps, tmp_path, tiny_demo)
 def test_step_trains_query_encoder_and_moves_key_encoder_by_ema(steps):
     s = steps[0.2]
     trainer = s["trainer"]
-    coic_params = {id(p) for g in trainer.tran_opt.param_groups for p in g["params"]}
+    coic_params = {id(p) for g in trainer.coic_opt.param_groups for p in g["params"]}
     assert all(id(p) in coic_params for p in trainer.encoder.encoder_q.parameters())
     changed = [not torch.equal(a, p.detach()) for a, p in zip(s["q_before"], trainer.encoder.encoder_q.parameters())]
     assert sum(changed) > 0.9 * len(changed)
@@ -130,17 +130,17 @@ def test_no_coic_command_never_modulates_and_leaves_coic_parameters(tmp_path, ti
     codes = []
     forward = trainer.model.forward
     monkeypatch.setattr(trainer.model, "forward", lambda x, z=None: (codes.append(z), forward(x, z))[1])
-    coic = [p.detach().clone() for p in trainer.tran_params]
+    coic = [p.detach().clone() for p in trainer.coic_params]
     base = [p.detach().clone() for p in trainer.base_params]
     trainer.train()
     assert len(codes) == 3 and all(z is None for z in codes)
-    assert all(torch.equal(a, b.detach()) for a, b in zip(coic, trainer.tran_params))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(coic, trainer.coic_params))
     assert any(not torch.equal(a, b.detach()) for a, b in zip(base, trainer.base_params))
     # ... while a CoIC run with the same weight 0 but a short stage 1 does modulate and train them
     other = _trainer(tmp_path / "coic", data, tot_iters=3, stage1_iters=1, contra_loss_weight=0.0)
-    coic = [p.detach().clone() for p in other.tran_params]
+    coic = [p.detach().clone() for p in other.coic_params]
     other.train()
-    assert any(not torch.equal(a, b.detach()) for a, b in zip(coic, other.tran_params))
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(coic, other.coic_params))
 
 
 # --------------------------------------------------------------------------- learning rates
@@ -151,7 +151,7 @@ def _record_lrs(trainer):
 
     def recording(batch):
         seen.append((trainer.iteration, trainer.base_opt.param_groups[0]["lr"],
-                     trainer.tran_opt.param_groups[0]["lr"]))
+                     trainer.coic_opt.param_groups[0]["lr"]))
         return step(batch)
 
     trainer.train_step = recording

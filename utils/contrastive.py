@@ -81,9 +81,9 @@ def build_negatives(query: Tensor, clean: Tensor, archive: RainArchive, n_neg: i
     of every rank before they enter the archive, so all ranks keep the same archive.
     """
     b = query.shape[0]
-    rain = query - clean
-    archive.push(gather(rain) if gather is not None else rain)
-    rain_negative = (clean + archive.most_different(rain)).clamp(0.0, 1.0)
+    rain_layers = query - clean
+    archive.push(gather(rain_layers) if gather is not None else rain_layers)
+    rain_negative = (clean + archive.most_different(rain_layers)).clamp(0.0, 1.0)
     copies = clean.unsqueeze(1).expand(b, n_neg, *clean.shape[1:]).flatten(0, 1)
     sigma = torch.empty(b * n_neg, device=generator.device if generator else None).uniform_(
         0.3, 1.5, generator=generator)

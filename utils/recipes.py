@@ -12,22 +12,9 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
-from torch import Tensor
 
-from losses import L1Loss, RCDNetStageLoss, SSIMLoss, StageSumLoss
+from losses import ImageLoss, L1Loss, RCDNetStageLoss, SSIMLoss, StageSumLoss
 from utils.schedulers import CyclicCosineRestart
-
-
-class ImageLoss(nn.Module):
-    """criterion(model(rain, z), clean): for backbones trained on their final image only."""
-
-    def __init__(self, criterion: nn.Module):
-        super().__init__()
-        self.criterion = criterion
-
-    def forward(self, model: nn.Module, rain: Tensor, clean: Tensor, z: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        out = model(rain, z)
-        return self.criterion(out, clean), out
 
 
 # Fused optimizers: one kernel per step instead of a loop of small ones (3x faster on a CPU), and they

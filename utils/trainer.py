@@ -16,7 +16,7 @@ import re
 import signal
 import sys
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from models import build_encoder, build_model
 from models.coim import context_embedding_parameters, modulation_parameters
 from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, save_atomic
 from utils import distributed as dist_utils
+from utils.bad_steps import BadStepMonitor
 from utils.contrastive import RainArchive, build_negatives
 from utils.inference import AMP_DTYPES
 from utils.metrics import psnr
@@ -53,11 +54,20 @@ class TrainingDiverged(RuntimeError):
     """Bad steps kept coming back after rolling back and halving the learning rate."""
 
 
+class TrainItem(NamedTuple):
+    """A training batch as the dataset yields it, each (B,3,crop,crop) in [0,1]."""
+    rain: Tensor  # rainy crop
+    clean: Tensor  # its clean partner (same crop, same flip)
+    query: Tensor  # the whole rainy image resized: what the encoder sees
+    query_clean: Tensor  # the whole clean image resized: the exemplars are built on it
+
+
 class CoICStep(nn.Module):
-    """One training forward (contrast + backbone + base loss): the module DDP wraps.
+    """One training forward (contrast + backbone + objective): the module DDP wraps.
 
     forward(rain, clean, query=None, positive=None, negatives=None) -> (base loss, output, logits).
-    Without ``query`` (stage 1) no z is computed and the backbone runs unmodulated.
+    Without ``query`` (stage 1) no z is computed and the backbone runs unmodulated. The
+    ``loss`` is the recipe's objective (``losses.Objective``): it runs the backbone itself.
     """
 
     def __init__(self, model: nn.Module, encoder: nn.Module, loss: nn.Module):
@@ -68,7 +78,8 @@ class CoICStep(nn.Module):
                 positive: Optional[Tensor] = None, negatives: Optional[Tensor] = None):
         logits = z = None
         if query is not None:
-            logits, z = self.encoder.contrast(query, positive, negatives)
+            self.encoder.momentum_update()  # MoCo: the key encoder follows the query encoder, before the keys
+            logits, z = self.encoder.contrast(query, positive, negatives, update_keys=False)
         base, out = self.loss(self.model, rain, clean, z)
         return base, out, logits
 
@@ -162,12 +173,12 @@ class Trainer:
         coic = modulation_parameters(self.model) + context_embedding_parameters(self.model)
         coic_ids = {id(p) for p in coic}
         self.base_params = [p for p in self.model.parameters() if id(p) not in coic_ids]
-        self.tran_params = coic + list(self.encoder.encoder_q.parameters())
-        self.base_opt, self.tran_opt = self.recipe.make_optimizers(self.base_params, self.tran_params, args)
+        self.coic_params = coic + list(self.encoder.encoder_q.parameters())
+        self.base_opt, self.coic_opt = self.recipe.make_optimizers(self.base_params, self.coic_params, args)
         self.schedulers = []
         if self.recipe.make_scheduler is not None:
             self.schedulers = [self.recipe.make_scheduler(opt, args, self.iters_per_epoch)
-                               for opt in (self.base_opt, self.tran_opt)]
+                               for opt in (self.base_opt, self.coic_opt)]
         self.archive = RainArchive.for_batch_size(args.batch_size * self.dist.world_size)
         # Exemplar randomness differs per rank (each rank sees other images).
         self.generator = torch.Generator(device=self.device).manual_seed(args.seed + 1000 * self.dist.rank)
@@ -175,9 +186,7 @@ class Trainer:
         self.iteration, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.bad_steps = 0  # skipped steps in total (as of the last check_steps)
         self.consecutive_bad = 0  # the run of skipped steps at the last check_steps
-        # On the device, read every --check_every iterations: [non-finite, exploded, current run,
-        # longest run, worst |output|] since the last check.
-        self._tracker = torch.zeros(5, device=self.device)
+        self.monitor = BadStepMonitor(self.device, self.dist)  # device-side counts, read by check_steps
         self._checked_at = 0
         self.rollbacks = 0
         self.lr_scale = 1.0  # halved at every rollback
@@ -235,7 +244,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "encoder": self.encoder.state_dict(),
             "base_optim": self.base_opt.state_dict(),
-            "tran_optim": self.tran_opt.state_dict(),
+            "coic_optim": self.coic_opt.state_dict(),
             "schedulers": [s.state_dict() for s in self.schedulers],
             "iteration": self.iteration,
             "epoch": self.epoch,
@@ -263,7 +272,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.encoder.load_state_dict(state["encoder"])
         self.base_opt.load_state_dict(state["base_optim"])
-        self.tran_opt.load_state_dict(state["tran_optim"])
+        # "tran_optim": the name in checkpoints written before the rename (they still resume)
+        self.coic_opt.load_state_dict(state["coic_optim"] if "coic_optim" in state else state["tran_optim"])
         for sched, s in zip(self.schedulers, state["schedulers"]):
             sched.load_state_dict(s)
         self.iteration, self.epoch = state["iteration"], state["epoch"]
@@ -352,11 +362,11 @@ class Trainer:
         counts are read every ``--check_every`` iterations (:meth:`check_steps`).
         Returns the step's tensors for logging; ``skipped`` is a device bool.
         """
-        rain, clean, query, query_clean = (t.to(self.device, non_blocking=True) for t in batch)
+        rain, clean, query, query_clean = TrainItem(*(t.to(self.device, non_blocking=True) for t in batch))
         rain = rain.contiguous(memory_format=self.memory_format)
         self.step_module.train()
         self.base_opt.zero_grad(set_to_none=True)
-        self.tran_opt.zero_grad(set_to_none=True)
+        self.coic_opt.zero_grad(set_to_none=True)
         extra = ()
         stage2 = self.in_stage2
         if stage2:
@@ -369,7 +379,7 @@ class Trainer:
             base, out, logits = self.step_fn(rain, clean, *extra)
         contra = None if logits is None else self.contrastive(logits.float()) * self.args.contra_loss_weight
         total = base if contra is None else base + contra
-        code, peak = self._verdict(total, out)
+        code, peak = self.monitor.verdict(total, out, self.recipe.explode_threshold)
         skipped = code > 0
         if self.scaler.is_enabled():  # the scaler skips steps with non-finite gradients: make a bad step one
             total = total * torch.where(skipped, float("nan"), 1.0)  # NaN gradients (not the loss value alone)
@@ -378,27 +388,11 @@ class Trainer:
             self.scaler.unscale_(self.base_opt)
             torch.nn.utils.clip_grad_norm_(self.base_params, self.recipe.grad_clip, foreach=True)
         self._optimizer_step(self.base_opt, skipped)
-        self._optimizer_step(self.tran_opt, skipped, has_grads=stage2)
+        self._optimizer_step(self.coic_opt, skipped, has_grads=stage2)
         self.scaler.update()
-        self._track(code, peak)
+        self.monitor.track(code, peak)
         return {"base": base, "contra": contra, "out": out, "rain": rain, "clean": clean, "logits": logits,
                 "skipped": skipped}
-
-    def _verdict(self, total: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
-        """(code, max |output|) on the device; code 0 = good, 1 = output exploded, 2 = non-finite loss.
-
-        Under DDP the ranks agree (max over ranks) so they skip, roll back and stop together.
-        """
-        code = (~torch.isfinite(total.detach())).float() * 2
-        threshold = self.recipe.explode_threshold
-        if threshold is None:  # no explosion check: no pass over the output
-            peak = torch.zeros_like(code)
-        else:
-            peak = out.detach().abs().amax().float()
-            code = torch.maximum(code, (~(peak <= threshold)).float())
-        if self.dist.enabled:
-            code, peak = dist_utils.all_reduce_max(torch.stack([code, peak]), self.dist).unbind()
-        return code, peak
 
     def _optimizer_step(self, opt: torch.optim.Optimizer, skipped: Tensor, has_grads: bool = True) -> None:
         """Step ``opt`` unless ``skipped`` (a device bool), without reading it on the host when possible."""
@@ -415,49 +409,33 @@ class Trainer:
         elif not bool(skipped):  # an optimizer without a device-side skip: one host sync
             opt.step()
 
-    def _track(self, code: Tensor, peak: Tensor) -> None:
-        """Fold this step's verdict into the device-side counts read by :meth:`check_steps`."""
-        non_finite, exploded, run, longest, worst = self._tracker.unbind()
-        bad = (code > 0).float()
-        run = (run + 1) * bad
-        self._tracker = torch.stack([non_finite + (code == 2).float(), exploded + (code == 1).float(), run,
-                                     torch.maximum(longest, run),
-                                     torch.maximum(worst, torch.where(code == 1, peak, torch.zeros_like(peak)))])
-
     def check_steps(self) -> bool:
         """Read the skipped-step counts (and, under DDP, agree on a pending signal): the host sync.
 
         Logs and counts the steps skipped since the last check; rolls back when a run of
         ``--max_bad_steps`` happened. Returns True when the state was rolled back.
         """
-        values = self._tracker
-        if self.dist.enabled:
-            pending = torch.tensor([float(self._signal or 0)], device=values.device)
-            values = dist_utils.all_reduce_max(torch.cat([values, pending]), self.dist)
-        values = values.tolist()
-        non_finite, exploded, run, longest, worst = values[:5]
-        agreed = (int(values[5]) or None) if self.dist.enabled else self._signal
-        if agreed and self._stop_signal is None:
-            self._stop_signal = agreed
-        self._tracker = torch.tensor([0.0, 0.0, run, run, 0.0], device=self.device)
-        self.consecutive_bad = int(run)
+        report = self.monitor.read(self._signal)
+        if report.signal and self._stop_signal is None:
+            self._stop_signal = report.signal
+        self.consecutive_bad = report.run
         checked_from, self._checked_at = self._checked_at, self.iteration
-        skipped = int(non_finite + exploded)
+        skipped = report.skipped
         if not skipped:
             return False
         self.bad_steps += skipped
         reasons = []
-        if non_finite:
-            reasons.append(f"{int(non_finite)} non-finite loss")
-        if exploded:
-            reasons.append(f"{int(exploded)} output exploded (max |output| {worst:.3g} > "
+        if report.non_finite:
+            reasons.append(f"{report.non_finite} non-finite loss")
+        if report.exploded:
+            reasons.append(f"{report.exploded} output exploded (max |output| {report.worst:.3g} > "
                            f"{self.recipe.explode_threshold})")
         logger.warning("iterations %d-%d: %d step%s skipped (%s); %d in a row now, %d in total",
                        checked_from + 1, self.iteration, skipped, "s" if skipped > 1 else "",
                        ", ".join(reasons), self.consecutive_bad, self.bad_steps)
         if self.dist.is_main:
             self._tensorboard().add_scalar("bad_steps", self.bad_steps, self.iteration)
-        if longest >= self.args.max_bad_steps:
+        if report.longest >= self.args.max_bad_steps:
             self._roll_back()
             return True
         return False
@@ -469,7 +447,7 @@ class Trainer:
             "contra_loss": float(stats["contra"].detach()) if stats["contra"] is not None else 0.0,
             "train_psnr": psnr(out, stats["clean"]),
             "lr": self.base_opt.param_groups[0]["lr"],
-            "tran_lr": self.tran_opt.param_groups[0]["lr"],
+            "coic_lr": self.coic_opt.param_groups[0]["lr"],
         }
         if stats["logits"] is not None:
             values["contra_acc"] = float((stats["logits"].argmax(1) == 0).float().mean())
@@ -507,7 +485,7 @@ class Trainer:
         self.load_state_dict(read_checkpoint(checkpoints[-1]))
         self.rollbacks, self.lr_scale, self.bad_steps = rollbacks, scale, total
         self.consecutive_bad = 0
-        self._tracker.zero_()
+        self.monitor.reset()
         self._checked_at = self.iteration
         self._apply_lr_scale(0.5)
         logger.warning("%d bad steps in a row at iteration %d: rolled back to %s (iteration %d) with the learning "
@@ -515,7 +493,7 @@ class Trainer:
                        self.iteration, self.lr_scale)
 
     def _apply_lr_scale(self, factor: float) -> None:
-        for opt in (self.base_opt, self.tran_opt):
+        for opt in (self.base_opt, self.coic_opt):
             for group in opt.param_groups:
                 group["lr"] *= factor
                 if "initial_lr" in group:
