@@ -8,17 +8,12 @@ parameters (CoI-M generators + query encoder) have their own optimizers and sche
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import os
-import random
-import re
 import signal
-import sys
 import time
-from typing import NamedTuple, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -28,16 +23,19 @@ from datasets import EpochSampler, MixedRainDataset, parse_data_paths
 from losses import ContrastiveLoss
 from models import build_encoder, build_model
 from models.coim import context_embedding_parameters, modulation_parameters
-from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, save_atomic
 from utils import distributed as dist_utils
 from utils.bad_steps import BadStepMonitor
+from utils.checkpoint import read_checkpoint
 from utils.contrastive import RainArchive, build_negatives
 from utils.inference import AMP_DTYPES
+from utils.logs import setup_logging
 from utils.metrics import psnr
+from utils.rng import seed_everything
+from utils.step import CoICStep, TrainItem
+from utils.train_state import CheckpointedRun, list_checkpoints
 
 logger = logging.getLogger("coic")
 
-CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.pth$")
 MAX_ROLLBACKS = 3
 
 
@@ -54,74 +52,9 @@ class TrainingDiverged(RuntimeError):
     """Bad steps kept coming back after rolling back and halving the learning rate."""
 
 
-class TrainItem(NamedTuple):
-    """A training batch as the dataset yields it, each (B,3,crop,crop) in [0,1]."""
-    rain: Tensor  # rainy crop
-    clean: Tensor  # its clean partner (same crop, same flip)
-    query: Tensor  # the whole rainy image resized: what the encoder sees
-    query_clean: Tensor  # the whole clean image resized: the exemplars are built on it
+class Trainer(CheckpointedRun):
+    """Trains one backbone with its recipe; ``train()`` runs (or resumes) the whole schedule."""
 
-
-class CoICStep(nn.Module):
-    """One training forward (contrast + backbone + objective): the module DDP wraps.
-
-    forward(rain, clean, query=None, positive=None, negatives=None) -> (base loss, output, logits).
-    Without ``query`` (stage 1) no z is computed and the backbone runs unmodulated. The
-    ``loss`` is the recipe's objective (``losses.Objective``): it runs the backbone itself.
-    """
-
-    def __init__(self, model: nn.Module, encoder: nn.Module, loss: nn.Module):
-        super().__init__()
-        self.model, self.encoder, self.loss = model, encoder, loss
-
-    def forward(self, rain: Tensor, clean: Tensor, query: Optional[Tensor] = None,
-                positive: Optional[Tensor] = None, negatives: Optional[Tensor] = None):
-        logits = z = None
-        if query is not None:
-            self.encoder.momentum_update()  # MoCo: the key encoder follows the query encoder, before the keys
-            logits, z = self.encoder.contrast(query, positive, negatives, update_keys=False)
-        base, out = self.loss(self.model, rain, clean, z)
-        return base, out, logits
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Console handler that writes to the *current* ``sys.stderr`` (it may be replaced, e.g. by pytest)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr
-        super().emit(record)
-
-
-def setup_logging(save_path: Optional[str] = None, main_process: bool = True) -> None:
-    root = logging.getLogger()
-    if not main_process:  # under DDP only rank 0 talks
-        root.setLevel(logging.ERROR)
-        return
-    if not any(getattr(h, "_coic", False) for h in root.handlers):
-        console = _StderrHandler()
-        console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        console._coic = True
-        root.addHandler(console)
-        root.setLevel(logging.INFO)
-    if save_path:
-        path = os.path.abspath(os.path.join(save_path, "train.log"))
-        if not any(getattr(h, "baseFilename", None) == path for h in root.handlers):
-            handler = logging.FileHandler(path)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            root.addHandler(handler)
-
-
-def list_checkpoints(save_path: str) -> list[str]:
-    """Our checkpoints in ``save_path``, oldest first."""
-    found = []
-    for path in glob.glob(os.path.join(save_path, "ckpt_*.pth")):
-        m = CKPT_PATTERN.match(os.path.basename(path))
-        if m:
-            found.append((int(m.group(1)), path))
-    return [p for _, p in sorted(found)]
-
-
-class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.recipe = args.recipe
@@ -132,7 +65,7 @@ class Trainer:
         if self.dist.is_main:
             self._check_save_path(args.save_path)
         setup_logging(args.save_path, self.dist.is_main)
-        self._seed(args.seed)
+        seed_everything(args.seed)
         self.amp_dtype = AMP_DTYPES[args.amp]
 
         self.dataset = MixedRainDataset(parse_data_paths(args.data_paths), args.crop_size,
@@ -198,19 +131,6 @@ class Trainer:
             self._load_pretrained(args.pretrained)
         self._checked_at = self.iteration
 
-    def _load_pretrained(self, path: str) -> None:
-        """Start from ``path``'s weights (ours or the published code's) with fresh optimizers."""
-        ckpt = read_checkpoint(path)
-        load_weights(self.model, ckpt, part="model")
-        parts = ["backbone"]
-        encoder_source = self.args.pretrained_encoder or (ckpt if isinstance(ckpt, dict) and "encoder" in ckpt
-                                                          else None)
-        if encoder_source is not None:
-            load_weights(self.encoder, encoder_source, part="encoder")
-            parts.append("encoder")
-        logger.info("initialised %s from %s%s", " and ".join(parts), path,
-                    f" (encoder from {self.args.pretrained_encoder})" if self.args.pretrained_encoder else "")
-
     # ------------------------------------------------------------------ setup
     @staticmethod
     def _check_save_path(path: str) -> None:
@@ -222,108 +142,12 @@ class Trainer:
         except OSError as exc:
             raise SystemExit(f"error: cannot write to --save_path {path} ({exc.strerror}); pick a writable folder")
 
-    @staticmethod
-    def _seed(seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-
     def _tensorboard(self):
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(self.args.save_path)
         return self.writer
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        return {
-            "model_name": self.args.model_name,
-            "model_hparams": dict(self.args.model_hparams),
-            "encoder_hparams": {"dim": self.args.dim_in, "temperature": self.args.temperature},
-            "model": self.model.state_dict(),
-            "encoder": self.encoder.state_dict(),
-            "base_optim": self.base_opt.state_dict(),
-            "coic_optim": self.coic_opt.state_dict(),
-            "schedulers": [s.state_dict() for s in self.schedulers],
-            "iteration": self.iteration,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "archive": self.archive.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "bad_steps": self.bad_steps,
-            "rollbacks": self.rollbacks,
-            "lr_scale": self.lr_scale,
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "generator": self.generator.get_state(),
-            },
-            "args": {k: v for k, v in vars(self.args).items() if k != "recipe"},
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("model_name") != self.args.model_name or state.get("model_hparams") != self.args.model_hparams:
-            raise CheckpointError(
-                f"checkpoint in {self.args.save_path} is {state.get('model_name')} {state.get('model_hparams')}, "
-                f"this run is {self.args.model_name} {self.args.model_hparams}; use another --save_path or --no_resume")
-        self.model.load_state_dict(state["model"])
-        self.encoder.load_state_dict(state["encoder"])
-        self.base_opt.load_state_dict(state["base_optim"])
-        # "tran_optim": the name in checkpoints written before the rename (they still resume)
-        self.coic_opt.load_state_dict(state["coic_optim"] if "coic_optim" in state else state["tran_optim"])
-        for sched, s in zip(self.schedulers, state["schedulers"]):
-            sched.load_state_dict(s)
-        self.iteration, self.epoch = state["iteration"], state["epoch"]
-        self.batch_in_epoch = state["batch_in_epoch"]
-        self.archive.load_state_dict(state["archive"], self.device)
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.bad_steps = state.get("bad_steps", 0)
-        self.rollbacks = state.get("rollbacks", 0)
-        self.lr_scale = state.get("lr_scale", 1.0)
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.generator.set_state(rng["generator"])
-        if self.dist.rank > 0:  # checkpoints hold rank 0's streams: derive the others from it
-            torch.manual_seed(self.args.seed + 1000 * self.dist.rank + self.iteration)
-            self.generator.manual_seed(self.args.seed + 1000 * self.dist.rank + self.iteration)
-
-    def _resume(self) -> bool:
-        """Load the newest readable checkpoint of ``save_path``; False when there is none."""
-        unreadable = []
-        for path in reversed(list_checkpoints(self.args.save_path)):
-            try:
-                state = read_checkpoint(path)
-            except CheckpointError as exc:
-                logger.warning("%s", exc)
-                unreadable.append(path)
-                continue
-            self.load_state_dict(state)
-            if unreadable:
-                logger.warning("resuming from %s instead of the unreadable %s", path, ", ".join(unreadable))
-            logger.info("resumed from %s at iteration %d", path, self.iteration)
-            return True
-        if unreadable:
-            raise CheckpointError(f"no readable checkpoint in {self.args.save_path} ({', '.join(unreadable)} "
-                                  "unreadable); move them away or pass --no_resume")
-        return False
-
-    def save(self) -> str:
-        """Rank 0 writes ``ckpt_<iteration>.pth`` atomically and prunes old ones; all ranks wait."""
-        path = os.path.join(self.args.save_path, f"ckpt_{self.iteration:07d}.pth")
-        if self.dist.is_main:
-            save_atomic(self.state_dict(), path)
-            for old in list_checkpoints(self.args.save_path)[:-self.args.keep_checkpoints]:
-                os.remove(old)
-        dist_utils.barrier(self.dist)
-        return path
 
     # ------------------------------------------------------------------ data
     def _loader(self) -> DataLoader:
