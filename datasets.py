@@ -34,6 +34,7 @@ Command line::
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import multiprocessing
@@ -50,12 +51,15 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from utils.errors import UserError
+from utils.io import atomic_write, atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset folder or file that cannot be used, with what to do about it."""
 
 
@@ -444,16 +448,7 @@ def read_pair(rain_path: str, clean_path: str,
 
 
 def _write_atomic_image(arr: np.ndarray, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"
-    try:
-        Image.fromarray(arr).save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp))  # the temporary name keeps the extension
 
 
 def save_image(img: Tensor, path: str) -> None:
@@ -914,13 +909,11 @@ def prepare(kind: str, raw: str, out: str, overwrite: bool = False, progress: bo
 
 
 def _write_csv_atomic(path: str, header: list, rows: list) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- check

@@ -21,7 +21,6 @@ import csv
 import io
 import logging
 import os
-import sys
 from typing import Optional, Sequence
 
 import torch
@@ -32,6 +31,8 @@ from datasets import (DATASET_SPECS, DataError, dataset_spec, find_dataset_folde
 from models import available_models, build_encoder, build_model
 from utils.checkpoint import CheckpointError, load_weights, read_checkpoint
 from utils.distributed import resolve_device
+from utils.errors import UserError, cli_main
+from utils.io import atomic_write_text
 from utils.inference import AMP_DTYPES, image_code, restore
 from utils.metrics import PROTOCOLS, score
 
@@ -270,14 +271,6 @@ def _fmt(value: Optional[float], digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_table(rows: list[dict], path: str) -> None:
     """Per-image results as CSV (name, psnr, ssim, protocol), written atomically."""
     buf = io.StringIO()
@@ -285,7 +278,7 @@ def write_table(rows: list[dict], path: str) -> None:
     writer.writerow(["name", "psnr", "ssim", "protocol"])
     for r in rows:
         writer.writerow([r["name"], _fmt(r["psnr"], 4), _fmt(r["ssim"], 6), r.get("protocol", "coic")])
-    _write_atomic(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def summarize(name: str, rows: list[dict]) -> dict:
@@ -324,45 +317,48 @@ def write_summary(summary: list[dict], save_path: str, protocol: str) -> None:
     writer.writerow(["dataset", "images", "psnr", "ssim", "protocol"])
     for s in summary:
         writer.writerow([s["dataset"], s["images"], _fmt(s["psnr"], 4), _fmt(s["ssim"], 6), protocol])
-    _write_atomic(os.path.join(save_path, "summary.csv"), buf.getvalue())
-    _write_atomic(os.path.join(save_path, "summary.md"), format_markdown(summary, protocol))
+    atomic_write_text(os.path.join(save_path, "summary.csv"), buf.getvalue())
+    atomic_write_text(os.path.join(save_path, "summary.md"), format_markdown(summary, protocol))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        device = resolve_device(args)
-        if args.model_name not in available_models():
-            raise ValueError(f"unknown --model_name {args.model_name!r}; "
-                             f"choose one of: {', '.join(available_models())}")
-        # Resolve the inputs before loading the model: a typo in a path fails at once.
-        if args.testset:
-            names = [n.strip() for n in args.testset.split(",") if n.strip()]
-            if not names:
-                raise DataError("--testset is empty; pass names such as Rain200L,Rain200H,SPA")
-            sets = [collect_testset(n, args.data_root) for n in names]
-        else:
-            sets = [(None, args.test_dir, collect_inputs(args.test_dir))]
-        model, ckpt = load_model(args.model_name, args.test_model, args.load_mode, device,
-                                 {"inter_iter": args.inter_iter})
-        encoder = load_encoder(args.feat_ext, ckpt, args.test_model, device) if args.load_mode == "tran" else None
-        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        model.to(memory_format=memory_format)
-        amp = AMP_DTYPES[args.amp]
-        summary = []
-        for name, folder, items in sets:
-            out = os.path.join(args.save_path, name) if name else args.save_path
-            os.makedirs(out, exist_ok=True)
-            rows = evaluate(model, encoder, items, out, device, args.tile, args.tile_overlap,
-                            protocol=args.metric_protocol, skip_existing=args.skip_existing,
-                            table_path=os.path.join(out, "results.csv"), desc=name or "test", amp=amp,
-                            memory_format=memory_format)
-            summary.append(summarize(name or folder, rows))
-            print(f"{len(rows)} images from {folder} -> {out}")
-    except (CheckpointError, DataError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return cli_main(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate as the flags say; prints the per-folder lines and the summary."""
+    device = resolve_device(args)
+    if args.model_name not in available_models():
+        raise UserError(f"unknown --model_name {args.model_name!r}; choose one of: {', '.join(available_models())}")
+    if args.tile is not None and args.tile < 1:
+        raise UserError(f"--tile must be a positive number of pixels, got {args.tile}; "
+                        "leave --tile out to derain whole images")
+    # Resolve the inputs before loading the model: a typo in a path fails at once.
+    if args.testset:
+        names = [n.strip() for n in args.testset.split(",") if n.strip()]
+        if not names:
+            raise DataError("--testset is empty; pass names such as Rain200L,Rain200H,SPA")
+        sets = [collect_testset(n, args.data_root) for n in names]
+    else:
+        sets = [(None, args.test_dir, collect_inputs(args.test_dir))]
+    model, ckpt = load_model(args.model_name, args.test_model, args.load_mode, device,
+                             {"inter_iter": args.inter_iter})
+    encoder = load_encoder(args.feat_ext, ckpt, args.test_model, device) if args.load_mode == "tran" else None
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    amp = AMP_DTYPES[args.amp]
+    summary = []
+    for name, folder, items in sets:
+        out = os.path.join(args.save_path, name) if name else args.save_path
+        os.makedirs(out, exist_ok=True)
+        rows = evaluate(model, encoder, items, out, device, args.tile, args.tile_overlap,
+                        protocol=args.metric_protocol, skip_existing=args.skip_existing,
+                        table_path=os.path.join(out, "results.csv"), desc=name or "test", amp=amp,
+                        memory_format=memory_format)
+        summary.append(summarize(name or folder, rows))
+        print(f"{len(rows)} images from {folder} -> {out}")
     if args.testset:
         table = with_mean(summary)
         write_summary(table, args.save_path, args.metric_protocol)

@@ -6,16 +6,12 @@ so an interrupted run never leaves a half-written table or figure behind.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import logging
 import math
 import os
 import random
-import shutil
-import sys
-import tempfile
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -25,12 +21,15 @@ from torch import Tensor
 from datasets import DataError, find_pairs, is_image, read_image
 from models import build_encoder
 from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, remap_published_keys
+from utils.distributed import resolve_device
+from utils.errors import UserError, cli_main
 from utils.inference import ENCODER_SIZE
+from utils.io import atomic_dir, atomic_path
 
 logger = logging.getLogger("coic.analysis")
 
 __all__ = [
-    "AnalysisError", "add_output_args", "setup", "add_embedding_args", "resolve_device", "split_paths",
+    "AnalysisError", "add_output_args", "setup", "add_embedding_args", "split_paths",
     "dataset_labels", "check_labels", "dataset_images", "dataset_pairs", "sample", "resize_square", "checkpoint_meta",
     "load_encoder_file", "encode_batch", "encode_images", "gather_embeddings", "pearson", "atomic_path", "atomic_dir",
     "fmt", "write_csv", "write_text", "markdown_table", "new_figure", "require_matplotlib", "save_figure",
@@ -41,7 +40,7 @@ __all__ = [
 _GENERIC_NAMES = {"train", "test", "val", "valid", "rain", "norain", "input", "target", "gt"}
 
 
-class AnalysisError(ValueError):
+class AnalysisError(UserError, ValueError):
     """Bad input to an analysis tool, phrased as what to do about it (printed as one line)."""
 
 
@@ -63,24 +62,12 @@ def add_restore_args(p, model_help: str = "backbone of checkpoints that do not n
 
 def setup(args: argparse.Namespace) -> torch.device:
     """What every tool does first: pick the device, set the CPU threads, check the figures can be drawn."""
-    device = resolve_device(args.device)
+    device = resolve_device(args, prefer_cuda=True)
     if args.threads is not None:
         if args.threads < 1:
             raise AnalysisError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     require_matplotlib()
-    return device
-
-
-def resolve_device(name: Optional[str]) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise AnalysisError(f"--device {name!r} is not a torch device ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AnalysisError(f"--device {name} was given but CUDA is not available; use --device cpu")
     return device
 
 
@@ -242,37 +229,6 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 # ---------------------------------------------------------------------------- outputs
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; rename it into place when the block succeeds."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    root, ext = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{root}.", suffix=f".tmp{ext}", dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str) -> Iterator[str]:
-    """Yield a temporary folder beside ``path``; it replaces ``path`` when the block succeeds."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
-    try:
-        yield tmp
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def fmt(value: Any) -> str:
     """CSV cell: floats with full precision (tables are read back exactly), None as empty."""
     if value is None:
@@ -404,10 +360,6 @@ def gather_embeddings(args: argparse.Namespace, device: torch.device,
 
 
 def run_main(work: Callable[[], int]) -> int:
-    """Run a tool's body; known bad-input errors become one ``error:`` line and exit code 2."""
+    """Run a tool's body inside ``utils.errors.cli_main``: user mistakes become one ``error:`` line, exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return work()
-    except (AnalysisError, CheckpointError, DataError, ValueError, OSError) as exc:
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 2
+    return cli_main(work)

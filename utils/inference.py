@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils.errors import UserError
 from utils.tiling import pad_to_multiple, tiled_apply
 
 # --amp choices of training and evaluation: the autocast dtype (None: float32).
@@ -29,9 +30,9 @@ def effective_tile(model: nn.Module, tile: Optional[int]) -> Optional[int]:
     multiple = getattr(model, "size_multiple", 1)
     if tile is not None and tile > 0:
         if tile % multiple:
-            raise ValueError(f"--tile {tile} is not a multiple of {type(model).__name__}'s size multiple {multiple}")
+            raise UserError(f"--tile {tile} is not a multiple of {type(model).__name__}'s size multiple {multiple}")
         if own is not None and tile != own:
-            raise ValueError(f"--tile must be {own} for {type(model).__name__} (it works at its training size)")
+            raise UserError(f"--tile must be {own} for {type(model).__name__} (it works at its training size)")
         return tile
     return own
 

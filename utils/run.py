@@ -8,8 +8,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from datasets import DataError, find_pairs, read_image
-from utils.checkpoint import CheckpointError
+from datasets import find_pairs, read_image
+from utils.errors import UserError, cli_main
 from utils.options import parse_train_args
 
 logger = logging.getLogger("coic")
@@ -64,33 +64,24 @@ def main(model_name: str, argv: Optional[Sequence[str]] = None) -> int:
     from utils.trainer import Trainer, TrainingDiverged, TrainingInterrupted, setup_logging
 
     setup_logging()
-    try:
-        if args.demo:
-            from utils.demo_data import build_demo_data, default_root, demo_splits
 
-            demo_root = build_demo_data(default_root())
-            args.data_paths = ",".join(demo_splits(demo_root, "train").values())
-        trainer = Trainer(args)
-        last = trainer.train()
-        if args.demo:
-            demo_report(last, model_name, demo_root, args.save_path, trainer.device)
-    except TrainingInterrupted as exc:
-        print(f"{exc}", file=sys.stderr)
-        return 128 + exc.signum
-    except (DataError, CheckpointError, FileExistsError, TrainingDiverged, ValueError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("stopped at once without saving; rerun the same command to resume from the last checkpoint",
-              file=sys.stderr)
-        return 130
-    return 0
+    def work() -> int:
+        try:
+            if args.demo:
+                from utils.demo_data import build_demo_data, default_root, demo_splits
 
+                demo_root = build_demo_data(default_root())
+                args.data_paths = ",".join(demo_splits(demo_root, "train").values())
+            trainer = Trainer(args)
+            last = trainer.train()
+            if args.demo:
+                demo_report(last, model_name, demo_root, args.save_path, trainer.device)
+        except TrainingInterrupted as exc:
+            print(f"{exc}", file=sys.stderr)
+            return 128 + exc.signum
+        except TrainingDiverged as exc:  # the data or the learning rate, not the code
+            raise UserError(str(exc)) from exc
+        return 0
 
-def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` without the worker traceback a DataLoader wraps around it."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    if len(lines) > 1 and lines[0].startswith("Caught "):
-        last = lines[-1]
-        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
-    return " ".join(lines)
+    return cli_main(work, interrupted="stopped at once without saving; rerun the same command to resume from "
+                                      "the last checkpoint")
