@@ -18,13 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from datasets import DataError, find_pairs, is_image, read_image
 from models import build_encoder
 from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, remap_published_keys
 from utils.distributed import resolve_device
 from utils.errors import UserError, cli_main
+from utils.images import is_image, read_image, resize_square
 from utils.inference import ENCODER_SIZE
 from utils.io import atomic_dir, atomic_path
+from utils.layouts import find_pairs
 
 logger = logging.getLogger("coic.analysis")
 
@@ -134,11 +135,6 @@ def sample(items: Sequence, n: int, seed: int) -> list:
         return list(items)
     keep = sorted(random.Random(seed).sample(range(len(items)), n))
     return [items[i] for i in keep]
-
-
-def resize_square(x: Tensor, size: int) -> Tensor:
-    """(B,3,H,W) -> (B,3,size,size), bilinear with antialiasing, as training and ``image_code`` resize."""
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
 
 
 # ---------------------------------------------------------------------------- checkpoints

@@ -44,18 +44,19 @@ def run(args: argparse.Namespace) -> int:
 
         build_demo_data(args.root)
     elif args.cmd == "pairs":
-        from datasets import find_pairs
+        from utils.layouts import find_pairs
 
         for folder in args.folders:
             print(f"{folder}: {len(find_pairs(folder))} pairs")
     elif args.cmd == "prepare":
-        from datasets import prepare
+        from utils.prepare import prepare
 
         counts = prepare(args.dataset, args.raw, args.out, overwrite=args.overwrite)
         print(f"prepare {args.dataset}: {counts['written']} written, {counts['unchanged']} unchanged, "
               f"{counts['overwritten']} overwritten -> {args.out}")
     else:
-        from datasets import DATASET_SPECS, check_root, format_check
+        from utils.check import check_root, format_check
+        from utils.dataset_specs import DATASET_SPECS
 
         results = check_root(args.root, full=not args.fast)
         print(format_check(results, args.ignore_counts))

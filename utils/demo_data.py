@@ -20,9 +20,9 @@ import os
 import numpy as np
 import torch
 from scipy.signal import fftconvolve
-import torch.nn.functional as F
 
 from utils.errors import UserError
+from utils.images import resize_square, write_array
 from utils.io import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -53,8 +53,7 @@ def _patch(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     side = int(min(h, w, size * rng.uniform(1.0, 2.0)))
     top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
     crop = torch.from_numpy(np.ascontiguousarray(img[top:top + side, left:left + side])).permute(2, 0, 1)
-    out = F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return out[0].permute(1, 2, 0).clamp(0, 1).numpy()
+    return resize_square(crop, size).permute(1, 2, 0).numpy()
 
 
 def _line_kernel(length: int, angle_deg: float, width: float) -> torch.Tensor:
@@ -102,9 +101,7 @@ def add_rain(clean: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarr
 
 
 def _write(arr: np.ndarray, path: str) -> None:
-    from PIL import Image
-
-    Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8)).save(path)
+    write_array((np.clip(arr, 0, 1) * 255).round().astype(np.uint8), path)
 
 
 def default_root() -> str:

@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Callable
 
-__all__ = ["UserError", "USER_FACING_ERRNOS", "is_user_facing", "one_line", "cli_main", "EXIT_USER_ERROR"]
+__all__ = ["UserError", "DataError", "USER_FACING_ERRNOS", "is_user_facing", "one_line", "cli_main", "EXIT_USER_ERROR"]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -23,6 +23,10 @@ USER_FACING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.
 
 class UserError(Exception):
     """A mistake of the user's (data, checkpoint, flag), phrased as what to do about it."""
+
+
+class DataError(UserError, ValueError):
+    """A dataset folder or file that cannot be used, with what to do about it."""
 
 
 def is_user_facing(exc: BaseException, also: tuple = ()) -> bool:

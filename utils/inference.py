@@ -5,10 +5,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from utils.errors import UserError
+from utils.images import resize_square
 from utils.tiling import pad_to_multiple, tiled_apply
 
 # --amp choices of training and evaluation: the autocast dtype (None: float32).
@@ -19,9 +19,7 @@ ENCODER_SIZE = 128  # z is computed from the whole image resized to 128 x 128, a
 @torch.no_grad()
 def image_code(encoder: nn.Module, x: Tensor) -> Tensor:
     """z (1,dim) of x (1,3,H,W) in [0,1] from the key encoder, on the image resized to 128 x 128."""
-    small = F.interpolate(x, size=(ENCODER_SIZE, ENCODER_SIZE), mode="bilinear", align_corners=False,
-                          antialias=True)
-    return encoder(small.clamp(0, 1))
+    return encoder(resize_square(x, ENCODER_SIZE))
 
 
 def effective_tile(model: nn.Module, tile: Optional[int]) -> Optional[int]:

@@ -8,7 +8,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from datasets import find_pairs, read_image
+from utils.images import read_image, save_image
+from utils.layouts import find_pairs
 from utils.errors import UserError, cli_main
 from utils.options import parse_train_args
 
@@ -39,8 +40,6 @@ def demo_report(checkpoint: str, model_name: str, demo_root: str, save_path: str
         # One side-by-side picture per type: rainy | derained | clean.
         first = pairs[0]
         derained = read_image(os.path.join(out_dir, os.path.splitext(os.path.basename(first[0]))[0] + ".png"))
-        from datasets import save_image
-
         picture = os.path.join(save_path, f"demo_{kind}.png")
         save_image(torch.cat([read_image(first[0]), derained, read_image(first[1])], dim=-1), picture)
         row["picture"] = picture
