@@ -18,10 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models import build_encoder
-from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, remap_published_keys
+from utils.checkpoint import read_checkpoint
 from utils.distributed import resolve_device
 from utils.errors import UserError, cli_main
+from utils.evaluation import encoder_from_checkpoint
 from utils.images import is_image, read_image, resize_square
 from utils.inference import ENCODER_SIZE
 from utils.io import atomic_dir, atomic_path
@@ -148,19 +148,12 @@ def checkpoint_meta(obj: Any) -> dict:
     return {k: obj[k] for k in ("model_name", "model_hparams", "encoder_hparams", "args") if k in obj}
 
 
-def _encoder_dim(state: dict) -> int:
-    """z's dimension read off the last MLP layer (published MoCo files carry no hyper-parameters)."""
-    for key, value in remap_published_keys(state).items():
-        if key.endswith("mlp.2.weight") and hasattr(value, "shape"):
-            return int(value.shape[0])
-    return 128
-
-
 def load_encoder_file(path: str, device: torch.device) -> tuple[nn.Module, dict]:
     """The ContrastiveEncoder of ``path`` in eval mode, and the checkpoint object it came from.
 
     ``path``: one of our training checkpoints (its ``encoder`` part) or a published MoCo
-    state_dict (``encoder_q.*``/``encoder_k.*``).
+    state_dict (``encoder_q.*``/``encoder_k.*``); sized as ``test_model.py`` sizes it
+    (``utils.evaluation.encoder_dim``).
     """
     obj = read_checkpoint(path)
     if isinstance(obj, dict) and "model" in obj and "encoder" not in obj:
@@ -168,10 +161,7 @@ def load_encoder_file(path: str, device: torch.device) -> tuple[nn.Module, dict]
     state = obj.get("encoder", obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict):
         raise AnalysisError(f"{path} is not an encoder checkpoint (found a {type(state).__name__})")
-    dim = checkpoint_meta(obj).get("encoder_hparams", {}).get("dim") or _encoder_dim(state)
-    encoder = build_encoder(dim=dim)
-    load_weights(encoder, obj, part="encoder")
-    return encoder.to(device).eval(), obj
+    return encoder_from_checkpoint(obj, device), obj
 
 
 # ---------------------------------------------------------------------------- encoding

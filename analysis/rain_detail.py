@@ -126,7 +126,7 @@ def _load_models(args: argparse.Namespace, device: torch.device):
         return None, None, None
     if args.coic_model is None or args.base_model is None:
         raise AnalysisError("the PSNR gain needs both --coic_model and --base_model (or neither)")
-    from test_model import load_encoder, load_model
+    from utils.evaluation import load_encoder, load_model
 
     models = []
     for path, mode in ((args.coic_model, "tran"), (args.base_model, "normal")):

@@ -165,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def work() -> int:
         from tqdm import tqdm
 
-        from test_model import load_model
+        from utils.evaluation import load_model
 
         device = setup(args)
         if args.temperatures is not None and len(args.temperatures) != len(args.checkpoints):

@@ -255,7 +255,7 @@ def find_images(folder: str) -> tuple[str, list[str]]:
     """(image folder, image paths) of a folder of rainy images only: the first of ``IMAGE_FOLDERS``
     below ``folder`` that holds images (RealInt, a folder to derain); empty list when none does."""
     for sub in IMAGE_FOLDERS:
-        d = os.path.join(folder, sub)
+        d = os.path.join(folder, sub) if sub else folder
         if os.path.isdir(d) and list_images(d):
             return d, [os.path.join(d, f) for f in list_images(d)]
     return folder, []

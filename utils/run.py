@@ -18,7 +18,7 @@ logger = logging.getLogger("coic")
 
 def demo_report(checkpoint: str, model_name: str, demo_root: str, save_path: str, device: torch.device) -> list[dict]:
     """Evaluate a demo checkpoint on each rain type's test split; print the table, write pictures."""
-    from test_model import evaluate, load_encoder, load_model
+    from utils.evaluation import evaluate, load_encoder, load_model, output_name
     from utils.demo_data import RAIN_TYPES
     from utils.metrics import psnr, ssim
 
@@ -39,7 +39,7 @@ def demo_report(checkpoint: str, model_name: str, demo_root: str, save_path: str
         }
         # One side-by-side picture per type: rainy | derained | clean.
         first = pairs[0]
-        derained = read_image(os.path.join(out_dir, os.path.splitext(os.path.basename(first[0]))[0] + ".png"))
+        derained = read_image(os.path.join(out_dir, output_name(first[0])))
         picture = os.path.join(save_path, f"demo_{kind}.png")
         save_image(torch.cat([read_image(first[0]), derained, read_image(first[1])], dim=-1), picture)
         row["picture"] = picture
