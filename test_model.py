@@ -25,7 +25,7 @@ import torch
 
 from models import available_models
 from utils.dataset_specs import DATASET_SPECS
-from utils.distributed import resolve_device
+from utils.distributed import add_device_args, resolve_device
 from utils.errors import DataError, UserError, cli_main
 from utils.evaluation import collect_inputs, collect_testset, evaluate, load_encoder, load_model  # noqa: F401
 from utils.inference import AMP_DTYPES
@@ -57,9 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=None,
                    help="tile images larger than this (default: whole images; IDT always tiles at 128)")
     p.add_argument("--tile_overlap", type=int, default=32, help="overlap of neighbouring tiles in pixels")
-    p.add_argument("--use_GPU", action="store_true", help="run on CUDA (cuda:<gpu_id>)")
-    p.add_argument("--gpu_id", default="0", help="CUDA device index used with --use_GPU")
-    p.add_argument("--device", default=None, help="explicit torch device; overrides --use_GPU")
+    add_device_args(p)
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
                    help="autocast the model and encoder to bf16/fp16 (faster on recent GPUs; scores use float32)")
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPUs)")

@@ -16,6 +16,13 @@ from utils.errors import UserError
 logger = logging.getLogger("coic")
 
 
+def add_device_args(p, verb: str = "run") -> None:
+    """``--use_GPU``, ``--gpu_id``, ``--device``: the flags ``resolve_device`` reads (``p``: a parser or group)."""
+    p.add_argument("--use_GPU", action="store_true", help=f"{verb} on CUDA (device cuda:<gpu_id>)")
+    p.add_argument("--gpu_id", default="0", help="CUDA device index used with --use_GPU")
+    p.add_argument("--device", default=None, help="explicit torch device (cpu, cuda, cuda:1); overrides --use_GPU")
+
+
 def resolve_device(args: argparse.Namespace, local_rank: Optional[int] = None,
                    prefer_cuda: bool = False) -> torch.device:
     """The one device choice of every command: ``--device`` if given, else ``cuda:<gpu_id>`` with
