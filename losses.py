@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils.metrics import gaussian_window
+
 
 def full_precision(forward):
     """Run a criterion in float32 with autocast off (losses in bf16/fp16 lose the small differences)."""
@@ -22,14 +24,6 @@ def full_precision(forward):
         with torch.autocast(tensors[0].device.type, enabled=False):
             return forward(self, *(t.float() for t in tensors))
     return wrapped
-
-
-def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float32) -> Tensor:
-    """Normalised 2-D Gaussian (size, size)."""
-    g = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(g ** 2) / (2 * sigma ** 2))
-    g = g / g.sum()
-    return torch.outer(g, g).to(dtype)
 
 
 class SSIMLoss(nn.Module):

@@ -6,31 +6,31 @@ so an interrupted run never leaves a half-written table or figure behind.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import logging
 import math
 import os
 import random
-import shutil
-import sys
-import tempfile
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from datasets import DataError, find_pairs, is_image, read_image
-from models import build_encoder
-from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, remap_published_keys
+from utils.checkpoint import read_checkpoint
+from utils.distributed import resolve_device
+from utils.errors import UserError, cli_main
+from utils.evaluation import encoder_from_checkpoint
+from utils.images import is_image, read_image, resize_square
 from utils.inference import ENCODER_SIZE
+from utils.io import atomic_dir, atomic_path
+from utils.layouts import find_pairs
 
 logger = logging.getLogger("coic.analysis")
 
 __all__ = [
-    "AnalysisError", "add_output_args", "setup", "add_embedding_args", "resolve_device", "split_paths",
+    "AnalysisError", "add_output_args", "setup", "add_embedding_args", "split_paths",
     "dataset_labels", "check_labels", "dataset_images", "dataset_pairs", "sample", "resize_square", "checkpoint_meta",
     "load_encoder_file", "encode_batch", "encode_images", "gather_embeddings", "pearson", "atomic_path", "atomic_dir",
     "fmt", "write_csv", "write_text", "markdown_table", "new_figure", "require_matplotlib", "save_figure",
@@ -41,7 +41,7 @@ __all__ = [
 _GENERIC_NAMES = {"train", "test", "val", "valid", "rain", "norain", "input", "target", "gt"}
 
 
-class AnalysisError(ValueError):
+class AnalysisError(UserError, ValueError):
     """Bad input to an analysis tool, phrased as what to do about it (printed as one line)."""
 
 
@@ -63,24 +63,12 @@ def add_restore_args(p, model_help: str = "backbone of checkpoints that do not n
 
 def setup(args: argparse.Namespace) -> torch.device:
     """What every tool does first: pick the device, set the CPU threads, check the figures can be drawn."""
-    device = resolve_device(args.device)
+    device = resolve_device(args, prefer_cuda=True)
     if args.threads is not None:
         if args.threads < 1:
             raise AnalysisError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     require_matplotlib()
-    return device
-
-
-def resolve_device(name: Optional[str]) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise AnalysisError(f"--device {name!r} is not a torch device ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AnalysisError(f"--device {name} was given but CUDA is not available; use --device cpu")
     return device
 
 
@@ -149,11 +137,6 @@ def sample(items: Sequence, n: int, seed: int) -> list:
     return [items[i] for i in keep]
 
 
-def resize_square(x: Tensor, size: int) -> Tensor:
-    """(B,3,H,W) -> (B,3,size,size), bilinear with antialiasing, as training and ``image_code`` resize."""
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-
-
 # ---------------------------------------------------------------------------- checkpoints
 def checkpoint_meta(obj: Any) -> dict:
     """What one of our training checkpoints says about itself (empty for a bare state_dict).
@@ -165,19 +148,12 @@ def checkpoint_meta(obj: Any) -> dict:
     return {k: obj[k] for k in ("model_name", "model_hparams", "encoder_hparams", "args") if k in obj}
 
 
-def _encoder_dim(state: dict) -> int:
-    """z's dimension read off the last MLP layer (published MoCo files carry no hyper-parameters)."""
-    for key, value in remap_published_keys(state).items():
-        if key.endswith("mlp.2.weight") and hasattr(value, "shape"):
-            return int(value.shape[0])
-    return 128
-
-
 def load_encoder_file(path: str, device: torch.device) -> tuple[nn.Module, dict]:
     """The ContrastiveEncoder of ``path`` in eval mode, and the checkpoint object it came from.
 
     ``path``: one of our training checkpoints (its ``encoder`` part) or a published MoCo
-    state_dict (``encoder_q.*``/``encoder_k.*``).
+    state_dict (``encoder_q.*``/``encoder_k.*``); sized as ``test_model.py`` sizes it
+    (``utils.evaluation.encoder_dim``).
     """
     obj = read_checkpoint(path)
     if isinstance(obj, dict) and "model" in obj and "encoder" not in obj:
@@ -185,10 +161,7 @@ def load_encoder_file(path: str, device: torch.device) -> tuple[nn.Module, dict]
     state = obj.get("encoder", obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict):
         raise AnalysisError(f"{path} is not an encoder checkpoint (found a {type(state).__name__})")
-    dim = checkpoint_meta(obj).get("encoder_hparams", {}).get("dim") or _encoder_dim(state)
-    encoder = build_encoder(dim=dim)
-    load_weights(encoder, obj, part="encoder")
-    return encoder.to(device).eval(), obj
+    return encoder_from_checkpoint(obj, device), obj
 
 
 # ---------------------------------------------------------------------------- encoding
@@ -242,37 +215,6 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 # ---------------------------------------------------------------------------- outputs
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; rename it into place when the block succeeds."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    root, ext = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{root}.", suffix=f".tmp{ext}", dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str) -> Iterator[str]:
-    """Yield a temporary folder beside ``path``; it replaces ``path`` when the block succeeds."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
-    try:
-        yield tmp
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def fmt(value: Any) -> str:
     """CSV cell: floats with full precision (tables are read back exactly), None as empty."""
     if value is None:
@@ -404,10 +346,6 @@ def gather_embeddings(args: argparse.Namespace, device: torch.device,
 
 
 def run_main(work: Callable[[], int]) -> int:
-    """Run a tool's body; known bad-input errors become one ``error:`` line and exit code 2."""
+    """Run a tool's body inside ``utils.errors.cli_main``: user mistakes become one ``error:`` line, exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return work()
-    except (AnalysisError, CheckpointError, DataError, ValueError, OSError) as exc:
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 2
+    return cli_main(work)

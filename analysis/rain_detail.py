@@ -37,7 +37,8 @@ from torch import Tensor
 from analysis.common import (AnalysisError, add_output_args, add_restore_args, check_labels, dataset_colours, dataset_pairs, encode_batch,
                              load_encoder_file, logger, markdown_table, new_figure, pearson, resize_square, run_main,
                              sample, save_figure, setup, split_paths, write_csv, write_text)
-from datasets import DataError, read_image
+from utils.errors import DataError
+from utils.images import read_image
 from utils.checkpoint import read_checkpoint
 from utils.contrastive import gaussian_blur
 from utils.inference import ENCODER_SIZE, image_code, restore
@@ -125,7 +126,7 @@ def _load_models(args: argparse.Namespace, device: torch.device):
         return None, None, None
     if args.coic_model is None or args.base_model is None:
         raise AnalysisError("the PSNR gain needs both --coic_model and --base_model (or neither)")
-    from test_model import load_encoder, load_model
+    from utils.evaluation import load_encoder, load_model
 
     models = []
     for path, mode in ((args.coic_model, "tran"), (args.base_model, "normal")):

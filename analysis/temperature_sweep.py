@@ -37,7 +37,7 @@ from torch import Tensor
 from analysis.common import (AnalysisError, add_output_args, add_restore_args, checkpoint_meta, dataset_pairs, load_encoder_file, logger,
                              markdown_table, new_figure, resize_square, run_main, sample, save_figure, setup,
                              split_paths, write_csv, write_text)
-from datasets import read_image
+from utils.images import read_image
 from utils.contrastive import RainArchive, build_negatives
 from utils.inference import image_code, restore
 from utils.metrics import psnr, ssim
@@ -165,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def work() -> int:
         from tqdm import tqdm
 
-        from test_model import load_model
+        from utils.evaluation import load_model
 
         device = setup(args)
         if args.temperatures is not None and len(args.temperatures) != len(args.checkpoints):

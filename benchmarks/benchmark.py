@@ -596,11 +596,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker_params:
         return worker_main(args.worker_params, args.worker_out, _measure_ours_params)
-    try:
-        return run(args)
-    except BenchmarkError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from utils.errors import cli_main
+
+    return cli_main(lambda: run(args), also=(BenchmarkError,))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 import datasets
 from conftest import train_flags
 from datasets import DataError, EpochSampler, MixedRainDataset, SampleKey
+from utils import images
 from utils import trainer as trainer_module
 from utils.options import parse_train_args
 from utils.trainer import Trainer
@@ -182,14 +183,14 @@ def test_starting_an_epoch_leaves_the_global_rng_alone(tmp_path, mixed):
 def _counting_reads(monkeypatch, log) -> Callable[[], collections.Counter]:
     """A Counter of image decodes by path, filled from ``log`` (decodes in forked workers count too)."""
     reads = collections.Counter()
-    decode = datasets._decode_native
+    decode = images.decode_native
 
     def counting(path):
         with open(log, "a") as f:
             f.write(f"{path}\n")
         return decode(path)
 
-    monkeypatch.setattr(datasets, "_decode_native", counting)
+    monkeypatch.setattr(images, "decode_native", counting)
 
     def count() -> collections.Counter:
         reads.clear()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import test_model
+from utils import evaluation
 from datasets import dataset_spec, find_pairs, read_image, read_pair, save_image
 from models import build_encoder, build_model
 from test_real_datasets import build_real_tree
@@ -208,7 +209,7 @@ def test_skip_existing_reuses_images_and_scores(setup, tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("an existing image was derained again")
 
-    monkeypatch.setattr(test_model, "restore", no_model)
+    monkeypatch.setattr(evaluation, "restore", no_model)
     assert _run(ckpt, root, out, "--metric_protocol", "matlab", "--skip_existing") == 0
     assert _csv(os.path.join(out, "summary.csv")) == first
     # without a results file the scores come from the saved PNGs: identical under the matlab protocol
@@ -219,8 +220,8 @@ def test_skip_existing_reuses_images_and_scores(setup, tmp_path, monkeypatch):
     monkeypatch.undo()
     os.remove(os.path.join(out, "SPA", "000.png"))
     calls = []
-    real_restore = test_model.restore
-    monkeypatch.setattr(test_model, "restore", lambda *a, **k: calls.append(1) or real_restore(*a, **k))
+    real_restore = evaluation.restore
+    monkeypatch.setattr(evaluation, "restore", lambda *a, **k: calls.append(1) or real_restore(*a, **k))
     assert _run(ckpt, root, out, "--metric_protocol", "matlab", "--skip_existing") == 0
     assert len(calls) == 1 and os.path.isfile(os.path.join(out, "SPA", "000.png"))
     assert _csv(os.path.join(out, "summary.csv")) == first

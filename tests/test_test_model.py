@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import test_model
+from utils import evaluation
 from conftest import reference_file, train_flags
 from datasets import read_image
 from models import build_model
@@ -129,8 +130,8 @@ def test_read_ahead_keeps_order_and_reads_each_image_once(tmp_path, trained, tin
     items = test_model.collect_inputs(os.path.join(tiny_demo, "heavy", "test"))
     model, _ = test_model.load_model("BRN", trained, "normal", torch.device("cpu"))
     reads = []
-    real = test_model.read_pair
-    monkeypatch.setattr(test_model, "read_pair", lambda a, b: (reads.append(a), real(a, b))[1])
+    real = evaluation.read_pair
+    monkeypatch.setattr(evaluation, "read_pair", lambda a, b: (reads.append(a), real(a, b))[1])
     out = tmp_path / "out"
     out.mkdir()
     first = test_model.evaluate(model, None, items, str(out), torch.device("cpu"), progress=False)

@@ -12,18 +12,20 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from typing import Any, Mapping, Union
 
 import torch
 import torch.nn as nn
+
+from utils.errors import UserError, is_user_facing, one_line
+from utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointError", "load_weights", "remap_published_keys", "save_atomic", "read_checkpoint"]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
@@ -109,18 +111,22 @@ def _preview(keys: list, n: int = 4) -> str:
 
 
 def save_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
-    """Write ``obj`` to a temporary file beside ``path`` and rename it into place."""
+    """Write ``obj`` to a temporary file beside ``path`` and rename it into place.
+
+    A write that fails for lack of space or permission raises ``CheckpointError`` (one line,
+    what to do); the previous checkpoints stay and no temporary file is left.
+    """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        atomic_write(path, lambda tmp: torch.save(obj, tmp), fsync=True)
+    except OSError as exc:
+        if not is_user_facing(exc):
+            raise
+        raise CheckpointError(f"cannot write checkpoint {path} ({exc.strerror or exc}); "
+                              "free some disk space or pick another --save_path") from exc
+    except RuntimeError as exc:
+        # torch's zip writer reports a failed write (a full disk) as a RuntimeError of its own.
+        if "write" not in str(exc).lower():
+            raise
+        raise CheckpointError(f"cannot write checkpoint {path} ({one_line(exc)}); "
+                              "free some disk space or pick another --save_path") from exc

@@ -1,16 +1,15 @@
-"""``python datasets.py demo|pairs|prepare|check``: the command line of ``datasets.py``."""
+"""``python datasets.py demo|pairs|prepare|check``: the dataset tools' command line."""
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
 from typing import Optional, Sequence
 
-from datasets import DATASET_SPECS, DataError, check_root, find_pairs, format_check, prepare
+from utils.errors import cli_main
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    import argparse
-    import sys
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Dataset tools: demo data, pair counts, prepare raw sets, check a data root.")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -29,30 +28,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     chk.add_argument("--ignore_counts", action="store_true",
                      help="do not fail when counts differ from the official ones")
     chk.add_argument("--fast", action="store_true", help="read image headers only (misses truncated files)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.cmd == "demo":
-            from utils.demo_data import build_demo_data
+    return cli_main(lambda: run(args))
 
-            build_demo_data(args.root)
-        elif args.cmd == "pairs":
-            for folder in args.folders:
-                print(f"{folder}: {len(find_pairs(folder))} pairs")
-        elif args.cmd == "prepare":
-            counts = prepare(args.dataset, args.raw, args.out, overwrite=args.overwrite)
-            print(f"prepare {args.dataset}: {counts['written']} written, {counts['unchanged']} unchanged, "
-                  f"{counts['overwritten']} overwritten -> {args.out}")
-        else:
-            results = check_root(args.root, full=not args.fast)
-            print(format_check(results, args.ignore_counts))
-            present = [r for r in results if not r.absent]
-            if not present:
-                print(f"error: {args.root} holds none of {', '.join(s.name for s in DATASET_SPECS)}", file=sys.stderr)
-                return 1
-            return 1 if any(r.problems(args.ignore_counts) for r in present) else 0
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+def run(args: argparse.Namespace) -> int:
+    """One sub-command; 0 when all is well, 1 when ``check`` found problems."""
+    if args.cmd == "demo":
+        from utils.demo_data import build_demo_data
+
+        build_demo_data(args.root)
+    elif args.cmd == "pairs":
+        from utils.layouts import find_pairs
+
+        for folder in args.folders:
+            print(f"{folder}: {len(find_pairs(folder))} pairs")
+    elif args.cmd == "prepare":
+        from utils.prepare import prepare
+
+        counts = prepare(args.dataset, args.raw, args.out, overwrite=args.overwrite)
+        print(f"prepare {args.dataset}: {counts['written']} written, {counts['unchanged']} unchanged, "
+              f"{counts['overwritten']} overwritten -> {args.out}")
+    else:
+        from utils.check import check_root, format_check
+        from utils.dataset_specs import DATASET_SPECS
+
+        results = check_root(args.root, full=not args.fast)
+        print(format_check(results, args.ignore_counts))
+        present = [r for r in results if not r.absent]
+        if not present:
+            print(f"error: {args.root} holds none of {', '.join(s.name for s in DATASET_SPECS)}", file=sys.stderr)
+            return 1
+        return 1 if any(r.problems(args.ignore_counts) for r in present) else 0
     return 0
-

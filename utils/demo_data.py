@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 
 import numpy as np
 import torch
 from scipy.signal import fftconvolve
-import torch.nn.functional as F
+
+from utils.errors import UserError
+from utils.images import resize_square, write_array
+from utils.io import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +31,10 @@ RAIN_TYPES = ("light", "heavy", "hazy", "multiangle")
 TRAIN_SOURCES = ("astronaut", "coffee", "rocket", "retina", "immunohistochemistry", "camera", "brick", "grass")
 TEST_SOURCES = ("chelsea", "coins", "gravel", "hubble_deep_field")
 _DONE = ".complete"
+
+
+class DemoDataExists(UserError, FileExistsError):
+    """The demo root exists but holds something other than complete demo data."""
 
 
 def _source(name: str) -> np.ndarray:
@@ -47,8 +53,7 @@ def _patch(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     side = int(min(h, w, size * rng.uniform(1.0, 2.0)))
     top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
     crop = torch.from_numpy(np.ascontiguousarray(img[top:top + side, left:left + side])).permute(2, 0, 1)
-    out = F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return out[0].permute(1, 2, 0).clamp(0, 1).numpy()
+    return resize_square(crop, size).permute(1, 2, 0).numpy()
 
 
 def _line_kernel(length: int, angle_deg: float, width: float) -> torch.Tensor:
@@ -96,9 +101,7 @@ def add_rain(clean: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarr
 
 
 def _write(arr: np.ndarray, path: str) -> None:
-    from PIL import Image
-
-    Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8)).save(path)
+    write_array((np.clip(arr, 0, 1) * 255).round().astype(np.uint8), path)
 
 
 def default_root() -> str:
@@ -120,30 +123,26 @@ def build_demo_data(root: str = "demo_data", train_per_source: int = 6, train_si
     if is_complete(root):
         return root
     if os.path.exists(root) and os.listdir(root):
-        raise FileExistsError(f"{root} exists but is not a complete demo data folder; remove it or pick another path")
-    tmp = root.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
+        raise DemoDataExists(f"{root} exists but is not a complete demo data folder; remove it or pick another path")
     sources = {name: _source(name) for name in TRAIN_SOURCES + TEST_SOURCES}
     from tqdm import tqdm
 
-    for t, kind in enumerate(tqdm(RAIN_TYPES, desc="demo data", unit="type")):
-        rng = np.random.default_rng([seed, t])
-        for split, names, per, size in (("train", TRAIN_SOURCES, train_per_source, train_size),
-                                        ("test", TEST_SOURCES, 1, test_size)):
-            for sub in ("rain", "norain"):
-                os.makedirs(os.path.join(tmp, kind, split, sub), exist_ok=True)
-            i = 0
-            for name in names:
-                for _ in range(per):
-                    clean = _patch(sources[name], size, rng)
-                    rainy = add_rain(clean, kind, rng)
-                    _write(clean, os.path.join(tmp, kind, split, "norain", f"{i:03d}.png"))
-                    _write(rainy, os.path.join(tmp, kind, split, "rain", f"{i:03d}.png"))
-                    i += 1
-    open(os.path.join(tmp, _DONE), "w").close()
-    if os.path.exists(root):
-        os.rmdir(root)
-    os.replace(tmp, root)
+    with atomic_dir(root) as tmp:
+        for t, kind in enumerate(tqdm(RAIN_TYPES, desc="demo data", unit="type")):
+            rng = np.random.default_rng([seed, t])
+            for split, names, per, size in (("train", TRAIN_SOURCES, train_per_source, train_size),
+                                            ("test", TEST_SOURCES, 1, test_size)):
+                for sub in ("rain", "norain"):
+                    os.makedirs(os.path.join(tmp, kind, split, sub), exist_ok=True)
+                i = 0
+                for name in names:
+                    for _ in range(per):
+                        clean = _patch(sources[name], size, rng)
+                        rainy = add_rain(clean, kind, rng)
+                        _write(clean, os.path.join(tmp, kind, split, "norain", f"{i:03d}.png"))
+                        _write(rainy, os.path.join(tmp, kind, split, "rain", f"{i:03d}.png"))
+                        i += 1
+        open(os.path.join(tmp, _DONE), "w").close()
     logger.info("demo data written to %s (%d rain types)", root, len(RAIN_TYPES))
     return root
 

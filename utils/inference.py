@@ -5,9 +5,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
+from utils.errors import UserError
+from utils.images import resize_square
 from utils.tiling import pad_to_multiple, tiled_apply
 
 # --amp choices of training and evaluation: the autocast dtype (None: float32).
@@ -18,9 +19,7 @@ ENCODER_SIZE = 128  # z is computed from the whole image resized to 128 x 128, a
 @torch.no_grad()
 def image_code(encoder: nn.Module, x: Tensor) -> Tensor:
     """z (1,dim) of x (1,3,H,W) in [0,1] from the key encoder, on the image resized to 128 x 128."""
-    small = F.interpolate(x, size=(ENCODER_SIZE, ENCODER_SIZE), mode="bilinear", align_corners=False,
-                          antialias=True)
-    return encoder(small.clamp(0, 1))
+    return encoder(resize_square(x, ENCODER_SIZE))
 
 
 def effective_tile(model: nn.Module, tile: Optional[int]) -> Optional[int]:
@@ -29,9 +28,9 @@ def effective_tile(model: nn.Module, tile: Optional[int]) -> Optional[int]:
     multiple = getattr(model, "size_multiple", 1)
     if tile is not None and tile > 0:
         if tile % multiple:
-            raise ValueError(f"--tile {tile} is not a multiple of {type(model).__name__}'s size multiple {multiple}")
+            raise UserError(f"--tile {tile} is not a multiple of {type(model).__name__}'s size multiple {multiple}")
         if own is not None and tile != own:
-            raise ValueError(f"--tile must be {own} for {type(model).__name__} (it works at its training size)")
+            raise UserError(f"--tile must be {own} for {type(model).__name__} (it works at its training size)")
         return tile
     return own
 

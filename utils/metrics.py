@@ -32,11 +32,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from losses import gaussian_window
-
 __all__ = ["rgb_to_y", "psnr", "ssim", "psnr_per_image", "ssim_per_image", "quantize_uint8", "matlab_y_uint8",
            "matlab_y_double", "matlab_psnr", "matlab_ssim", "ddn_psnr", "ddn_ssim", "matlab_box_downsample",
-           "MetricProtocol", "PROTOCOLS", "score"]
+           "MetricProtocol", "PROTOCOLS", "score", "gaussian_window"]
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float32) -> Tensor:
+    """Normalised 2-D Gaussian (size, size)."""
+    g = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(g ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return torch.outer(g, g).to(dtype)
+
 
 _Y_WEIGHTS = (0.256789, 0.504129, 0.097906)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+from utils.distributed import add_device_args
 from utils.recipes import Recipe, get_recipe
 
 REFERENCE_DATA_PATHS = ("datasets/Rain200H/train,datasets/Rain200L/train,datasets/Rain800/train,"
@@ -53,9 +54,7 @@ def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
                    help="decode every training image once at start and keep it in memory (8-bit images as "
                         "uint8; workers share it); refuses when it would take over 80%% of the available memory")
     g = p.add_argument_group("device")
-    g.add_argument("--use_GPU", action="store_true", help="train on CUDA (device cuda:<gpu_id>)")
-    g.add_argument("--gpu_id", default="0", help="CUDA device index used with --use_GPU")
-    g.add_argument("--device", default=None, help="explicit torch device (cpu, cuda, cuda:1); overrides --use_GPU")
+    add_device_args(g, "train")
     g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
                    help="mixed precision: autocast to bf16 or fp16 (fp16 adds a gradient scaler)")
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPUs)")
@@ -107,6 +106,9 @@ def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> a
             parser.error(f"--{key} must be at least 1, got {getattr(args, key)}")
     if args.stage1_iters < 0:
         parser.error("--stage1_iters must be >= 0")
+    on_cuda = args.device.split(":")[0] == "cuda" if args.device else args.use_GPU
+    if args.sync_bn and not on_cuda:
+        parser.error("--sync_bn works with CUDA devices only (PyTorch's SyncBatchNorm); drop it on the CPU")
     args.recipe = recipe
     args.model_hparams = {k: getattr(args, k) for k, f in recipe.flags.items() if f.model and not f.init_only}
     args.model_hparams["dim_in"] = args.dim_in

@@ -8,8 +8,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from datasets import DataError, find_pairs, read_image
-from utils.checkpoint import CheckpointError
+from utils.images import read_image, save_image
+from utils.layouts import find_pairs
+from utils.errors import UserError, cli_main
 from utils.options import parse_train_args
 
 logger = logging.getLogger("coic")
@@ -17,7 +18,7 @@ logger = logging.getLogger("coic")
 
 def demo_report(checkpoint: str, model_name: str, demo_root: str, save_path: str, device: torch.device) -> list[dict]:
     """Evaluate a demo checkpoint on each rain type's test split; print the table, write pictures."""
-    from test_model import evaluate, load_encoder, load_model
+    from utils.evaluation import evaluate, load_encoder, load_model, output_name
     from utils.demo_data import RAIN_TYPES
     from utils.metrics import psnr, ssim
 
@@ -38,9 +39,7 @@ def demo_report(checkpoint: str, model_name: str, demo_root: str, save_path: str
         }
         # One side-by-side picture per type: rainy | derained | clean.
         first = pairs[0]
-        derained = read_image(os.path.join(out_dir, os.path.splitext(os.path.basename(first[0]))[0] + ".png"))
-        from datasets import save_image
-
+        derained = read_image(os.path.join(out_dir, output_name(first[0])))
         picture = os.path.join(save_path, f"demo_{kind}.png")
         save_image(torch.cat([read_image(first[0]), derained, read_image(first[1])], dim=-1), picture)
         row["picture"] = picture
@@ -64,33 +63,24 @@ def main(model_name: str, argv: Optional[Sequence[str]] = None) -> int:
     from utils.trainer import Trainer, TrainingDiverged, TrainingInterrupted, setup_logging
 
     setup_logging()
-    try:
-        if args.demo:
-            from utils.demo_data import build_demo_data, default_root, demo_splits
 
-            demo_root = build_demo_data(default_root())
-            args.data_paths = ",".join(demo_splits(demo_root, "train").values())
-        trainer = Trainer(args)
-        last = trainer.train()
-        if args.demo:
-            demo_report(last, model_name, demo_root, args.save_path, trainer.device)
-    except TrainingInterrupted as exc:
-        print(f"{exc}", file=sys.stderr)
-        return 128 + exc.signum
-    except (DataError, CheckpointError, FileExistsError, TrainingDiverged, ValueError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("stopped at once without saving; rerun the same command to resume from the last checkpoint",
-              file=sys.stderr)
-        return 130
-    return 0
+    def work() -> int:
+        try:
+            if args.demo:
+                from utils.demo_data import build_demo_data, default_root, demo_splits
 
+                demo_root = build_demo_data(default_root())
+                args.data_paths = ",".join(demo_splits(demo_root, "train").values())
+            trainer = Trainer(args)
+            last = trainer.train()
+            if args.demo:
+                demo_report(last, model_name, demo_root, args.save_path, trainer.device)
+        except TrainingInterrupted as exc:
+            print(f"{exc}", file=sys.stderr)
+            return 128 + exc.signum
+        except TrainingDiverged as exc:  # the data or the learning rate, not the code
+            raise UserError(str(exc)) from exc
+        return 0
 
-def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` without the worker traceback a DataLoader wraps around it."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    if len(lines) > 1 and lines[0].startswith("Caught "):
-        last = lines[-1]
-        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
-    return " ".join(lines)
+    return cli_main(work, interrupted="stopped at once without saving; rerun the same command to resume from "
+                                      "the last checkpoint")

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils.errors import UserError
+
 
 def pad_to(x: Tensor, height: int, width: int) -> Tensor:
     """Pad (B,C,H,W) at the bottom/right to (height, width): reflect where possible, else replicate."""
@@ -43,7 +45,7 @@ def tiled_apply(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: i
     ``fn`` maps (N,C,tile,tile) to (N,C',tile,tile). Inputs smaller than a tile are padded.
     """
     if overlap >= tile:
-        raise ValueError(f"--tile_overlap ({overlap}) must be smaller than --tile ({tile})")
+        raise UserError(f"--tile_overlap ({overlap}) must be smaller than --tile ({tile})")
     h, w = x.shape[-2:]
     xp = pad_to(x, max(h, tile), max(w, tile))
     H, W = xp.shape[-2:]

@@ -1,0 +1,146 @@
+"""The error boundary (utils.errors), the atomic write (utils.io) and the failures users meet."""
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import test_model
+from conftest import ROOT, train_flags
+from utils import checkpoint
+from utils.checkpoint import CheckpointError, save_atomic
+from utils.errors import UserError, cli_main, one_line
+from utils.io import atomic_path, atomic_write, atomic_write_text
+from utils.run import main as train_main
+from utils.trainer import list_checkpoints
+
+
+def _err_lines(capsys) -> list[str]:
+    return [ln for ln in capsys.readouterr().err.strip().splitlines() if ln]
+
+
+def test_user_error_is_one_line_and_exit_2(capsys):
+    def work():
+        raise UserError("bad flag\n  try --other")
+
+    assert cli_main(work) == 2
+    assert _err_lines(capsys) == ["error: bad flag try --other"]
+
+
+def test_user_facing_os_error_is_one_line(capsys):
+    def work():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    assert cli_main(work) == 2
+    assert _err_lines(capsys) == ["error: [Errno 28] No space left on device"]
+
+
+def test_bug_keeps_its_exception(capsys):
+    def bug():
+        raise ValueError("a bug, not a user mistake")
+
+    with pytest.raises(ValueError, match="a bug"):
+        cli_main(bug)
+    with pytest.raises(OSError):  # an OS error the user cannot fix (I/O error) is not hidden either
+        cli_main(lambda: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    assert capsys.readouterr().err == ""
+
+
+def test_bug_prints_its_traceback_from_a_command_line():
+    code = ("import sys; from utils.errors import cli_main\n"
+            "def bug():\n    raise ValueError('a real bug')\n"
+            "sys.exit(cli_main(bug))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode not in (0, 2)
+    assert "Traceback" in done.stderr and "ValueError: a real bug" in done.stderr
+
+
+def test_keyboard_interrupt(capsys):
+    def work():
+        raise KeyboardInterrupt
+
+    assert cli_main(work, interrupted="stopped here") == 130
+    assert _err_lines(capsys) == ["stopped here"]
+
+
+def test_extra_user_error_types(capsys):
+    class ToolError(Exception):
+        pass
+
+    def work():
+        raise ToolError("wrong --x")
+
+    assert cli_main(work, also=(ToolError,)) == 2
+    assert _err_lines(capsys) == ["error: wrong --x"]
+
+
+def test_one_line_strips_a_dataloader_traceback():
+    wrapped = ValueError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                         "last):\n  File \"x.py\", line 1\nDataError: pair sizes differ: a vs b")
+    assert one_line(wrapped) == "pair sizes differ: a vs b"
+
+
+def test_atomic_write_replaces_or_keeps(tmp_path):
+    target = tmp_path / "sub" / "table.csv"
+    atomic_write_text(target, "one\n")
+    assert target.read_text() == "one\n"
+
+    def failing(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write(target, failing)
+    assert target.read_text() == "one\n"
+    assert os.listdir(target.parent) == ["table.csv"]  # no temporary file left
+    with atomic_path(tmp_path / "pic.png") as tmp:
+        assert tmp.endswith(".png") and os.path.dirname(tmp) == str(tmp_path)
+        open(tmp, "w").close()
+    assert (tmp_path / "pic.png").exists()
+
+
+def test_save_atomic_turns_a_full_disk_into_a_checkpoint_error(tmp_path, monkeypatch):
+    def full(obj, f, *a, **k):
+        with open(f, "wb") as out:
+            out.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match="free some disk space"):
+        save_atomic({"a": 1}, tmp_path / "ckpt.pth")
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a serializer bug")))
+    with pytest.raises(RuntimeError, match="serializer bug"):  # not a write failure: not hidden
+        save_atomic({"a": 1}, tmp_path / "ckpt.pth")
+
+
+def test_enospc_during_training_checkpoint_is_one_line(tmp_path, tiny_demo, monkeypatch, capsys):
+    data = os.path.join(tiny_demo, "light", "train")
+    assert train_main("BRN", train_flags(str(tmp_path), data, tot_iters=2, save_freq=2)) == 0
+    before = sorted(f for f in os.listdir(tmp_path) if f.endswith(".pth") or f.startswith("."))
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)  # a file is half there when the disk fills
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    capsys.readouterr()
+    code = train_main("BRN", train_flags(str(tmp_path), data, tot_iters=4, save_freq=2))
+    err = _err_lines(capsys)
+    assert code == 2 and err[-1].startswith("error: cannot write checkpoint") and "No space left" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert "ckpt_0000002.pth" in [os.path.basename(p) for p in list_checkpoints(str(tmp_path))]
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pth") or f.startswith(".")) == before  # the earlier checkpoints stay, no temporary file is left
+
+
+@pytest.mark.parametrize("tile", ["0", "-8"])
+def test_tile_must_be_positive(tile, tmp_path, tiny_demo, capsys):
+    code = test_model.main(["--test_model", str(tmp_path / "unused.pth"), "--tile", tile,
+                            "--test_dir", os.path.join(tiny_demo, "heavy", "test"), "--save_path", str(tmp_path)])
+    err = _err_lines(capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --tile") and tile in err[0]

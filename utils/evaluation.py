@@ -1,0 +1,218 @@
+"""Evaluating a checkpoint: building model and encoder from any file we accept, the inputs of a
+test folder or named test set, the derain-save-score loop. ``test_model.py`` is its command line;
+the demo report (``utils.run``) and the analysis tools use it too. Result tables: ``utils.results``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from models import build_encoder, build_model
+from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, remap_published_keys
+from utils.dataset_specs import dataset_spec, find_dataset_folder, split_folder
+from utils.errors import DataError
+from utils.images import list_images, read_image, read_pair, save_image
+from utils.inference import image_code, restore
+from utils.layouts import claims_pairs, find_images, find_pairs
+from utils.metrics import score
+from utils.results import read_table, write_table
+
+logger = logging.getLogger("coic.test")
+
+__all__ = ["load_model", "encoder_dim", "encoder_from_checkpoint", "load_encoder", "collect_inputs",
+           "collect_testset", "output_name", "evaluate"]
+
+DEFAULT_ENCODER_DIM = 128  # the paper's z
+
+
+# --------------------------------------------------------------------------- model and encoder
+def _has_generators(state: dict) -> bool:
+    return any(".generator." in k or ".g2pa_wgen." in k for k in state)
+
+
+def load_model(model_name: str, path: str, mode: str, device: torch.device,
+               overrides: Optional[dict] = None) -> tuple[nn.Module, dict]:
+    """Build ``model_name`` to fit the checkpoint at ``path`` and load it (eval mode).
+
+    Our checkpoints carry their hyper-parameters; published state_dicts use the reference
+    configuration. A state_dict without CoI-M generators (a backbone trained without CoIC in
+    its original layout) builds the plain backbone.
+    """
+    ckpt = read_checkpoint(path)
+    hparams = dict(ckpt.get("model_hparams", {})) if isinstance(ckpt, dict) else {}
+    if isinstance(ckpt, dict) and ckpt.get("model_name") not in (None, model_name):
+        raise CheckpointError(f"{path} is a {ckpt['model_name']} checkpoint, not {model_name}; fix --model_name")
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
+    if isinstance(state, dict) and not _has_generators(state):
+        if mode == "tran":
+            raise CheckpointError(f"{path} has no CoI-M generators (trained without CoIC); use --load_mode normal")
+        hparams["dim_in"] = 0
+    hparams.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        model = build_model(model_name, **hparams)
+    except ValueError as exc:  # hyper-parameters the checkpoint or a flag gave
+        raise CheckpointError(f"cannot build {model_name} for {path}: {exc}") from None
+    load_weights(model, state)
+    return model.to(device).eval(), ckpt
+
+
+def encoder_dim(ckpt: Any) -> int:
+    """z's dimension of the encoder in ``ckpt``: its saved ``encoder_hparams``, else read off the last
+    MLP layer (published MoCo files carry no hyper-parameters), else the paper's 128."""
+    if isinstance(ckpt, dict) and ckpt.get("encoder_hparams", {}).get("dim"):
+        return int(ckpt["encoder_hparams"]["dim"])
+    state = ckpt.get("encoder", ckpt) if isinstance(ckpt, dict) else {}
+    for key, value in remap_published_keys(state if isinstance(state, dict) else {}).items():
+        if key.endswith("mlp.2.weight") and hasattr(value, "shape"):
+            return int(value.shape[0])
+    return DEFAULT_ENCODER_DIM
+
+
+def encoder_from_checkpoint(ckpt: Any, device: torch.device) -> nn.Module:
+    """The ContrastiveEncoder held by ``ckpt`` (ours: its ``encoder`` part; a published MoCo
+    state_dict), sized by ``encoder_dim``, in eval mode on ``device``."""
+    encoder = build_encoder(dim=encoder_dim(ckpt))
+    load_weights(encoder, ckpt, part="encoder")
+    return encoder.to(device).eval()
+
+
+def load_encoder(path: Optional[str], model_ckpt: dict, model_path: str, device: torch.device) -> nn.Module:
+    """The encoder of ``--feat_ext`` (``path``), else the one inside the model checkpoint."""
+    if path is None:
+        if not (isinstance(model_ckpt, dict) and "encoder" in model_ckpt):
+            raise CheckpointError(f"--load_mode tran needs an encoder: {model_path} holds none; pass --feat_ext")
+        return encoder_from_checkpoint(model_ckpt, device)
+    return encoder_from_checkpoint(read_checkpoint(path), device)
+
+
+# --------------------------------------------------------------------------- inputs
+def collect_inputs(test_dir: str, stacked_rain_half: Optional[str] = None) -> list[tuple[str, Optional[str]]]:
+    """(rainy path, clean path or None) for a test folder: scored pairs, or rainy images only.
+
+    A folder that holds any layout's marker (``utils.layouts.LAYOUTS``) is paired; a folder of
+    side-by-side images is paired when ``stacked_rain_half`` names its rainy half; otherwise
+    the images of ``utils.layouts.find_images`` are derained without ground truth.
+    """
+    if not os.path.isdir(test_dir):
+        raise DataError(f"--test_dir {test_dir} does not exist")
+    stacked = stacked_rain_half and not os.path.isdir(os.path.join(test_dir, "rain")) and list_images(test_dir)
+    if claims_pairs(test_dir) or stacked:
+        return list(find_pairs(test_dir, stacked_rain_half))
+    _, images = find_images(test_dir)
+    if not images:
+        raise DataError(f"--test_dir {test_dir} holds no images (and no rain/ + norain/ folders)")
+    return [(path, None) for path in images]
+
+
+def collect_testset(name: str, data_root: str) -> tuple[str, str, list[tuple[str, Optional[str]]]]:
+    """(canonical name, test folder, items) of a named test set under ``data_root``."""
+    spec = dataset_spec(name)
+    folder = find_dataset_folder(data_root, spec)
+    if folder is None:
+        raise DataError(f"--testset {name}: no {' or '.join(spec.folders)} folder in --data_root {data_root}")
+    test_dir = split_folder(folder, spec, "test")
+    if not os.path.isdir(test_dir):
+        raise DataError(f"--testset {name}: test folder {test_dir} does not exist")
+    if not spec.ground_truth:
+        image_dir, images = find_images(test_dir)
+        if not images:
+            raise DataError(f"--testset {name}: {test_dir} holds no images")
+        return spec.name, image_dir, [(path, None) for path in images]
+    return spec.name, test_dir, collect_inputs(test_dir, spec.stacked_rain_half)
+
+
+def output_name(rain_path: str) -> str:
+    """File name of the derained image of ``rain_path``: its stem as PNG."""
+    return os.path.splitext(os.path.basename(rain_path))[0] + ".png"
+
+
+def _read_item(rain_path: str, clean_path: Optional[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if clean_path is not None:
+        return read_pair(rain_path, clean_path)
+    return read_image(rain_path), None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_path: Optional[str],
+             device: torch.device, tile: Optional[int] = None, overlap: int = 32,
+             progress: bool = True, protocol: str = "coic", skip_existing: bool = False,
+             table_path: Optional[str] = None, desc: str = "test", amp: Optional[torch.dtype] = None,
+             memory_format: torch.memory_format = torch.contiguous_format) -> list[dict]:
+    """Derain each (rain, clean or None) item, save it under ``save_path`` and score it.
+
+    The next image is decoded and the previous PNGs are encoded in a background thread while
+    the model runs, so at most a few images are in memory. ``amp``: autocast dtype of the
+    model and encoder (scores are computed on the float32 output). ``skip_existing``: an item
+    whose PNG already exists is not derained again; its scores come from the rows of
+    ``table_path`` scored with the same protocol, else from the saved PNG. ``table_path`` is
+    also rewritten (atomically) every 50 images, so an interrupted run loses little.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    previous = read_table(table_path) if (skip_existing and table_path) else {}
+    out_paths = [os.path.join(save_path, output_name(r)) if save_path else None for r, _ in items]
+    todo = [i for i, out in enumerate(out_paths) if not (skip_existing and out and os.path.isfile(out))]
+    next_todo = dict(zip(todo, todo[1:]))
+    rows, skipped, rescored = [], 0, 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="coic-io") as io_pool:
+        reads = {i: io_pool.submit(_read_item, *items[i]) for i in todo[:1]}
+        writes: deque = deque()
+        for k, (rain_path, clean_path) in enumerate(tqdm(items, desc=desc, unit="img", disable=not progress,
+                                                         dynamic_ncols=True)):
+            name, out_path = output_name(rain_path), out_paths[k]
+            row = {"name": name, "psnr": None, "ssim": None, "protocol": protocol}
+            if k not in reads:
+                skipped += 1
+                old = previous.get(name)
+                if clean_path is None:
+                    pass
+                elif old is not None and old["protocol"] == protocol and old["psnr"] is not None:
+                    row["psnr"], row["ssim"] = old["psnr"], old["ssim"]
+                else:  # no score on record for this protocol: score the saved 8-bit PNG
+                    rescored += 1
+                    y, clean = read_image(out_path), read_image(clean_path)
+                    _check_sizes(y, clean, out_path, clean_path)
+                    row["psnr"], row["ssim"] = score(y, clean, protocol)
+            else:
+                x, clean = reads.pop(k).result()
+                following = next_todo.get(k)
+                if following is not None:  # decode the next image while this one is derained
+                    reads[following] = io_pool.submit(_read_item, *items[following])
+                x = x.unsqueeze(0).to(device).contiguous(memory_format=memory_format)
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    z = image_code(encoder, x) if encoder is not None else None
+                    y = restore(model, x, z, tile=tile, overlap=overlap)
+                y = y[0].float().cpu()
+                if clean is not None:
+                    _check_sizes(y, clean, rain_path, clean_path)
+                    row["psnr"], row["ssim"] = score(y, clean, protocol)
+                if out_path:
+                    writes.append(io_pool.submit(save_image, y, out_path))
+                while writes and (writes[0].done() or len(writes) > 2):
+                    writes.popleft().result()  # a failed write stops the run here
+            rows.append(row)
+            if table_path and len(rows) % 50 == 0:
+                # keep the earlier run's rows not reached yet, so an interruption loses no score
+                done = {r["name"] for r in rows}
+                write_table(rows + [r for n, r in previous.items() if n not in done], table_path)
+        while writes:
+            writes.popleft().result()
+    if skipped:
+        logger.info("%s: %d images already derained, skipped (%d re-scored from their saved PNGs)", desc, skipped,
+                    rescored)
+    if table_path:
+        write_table(rows, table_path)
+    return rows
+
+
+def _check_sizes(y: torch.Tensor, clean: torch.Tensor, rain_path: str, clean_path: str) -> None:
+    if clean.shape != y.shape:
+        raise DataError(f"pair sizes differ: {rain_path} gives {tuple(y.shape[1:])}, "
+                        f"{clean_path} is {tuple(clean.shape[1:])}")

@@ -1,0 +1,182 @@
+"""Image files: reading any of them as RGB float, writing PNG atomically, the one square resize.
+
+Every image enters the project through ``read_image``/``read_pair`` as (3,H,W) float32 in
+[0,1] (grey, RGBA, palette and 16-bit files converted) and leaves through ``save_image``.
+A ``StackedHalf`` names one half of a side-by-side pair image (raw DID / Rain800).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from utils.errors import DataError
+from utils.io import atomic_write
+
+__all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "is_image", "list_images", "number_key", "StackedHalf",
+           "split_stacked", "decode_native", "to_float_rgb", "decode_float", "read_image", "read_pair", "read_rgb8",
+           "write_array", "save_image", "resize_square"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class UnreadableImageError(DataError):
+    """An image file that cannot be decoded (corrupt, truncated, not an image); ``.path`` names it."""
+
+    def __init__(self, message: str, path: str):
+        super().__init__(message)
+        self.path = path
+
+
+def is_image(name: str) -> bool:
+    """True for a visible file name with an image extension."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def list_images(folder: str) -> list[str]:
+    """Image file names directly in ``folder``, sorted."""
+    return sorted(f for f in os.listdir(folder) if is_image(f))
+
+
+def number_key(name: str) -> tuple:
+    """Sort key putting ``2.jpg`` before ``10.jpg`` (numeric stems first, then by name)."""
+    stem = os.path.splitext(name)[0]
+    return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
+
+
+class StackedHalf(str):
+    """Path of a side-by-side stacked pair image, plus which half (``"left"``/``"right"``) to read.
+
+    A ``str`` so that pair lists keep holding paths (``os.path.basename`` etc. work);
+    ``read_image`` returns only the named half.
+    """
+    half: str
+
+    def __new__(cls, path: str, half: str):
+        if half not in ("left", "right"):
+            raise ValueError(f"half must be 'left' or 'right', got {half!r}")
+        obj = super().__new__(cls, path)
+        obj.half = half
+        return obj
+
+    def __reduce__(self):  # DataLoader workers pickle the pair list
+        return StackedHalf, (str(self), self.half)
+
+    def __repr__(self) -> str:
+        return f"StackedHalf({str(self)!r}, {self.half!r})"
+
+
+def split_stacked(img: Tensor, path: str = "image") -> tuple[Tensor, Tensor]:
+    """(3,H,2W) side-by-side pair -> (left (3,H,W), right (3,H,W))."""
+    w = img.shape[-1]
+    if w % 2:
+        raise DataError(f"{path} is not a side-by-side pair: its width {w} is odd")
+    return img[..., : w // 2], img[..., w // 2:]
+
+
+# --------------------------------------------------------------------------- decoding
+def decode_native(path: str) -> tuple[np.ndarray, str]:
+    """Decode an image file as PIL holds it: ((H,W) or (H,W,C) array in the file's own dtype, uint8
+    for 8-bit images; PIL mode). What ``MixedRainDataset.cache_images`` keeps."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):  # palette / other colour spaces
+                img = img.convert("RGB")
+            return np.asarray(img), img.mode
+    except Exception as exc:  # missing, truncated, corrupt, not an image
+        raise UnreadableImageError(f"cannot read image {path} ({type(exc).__name__}: {exc})", str(path)) from None
+
+
+def to_float_rgb(arr: np.ndarray, mode: str) -> np.ndarray:
+    """A ``decode_native`` result as float32 (H,W,3) in [0,1] (grey, RGBA and 16-bit converted)."""
+    if mode.startswith("I;16") or arr.dtype == np.uint16:
+        arr = arr.astype(np.float32) / 65535.0
+    elif arr.dtype == bool:
+        arr = arr.astype(np.float32)
+    elif np.issubdtype(arr.dtype, np.integer) and mode in ("I", "I;32"):
+        arr = arr.astype(np.float32) / float(arr.max() or 1)
+    else:
+        arr = arr.astype(np.float32) / 255.0
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    elif arr.shape[2] == 4:  # RGBA: drop alpha (published data sets never use it)
+        arr = arr[..., :3]
+    elif arr.shape[2] == 2:  # grey + alpha
+        arr = np.repeat(arr[..., :1], 3, axis=2)
+    return arr
+
+
+def decode_float(path: str) -> np.ndarray:
+    """Any image file as float32 (H,W,3) in [0,1] (grey, RGBA and 16-bit converted)."""
+    return to_float_rgb(*decode_native(path))
+
+
+def _chw(arr: np.ndarray) -> Tensor:
+    """float32 (H,W,3) -> (3,H,W) tensor."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+
+
+def read_image(path: Union[str, StackedHalf], decode: Optional[Callable[[str], np.ndarray]] = None) -> Tensor:
+    """Read an image file as RGB float (3,H,W) in [0,1] (grey, RGBA and 16-bit converted).
+
+    A ``StackedHalf`` path returns only its half of the side-by-side image. ``decode`` maps a
+    file path to float32 (H,W,3) in [0,1] (the training set passes its image cache).
+    """
+    img = _chw((decode or decode_float)(str(path)))
+    if isinstance(path, StackedHalf):
+        left, right = split_stacked(img, str(path))
+        img = (left if path.half == "left" else right).contiguous()
+    return img
+
+
+def read_pair(rain_path: str, clean_path: str,
+              decode: Optional[Callable[[str], np.ndarray]] = None) -> tuple[Tensor, Tensor]:
+    """(rain (3,H,W), clean (3,H,W)) in [0,1]; a stacked image is decoded once for both halves.
+
+    Raises ``UnreadableImageError`` for a file that cannot be decoded and ``DataError`` when
+    the two sizes differ. ``decode`` as in ``read_image``.
+    """
+    if isinstance(rain_path, StackedHalf) and isinstance(clean_path, StackedHalf) and str(rain_path) == str(clean_path):
+        left, right = split_stacked(_chw((decode or decode_float)(str(rain_path))), str(rain_path))
+        halves = {"left": left.contiguous(), "right": right.contiguous()}
+        rain, clean = halves[rain_path.half], halves[clean_path.half]
+    else:
+        rain, clean = read_image(rain_path, decode), read_image(clean_path, decode)
+    if rain.shape != clean.shape:
+        raise DataError(f"pair sizes differ: {rain_path} is {tuple(rain.shape[1:])}, "
+                        f"{clean_path} is {tuple(clean.shape[1:])}")
+    return rain, clean
+
+
+def read_rgb8(path: str) -> np.ndarray:
+    """An image file as uint8 (H,W,3), whatever its mode (``prepare`` splits and compares these)."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except Exception as exc:
+        raise UnreadableImageError(f"cannot read image {path} ({type(exc).__name__}: {exc})", path) from None
+
+
+# --------------------------------------------------------------------------- writing, resizing
+def write_array(arr: np.ndarray, path: str) -> None:
+    """Write a uint8 (H,W,3) array as an image file (format from the extension), atomically."""
+    atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp))  # the temporary name keeps the extension
+
+
+def save_image(img: Tensor, path: str) -> None:
+    """Write (3,H,W) in [0,1] as an 8-bit PNG/JPEG (rounded), atomically."""
+    write_array(img.detach().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy(), path)
+
+
+def resize_square(x: Tensor, size: int) -> Tensor:
+    """(3,H,W) or (B,3,H,W) -> (..., 3, size, size), bilinear with antialiasing (torchvision's Resize on
+    tensors), clamped to [0,1]: what training, ``image_code`` and the analysis tools all resize with."""
+    batch = x if x.dim() == 4 else x[None]
+    out = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
+    return out if x.dim() == 4 else out[0]
