@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from utils.errors import UserError
 from utils.tiling import blend_weights, tiled_apply
 
 
@@ -56,5 +57,5 @@ def test_window_is_centre_heavy_and_positive():
     wts = blend_weights(8)
     assert wts.shape == (8, 8) and float(wts.min()) > 0
     assert float(wts[3:5, 3:5].min()) > float(wts[0].max())
-    with pytest.raises(ValueError, match="--tile_overlap"):
+    with pytest.raises(UserError, match="--tile_overlap"):
         tiled_apply(_tile_constant, _position_image(40, 40), tile=16, overlap=16)

@@ -27,6 +27,7 @@ from utils import distributed as dist_utils
 from utils.bad_steps import BadStepMonitor
 from utils.checkpoint import read_checkpoint
 from utils.contrastive import RainArchive, build_negatives
+from utils.errors import UserError
 from utils.inference import AMP_DTYPES
 from utils.logs import setup_logging
 from utils.metrics import psnr
@@ -81,7 +82,7 @@ class Trainer(CheckpointedRun):
         self.model = build_model(args.model_name, **args.model_hparams, **args.init_hparams)
         self.encoder = build_encoder(dim=args.dim_in, temperature=args.temperature)
         if args.sync_bn and self.device.type != "cuda":
-            raise ValueError("--sync_bn works with CUDA devices only (PyTorch's SyncBatchNorm); drop it on the CPU")
+            raise UserError("--sync_bn works with CUDA devices only (PyTorch's SyncBatchNorm); drop it on the CPU")
         if args.sync_bn and self.dist.enabled:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             self.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder)
