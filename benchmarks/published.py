@@ -7,7 +7,7 @@
 It runs in a process of its own because the published code and this project both have a
 top-level ``models`` package (and the published one expects its vendored ``timm``): DIR goes
 first on ``sys.path`` and nothing of this project but the measuring helpers of
-``benchmarks.benchmark`` is imported.
+``benchmarks.timing`` is imported.
 
 What one published iteration is (read from ``train_<X>.py``), the same in both stages except
 where noted:
@@ -302,7 +302,7 @@ class PublishedRunner:
 
 def measure_published(params: dict) -> dict:
     """Step and inference timings of the published code for one case (see the module docstring)."""
-    from benchmarks.benchmark import (PeakMemory, median_ms, median_rate, prime_libraries, synthetic_batch,
+    from benchmarks.timing import (PeakMemory, median_ms, median_rate, prime_libraries, synthetic_batch,
                                       time_calls, write_profile)
 
     code = import_published(params["directory"])
@@ -345,10 +345,10 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--worker_params", required=True, help="JSON file with the case")
     p.add_argument("--worker_out", required=True, help="JSON file the result is written to")
     args = p.parse_args(argv)
-    # The helpers of benchmarks.benchmark are needed, but the repository must come after the
+    # The helpers of benchmarks.timing are needed, but the repository must come after the
     # published checkout on sys.path so that ``models`` is the published package.
     sys.path.append(REPO_ROOT)
-    from benchmarks.benchmark import worker_main
+    from benchmarks.timing import worker_main
 
     return worker_main(args.worker_params, args.worker_out, measure_published)
 

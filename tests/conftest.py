@@ -48,11 +48,12 @@ def tiny_demo(tmp_path_factory) -> str:
 
 
 def train_flags(save_path: str, data_paths: str, **overrides) -> list[str]:
-    """Tiny but complete BRN training flags (every code path, seconds on a CPU)."""
-    flags = dict(data_paths=data_paths, save_path=save_path, inter_iter=1, batch_size=2, crop_size=16,
-                 tot_iters=6, stage1_iters=3, num_workers=0, save_freq=2, log_freq=1, image_freq=3, n_neg=2)
+    """Tiny but complete training flags (every code path, seconds on a CPU): the recipe's ``--tiny``
+    model, batch and crop, and a short run; ``overrides`` are typed flags and win over ``--tiny``."""
+    flags = dict(data_paths=data_paths, save_path=save_path, tot_iters=6, stage1_iters=3, num_workers=0,
+                 save_freq=2, log_freq=1, image_freq=3, n_neg=2)
     flags.update(overrides)
-    return [item for k, v in flags.items() for item in (f"--{k}", str(v))]
+    return ["--tiny"] + [item for k, v in flags.items() for item in (f"--{k}", str(v))]
 
 
 # Shared by the backbone tests.

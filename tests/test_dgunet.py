@@ -1,7 +1,9 @@
-"""DGUNet backbone: contract, stage outputs, CoI-M switching, checkpoints.
+"""DGUNet backbone: stage outputs, stage-loss gradients, shared PReLU, parameter counts, checkpoints.
 
-Forward passes use a narrow configuration (n_feat=8, depth=1) on 16-24 px crops; only the
-parameter-count test builds the reference configuration (without running it).
+The contract (both modes, z=None ignores the generators, gradients, sizes) is checked for every
+backbone in test_models_contract.py. Forward passes use the recipe's tiny configuration (n_feat=8,
+depth=1) on 16 px crops; only the parameter-count test builds the reference configuration
+(without running it).
 """
 from __future__ import annotations
 
@@ -9,54 +11,61 @@ from __future__ import annotations
 import pytest
 import torch
 
+from contract import tiny_args, tiny_image, tiny_model as _tiny_model, unit_codes
+from conftest import scramble_generators
 from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, modulation_parameters
-from models.dgunet import DGUNet
-from conftest import image, scramble_generators, unit_codes
+from models.dgunet import DGUNet, _gradient_step
 from utils.checkpoint import load_weights
 
-TINY = dict(depth=1, dim_in=8, n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4)
+TINY = tiny_args("DGUNet").model_hparams  # the recipe's tiny configuration
 MODULATED = (ModulatedConv2d, ModulatedConvTranspose2d)
 
 
 def tiny_model(seed: int = 0, **overrides) -> DGUNet:
-    torch.manual_seed(seed)
-    return DGUNet(**{**TINY, **overrides})
+    return _tiny_model("DGUNet", seed, **overrides)
 
 
-def test_forward_shapes_both_modes():
-    model = tiny_model().eval()
+def image() -> torch.Tensor:
+    return tiny_image("DGUNet")
+
+
+def test_declares_size_multiple():
     assert DGUNet.size_multiple == 8
-    for size in (16, 24):
-        x = image(size=size)
-        with torch.no_grad():
-            for z in (None, unit_codes(2, TINY["dim_in"], 0)):
-                out = model(x, z)
-                assert out.shape == x.shape and torch.isfinite(out).all()
 
 
-def test_codes_change_output_and_none_ignores_generators():
-    model = tiny_model().eval()
-    scramble_generators(model)
-    x = image()
-    with torch.no_grad():
-        reference = model(x)
-        a = model(x, unit_codes(2, TINY["dim_in"], 0))
-        b = model(x, unit_codes(2, TINY["dim_in"], 1))
-        assert not torch.allclose(a, b, atol=1e-4)
-        assert not torch.allclose(a, reference, atol=1e-4)
-        scramble_generators(model, std=2.0)
-        assert torch.equal(model(x), reference)
+def stages_by_hand(model: DGUNet, x: torch.Tensor, z=None) -> list[torch.Tensor]:
+    """The stage images in stage order (first stage first), assembled from the sub-modules."""
+    image = _gradient_step(model.phi_0, model.phit_0, model.r0, x, x, z)
+    skips, bottom = model.stage1_encoder(model.shallow_feat1(image, z), z)
+    decoded = model.stage1_decoder(bottom, skips, z)
+    sam_feats, image = model.sam12(decoded[-1], image, z)
+    stages = [image]
+    for _ in range(model.depth):
+        sam_feats, image, skips, decoded = model.basic(x, image, skips, decoded, sam_feats, z)
+        stages.append(image)
+    image = _gradient_step(model.phi_6, model.phit_6, model.r6, image, x, z)
+    feats = model.concat67(torch.cat([model.shallow_feat7(image, z), sam_feats], dim=1), z)
+    stages.append(x + model.tail(feats, z))
+    return stages
 
 
 def test_stage_outputs_final_first():
     model = tiny_model(depth=2).eval()
     x = image()
+    z = unit_codes(2, TINY["dim_in"], 0)
     with torch.no_grad():
-        stages = model.forward_stages(x)
-        final = model(x)
-    assert len(stages) == 2 + 2  # first stage, depth middle stages, last stage
-    assert all(s.shape == x.shape and torch.isfinite(s).all() for s in stages)
-    torch.testing.assert_close(stages[0], final)
+        for code in (None, z):
+            stages = model.forward_stages(x, code)
+            final = model(x, code)
+            by_hand = stages_by_hand(model, x, code)
+            assert len(stages) == 2 + 2  # first stage, depth middle stages, last stage
+            assert all(s.shape == x.shape and torch.isfinite(s).all() for s in stages)
+            # forward is the LAST stage (the residual of the last stage's tail on the rainy input),
+            # and forward_stages lists the stages final first.
+            torch.testing.assert_close(final, by_hand[-1], rtol=0, atol=0)
+            for got, expected in zip(stages, by_hand[::-1]):
+                torch.testing.assert_close(got, expected, rtol=0, atol=0)
+            assert not torch.allclose(final, by_hand[0], atol=1e-4)  # the stages do differ
 
 
 @pytest.mark.parametrize("with_code", [False, True])

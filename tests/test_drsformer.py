@@ -1,84 +1,28 @@
-"""DRSformer backbone: modes, gradients, sparse attention, reference size and published names."""
+"""DRSformer backbone: sparse attention, parameter counts, reference size and published names.
+
+The contract (both modes, z=None ignores the generators, gradients, sizes) is checked for every
+backbone in test_models_contract.py; models here are the recipe's tiny configuration.
+"""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from models import build_model
-from models.coim import ModulatedConv2d, modulation_parameters
-from models.coim import ContextEmbedding, context_embedding_parameters
+from models.coim import modulation_parameters
+from models.coim import context_embedding_parameters
 from models.drsformer import DRSformer, TopKSparseAttention
+from contract import tiny_args, tiny_model
 from utils.checkpoint import load_weights
 
-TINY = dict(dim=16, num_blocks=[1, 1, 1, 1], heads=[1, 1, 2, 2])
-
-
-def _codes(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, 128, generator=g), dim=-1)
+TINY = tiny_args("DRSformer").model_hparams  # the recipe's tiny configuration
 
 
 @pytest.fixture(scope="module")
 def model() -> DRSformer:
-    torch.manual_seed(0)
-    return DRSformer(**TINY).eval()
-
-
-@pytest.fixture(scope="module")
-def image() -> torch.Tensor:
-    return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-
-
-def _coim_and_context(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return modulation_parameters(model) + context_embedding_parameters(model)
-
-
-def test_forward_both_modes(model: DRSformer, image: torch.Tensor) -> None:
-    z1, z2 = _codes(2, 2), _codes(2, 3)
-    with torch.no_grad():
-        plain, mod1, mod2 = model(image), model(image, z1), model(image, z2)
-        mixed = model(image, torch.cat([z1[:1], z2[1:]]))
-    for out in (plain, mod1, mod2):
-        assert out.shape == image.shape
-        assert torch.isfinite(out).all()
-    assert not torch.allclose(plain, mod1, atol=1e-6)
-    assert not torch.allclose(mod1, mod2, atol=1e-6)
-    torch.testing.assert_close(mixed[0], mod1[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(mixed[1], mod2[1], rtol=1e-5, atol=1e-5)
-
-
-def test_plain_mode_ignores_coim_and_context_weights(model: DRSformer, image: torch.Tensor) -> None:
-    other = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in _coim_and_context(other):
-            p.normal_(0.0, 0.5)
-        torch.testing.assert_close(other(image), model(image), rtol=0, atol=0)
-        z = _codes(2, 4)
-        assert not torch.allclose(other(image, z), model(image, z), atol=1e-5)
-
-
-def test_backward_reaches_generators_only_with_code(model: DRSformer, image: torch.Tensor) -> None:
-    extra = {id(p) for p in _coim_and_context(model)}
-    model.train()  # gradients are checked on the training path
-    model.zero_grad(set_to_none=True)
-    model(image).square().mean().backward()
-    assert all(p.grad is None for p in _coim_and_context(model))
-    assert all(p.grad is not None for p in model.parameters() if id(p) not in extra)
-
-    model.zero_grad(set_to_none=True)
-    model(image, _codes(2, 5)).square().mean().backward()
-    for m in model.modules():
-        if isinstance(m, ModulatedConv2d):
-            # 1x1 kernels (the MEFC's sep_conv_1x1 expert) are never modulated.
-            has_grad = [p.grad is not None for p in m.generator.parameters()]
-            assert all(has_grad) if m.modulated else not any(has_grad)
-        elif isinstance(m, ContextEmbedding):
-            assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
-    model.zero_grad(set_to_none=True)
-    model.eval()
+    return tiny_model("DRSformer").eval()
 
 
 def test_topk_attention_matches_threshold_formula() -> None:

@@ -1,68 +1,27 @@
-"""IDT backbone: modes, gradients, reference size and published-checkpoint names (CPU, tiny nets)."""
+"""IDT backbone: context embeddings, parameter counts, reference size, published-checkpoint names.
+
+The contract (both modes, z=None ignores the generators, gradients, sizes) is checked for every
+backbone in test_models_contract.py; models here are the recipe's tiny configuration.
+"""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models import build_model
-from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, modulation_parameters
+from models.coim import modulation_parameters
 from models.coim import ContextEmbedding, context_embedding_parameters
 from models.idt import IDT
+from contract import tiny_args, tiny_model
 from utils.checkpoint import load_weights
 
-# 64 is the smallest img_size IDT supports; mlp_ratio 1 keeps the 64x64 FFNs cheap while
-# every depthwise CoI-M generator keeps a non-empty hidden layer (width >= 16).
-TINY = dict(img_size=64, embed_dim=16, depths=[1] * 9, num_heads=[1] * 9, mlp_ratio=1.0)
-
-
-def _codes(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, 128, generator=g), dim=-1)
+TINY = tiny_args("IDT").model_hparams  # the recipe's tiny configuration
 
 
 @pytest.fixture(scope="module")
 def model() -> IDT:
-    torch.manual_seed(0)
-    return IDT(**TINY).eval()
-
-
-@pytest.fixture(scope="module")
-def image() -> torch.Tensor:
-    return torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-
-
-def _coim_and_context(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return modulation_parameters(model) + context_embedding_parameters(model)
-
-
-def test_forward_both_modes(model: IDT, image: torch.Tensor) -> None:
-    z1, z2 = _codes(2, 2), _codes(2, 3)
-    with torch.no_grad():
-        plain, mod1, mod2 = model(image), model(image, z1), model(image, z2)
-    for out in (plain, mod1, mod2):
-        assert out.shape == image.shape
-        assert torch.isfinite(out).all()
-    assert not torch.allclose(plain, mod1, atol=1e-6)
-    assert not torch.allclose(mod1, mod2, atol=1e-6)
-    # Modulation is per sample: changing sample 1's code leaves sample 0 alone.
-    z_mixed = torch.cat([z1[:1], z2[1:]])
-    with torch.no_grad():
-        mixed = model(image, z_mixed)
-    torch.testing.assert_close(mixed[0], mod1[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(mixed[1], mod2[1], rtol=1e-5, atol=1e-5)
-
-
-def test_plain_mode_ignores_coim_and_context_weights(model: IDT, image: torch.Tensor) -> None:
-    other = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in _coim_and_context(other):
-            p.normal_(0.0, 0.5)
-        torch.testing.assert_close(other(image), model(image), rtol=0, atol=0)
-        z = _codes(2, 4)
-        assert not torch.allclose(other(image, z), model(image, z), atol=1e-5)
+    return tiny_model("IDT").eval()
 
 
 def test_context_embeddings_are_found_by_type(model: IDT) -> None:
@@ -71,27 +30,6 @@ def test_context_embeddings_are_found_by_type(model: IDT) -> None:
     assert len(embeddings) == 17
     assert sum(p.numel() for p in context_embedding_parameters(model)) == sum(
         p.numel() for m in embeddings for p in m.parameters())
-
-
-def test_backward_reaches_generators_only_with_code(model: IDT, image: torch.Tensor) -> None:
-    extra = {id(p) for p in _coim_and_context(model)}
-    model.train()  # exercise the training path (stochastic depth in IDT)
-    model.zero_grad(set_to_none=True)
-    model(image).square().mean().backward()
-    assert all(p.grad is None for p in _coim_and_context(model))
-    base = [p for p in model.parameters() if id(p) not in extra]
-    assert all(p.grad is not None for p in base)
-
-    model.zero_grad(set_to_none=True)
-    model(image, _codes(2, 5)).square().mean().backward()
-    for m in model.modules():
-        used = isinstance(m, (ModulatedConv2d, ModulatedConvTranspose2d)) and m.modulated
-        if used or isinstance(m, ContextEmbedding):
-            params = m.generator.parameters() if used else m.parameters()
-            assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
-    assert any(p.grad.abs().sum() > 0 for p in context_embedding_parameters(model))
-    model.zero_grad(set_to_none=True)
-    model.eval()
 
 
 def test_reference_parameter_counts() -> None:

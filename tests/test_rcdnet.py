@@ -1,7 +1,8 @@
-"""RCDNet backbone: contract, stage outputs, CoI-M switching, rain kernels, checkpoints.
+"""RCDNet backbone: stage outputs, stage-loss gradients, rain kernels, parameter counts, checkpoints.
 
-All forward passes use a tiny configuration on 16x16 crops; only the parameter-count test
-builds the reference configuration (without running it).
+The contract (both modes, z=None ignores the generators, gradients, sizes) is checked for every
+backbone in test_models_contract.py. Forward passes use the recipe's tiny configuration on 16x16
+crops; only the parameter-count test builds the reference configuration (without running it).
 """
 from __future__ import annotations
 
@@ -10,47 +11,51 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from contract import tiny_args, tiny_image, tiny_model as _tiny_model, unit_codes
+from conftest import scramble_generators
 from models.coim import modulation_parameters
 from models.rcdnet import RCDNet, RCDNetStages, load_rain_kernel, streak_kernel_bank
-from conftest import image, scramble_generators, unit_codes
 from utils.checkpoint import load_weights
 
-TINY = dict(inter_iter=2, num_map=4, num_channel=4, num_block=1, dim_in=8)
+TINY = tiny_args("RCDNet").model_hparams  # the recipe's tiny configuration
 
 
 def tiny_model(seed: int = 0, **overrides) -> RCDNet:
-    torch.manual_seed(seed)
-    return RCDNet(**{**TINY, **overrides})
+    return _tiny_model("RCDNet", seed, **overrides)
 
 
-def test_forward_shapes_both_modes():
-    model = tiny_model().eval()
-    x = image()
-    with torch.no_grad():
-        plain = model(x)
-        modulated = model(x, unit_codes(2, TINY["dim_in"], 0))
-    for out in (plain, modulated):
-        assert out.shape == x.shape and out.dtype == x.dtype
-        assert torch.isfinite(out).all()
+def image() -> torch.Tensor:
+    return tiny_image("RCDNet")
+
+
+def test_declares_size_multiple():
     assert RCDNet.size_multiple == 1
-    # Odd sizes work: no down-sampling anywhere.
-    with torch.no_grad():
-        assert model(torch.rand(1, 3, 13, 11)).shape == (1, 3, 13, 11)
 
 
-def test_codes_change_output_and_none_ignores_generators():
-    model = tiny_model().eval()
-    scramble_generators(model)
-    x = image()
-    with torch.no_grad():
-        reference = model(x)
-        a = model(x, unit_codes(2, TINY["dim_in"], 0))
-        b = model(x, unit_codes(2, TINY["dim_in"], 1))
-        assert not torch.allclose(a, b, atol=1e-4)
-        assert not torch.allclose(a, reference, atol=1e-4)
-        scramble_generators(model, std=2.0)
-        assert torch.equal(model(x), reference)
+def backgrounds_by_hand(model: RCDNet, x: torch.Tensor, z=None) -> list[torch.Tensor]:
+    """The background estimates (0-255) of every stage and of the final refinement, assembled from
+    the sub-modules and the published update rules (RCDNet, Wang et al. 2020, eqs. 9-12)."""
+    rainy = x * 255.0
+    state = model.init_net(torch.cat([rainy, F.conv2d(rainy, model.cz, padding=1)], dim=1), z)
+    b0, background, aux = state[:, :3], state[:, :3], state[:, 3:]
+    pad = model.c.shape[-1] // 2
+    backgrounds, maps, rain = [], None, None
+    for s in range(model.inter_iter):
+        if s == 0:
+            residual = F.relu(rainy - b0 - model.tau)
+            maps = model.map_nets[0](F.conv_transpose2d(residual, model.c0 / 10, padding=pad), z)
+        else:
+            grad = F.conv_transpose2d(rain - (rainy - background), model.c / 10, padding=pad)
+            maps = model.map_nets[s](maps - model.m_step[s - 1] / 10 * grad, z)
+        rain = F.conv2d(maps, model.c / 10, padding=pad)
+        eta = model.b_step[s] / 10
+        state = model.background_nets[s](torch.cat([(1 - eta) * background + eta * (rainy - rain), aux], 1), z)
+        background, aux = state[:, :3], state[:, 3:]
+        backgrounds.append(background)
+    backgrounds.append(model.final_net(state, z)[:, :3])
+    return backgrounds
 
 
 def test_stage_outputs_on_255_scale():
@@ -59,13 +64,20 @@ def test_stage_outputs_on_255_scale():
     with torch.no_grad():
         stages = model.forward_stages(x)
         final = model(x)
+        by_hand = backgrounds_by_hand(model, x)
+        modulated = model(x, unit_codes(2, TINY["dim_in"], 0))
+        by_hand_modulated = backgrounds_by_hand(model, x, unit_codes(2, TINY["dim_in"], 0))
     assert isinstance(stages, RCDNetStages)
     assert stages.b0.shape == x.shape
     assert len(stages.backgrounds) == TINY["inter_iter"] + 1
     assert len(stages.rain_layers) == TINY["inter_iter"]
     assert all(t.shape == x.shape for t in stages.backgrounds + stages.rain_layers)
-    # forward is the last background brought back from 0-255 to [0,1].
-    torch.testing.assert_close(final * 255.0, stages.backgrounds[-1])
+    # forward is the final refinement's background brought back from 0-255 to [0,1] (not a stage's).
+    torch.testing.assert_close(final * 255.0, by_hand[-1])
+    torch.testing.assert_close(modulated * 255.0, by_hand_modulated[-1])
+    for got, expected in zip(stages.backgrounds, by_hand):
+        torch.testing.assert_close(got, expected)
+    assert not torch.allclose(final * 255.0, by_hand[-2], atol=1e-3)  # the refinement does change it
     # The first stage sees the rainy image scaled to 0-255: its rain estimate comes from
     # relu(255*x - b0 - tau) through non-negative kernels and ReLU'd maps, so it is >= 0.
     assert stages.rain_layers[0].min() >= 0

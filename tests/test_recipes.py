@@ -12,28 +12,14 @@ from utils.recipes import RECIPES
 from utils.run import main
 from utils.schedulers import CyclicCosineRestart
 
-# Tiny hyper-parameters per backbone: the same code paths in seconds.
-TINY = {
-    "BRN": ["--inter_iter", "1"],
-    "RCDNet": ["--inter_iter", "2", "--num_block", "1", "--num_map", "4", "--num_channel", "4"],
-    "DGUNet": ["--depth", "1"],
-    "IDT": ["--embed_dim", "8"],
-    "DRSformer": ["--dim", "16", "--num_blocks", "1", "1", "1", "1"],
-}
-CROP = {"IDT": 64}
-
-
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_train_script_two_iterations_then_evaluate(name, tmp_path, tiny_demo, monkeypatch, capsys):
-    crop = CROP.get(name, 16)
     save = str(tmp_path / "run")
     data = os.path.join(tiny_demo, "heavy", "train")
+    # --tiny: the recipe's smallest model, batch and crop (the same code paths in seconds).
     flags = ["--model_name", name, "--data_paths", data, "--save_path", save, "--tot_iters", "2",
-             "--stage1_iters", "1", "--batch_size", "2", "--crop_size", str(crop), "--num_workers", "0",
-             "--save_freq", "1", "--log_freq", "1", "--n_neg", "1"] + TINY[name]
-    if name == "IDT":
-        # the smallest IDT (img_size 64); keep the test light with one image per batch
-        flags[flags.index("--batch_size") + 1] = "1"
+             "--stage1_iters", "1", "--num_workers", "0", "--save_freq", "1", "--log_freq", "1", "--n_neg", "1",
+             "--tiny"]
     assert main(name, flags) == 0
     ckpt = os.path.join(save, "ckpt_0000002.pth")
     assert os.path.isfile(ckpt)

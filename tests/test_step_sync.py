@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import train_flags
+from models import available_models
 from utils.options import parse_train_args
 from utils.trainer import Trainer
 
@@ -50,16 +51,14 @@ def _batch(size=16, seed=0):
     return tuple(torch.rand(2, 3, size, size, generator=g) for _ in range(4))
 
 
-@pytest.mark.parametrize("model,stage", [("BRN", 1), ("BRN", 2), ("RCDNet", 2), ("DGUNet", 2), ("IDT", 2),
-                                         ("DRSformer", 2)])
+# Stage 1 once (the first registered backbone), the CoIC stage for every registered backbone.
+@pytest.mark.parametrize("model,stage", [(available_models()[0], 1)] + [(m, 2) for m in available_models()])
 def test_step_reads_nothing_back(tmp_path, tiny_demo, host_reads, model, stage):
-    from test_recipes import CROP, TINY
-
-    crop = CROP.get(model, 16)
-    flags = train_flags(str(tmp_path), os.path.join(tiny_demo, "heavy", "train"), stage1_iters=3,
-                        crop_size=crop, n_neg=1)
-    del flags[flags.index("--inter_iter"):flags.index("--inter_iter") + 2]  # a BRN flag: TINY has each model's
-    trainer = Trainer(parse_train_args(model, flags + TINY[model]))
+    # Each recipe's --tiny model and crop, two images per batch.
+    flags = train_flags(str(tmp_path), os.path.join(tiny_demo, "heavy", "train"), stage1_iters=3, n_neg=1,
+                        batch_size=2)
+    trainer = Trainer(parse_train_args(model, flags))
+    crop = trainer.args.crop_size
     # Every branch of the step: explosion threshold, gradient clipping, both optimizers.
     trainer.recipe = dataclasses.replace(trainer.recipe, explode_threshold=10.0, grad_clip=0.01)
     trainer.iteration = 0 if stage == 1 else 3

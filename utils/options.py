@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Optional, Sequence
 
 from utils.distributed import add_device_args
@@ -27,6 +28,9 @@ def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
     g.add_argument("--model_name", default=recipe.model_name, help="backbone to train")
     g.add_argument("--demo", action="store_true",
                    help="build the synthetic demo data if absent, train a small CoIC model on it and evaluate it")
+    g.add_argument("--tiny", action="store_true",
+                   help="the recipe's tiny configuration (smallest model and batch that run every code path: "
+                        "tests and smoke runs); flags typed on the command line still win")
     g.add_argument("--data_paths", default=REFERENCE_DATA_PATHS,
                    help="comma-separated folders, each with rain/ and norain/")
     g.add_argument("--save_path", default=None,
@@ -89,15 +93,21 @@ def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> a
     if args.model_name != model_name:
         parser.error(f"--model_name {args.model_name} does not match this script; "
                      f"use train_{args.model_name}.py to train {args.model_name}")
+    # Demo and tiny values replace defaults but never flags the user typed.
+    typed = {a.split("=")[0].lstrip("-") for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
     if args.demo:
-        # Demo values replace defaults but never flags the user typed.
-        typed = {a.split("=")[0].lstrip("-") for a in (argv if argv is not None else __import__("sys").argv[1:])
-                 if a.startswith("--")}
         for key, value in recipe.demo.items():
             if key not in typed:
                 setattr(args, key, value)
         if "save_path" not in typed:
             args.save_path = f"runs/demo_{model_name}"
+    tiny_hparams = {}
+    if args.tiny:
+        for key, value in recipe.tiny.items():
+            if not hasattr(args, key):
+                tiny_hparams[key] = value  # a model hyper-parameter without a flag
+            elif key not in typed:
+                setattr(args, key, value)
     if args.save_path is None:
         args.save_path = f"checkpoints/{model_name}_{args.dim_in}d_{args.contra_loss_weight}contra"
     for key in ("batch_size", "crop_size", "tot_iters", "save_freq", "keep_checkpoints", "log_freq", "n_neg",
@@ -114,6 +124,7 @@ def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> a
     args.model_hparams["dim_in"] = args.dim_in
     if recipe.derived_hparams is not None:
         args.model_hparams.update(recipe.derived_hparams(args))
+    args.model_hparams.update(tiny_hparams)
     args.init_hparams = {k: getattr(args, k) for k, f in recipe.flags.items()
                          if f.init_only and getattr(args, k) is not None}
     return args

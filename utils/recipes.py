@@ -2,8 +2,8 @@
 
 A recipe is everything that differs between backbones in training: the loss, the
 optimizers and their schedules, the reference batch/crop/iterations, the backbone's own
-command-line flags, and the smaller configuration the ``--demo`` run uses. The Trainer
-reads nothing else about a backbone.
+command-line flags, the smaller configuration the ``--demo`` run uses, and the tiny one
+that tests and smoke runs use (``--tiny``). The Trainer reads nothing else about a backbone.
 """
 from __future__ import annotations
 
@@ -83,6 +83,10 @@ class Recipe:
     derived_hparams: Optional[Callable] = None  # args -> model hyper-parameters that follow other flags
     flags: dict = field(default_factory=dict)
     demo: dict = field(default_factory=dict)  # flag overrides for --demo (small, CPU)
+    # --tiny: the smallest configuration that still runs every code path (tests, smoke runs; seconds
+    # on a CPU). Keys naming a flag (batch_size, crop_size, a backbone flag) replace its default; any
+    # other key is a model hyper-parameter without a flag (e.g. a width the reference hard-codes).
+    tiny: dict = field(default_factory=dict)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -98,6 +102,7 @@ RECIPES: dict[str, Recipe] = {
         },
         # Measured on 2 CPU cores: see README (demo).
         demo=dict(inter_iter=2, batch_size=4, crop_size=48, tot_iters=600, stage1_iters=250, save_freq=200),
+        tiny=dict(inter_iter=1, batch_size=2, crop_size=16),
     ),
     # RCDNet (reference train_RCDNet.py): stage-output MSE on 0-255, Adam 1e-3, x0.2 at epochs 25/50/75.
     "RCDNet": Recipe(
@@ -116,6 +121,7 @@ RECIPES: dict[str, Recipe] = {
         },
         demo=dict(inter_iter=3, num_block=1, batch_size=4, crop_size=48, tot_iters=600, stage1_iters=250,
                   save_freq=200),
+        tiny=dict(inter_iter=2, num_block=1, num_map=4, num_channel=4, batch_size=2, crop_size=16),
     ),
     # DGUNet (reference train_DGUNet.py): Charbonnier + 0.05 edge over all stages, Adam 2e-4, cosine to 1e-6.
     "DGUNet": Recipe(
@@ -124,6 +130,7 @@ RECIPES: dict[str, Recipe] = {
         make_scheduler=cosine_over_run(1e-6), scheduler_unit="epoch",
         flags={"depth": Flag(int, 5, "number of middle stages (the network has depth + 2 stages)")},
         demo=dict(depth=1, batch_size=4, crop_size=48, tot_iters=600, stage1_iters=250, save_freq=200),
+        tiny=dict(depth=1, n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, batch_size=2, crop_size=16),
     ),
     # IDT (reference train_IDT.py): -SSIM, Adam 1e-4, x0.1 at epochs 100/250/350.
     "IDT": Recipe(
@@ -138,6 +145,9 @@ RECIPES: dict[str, Recipe] = {
                               model=False, nargs="+"),
         },
         demo=dict(embed_dim=16, batch_size=2, crop_size=64, tot_iters=300, stage1_iters=150, save_freq=100),
+        # 64 is the smallest img_size (= crop) IDT supports; mlp_ratio 1 keeps the 64x64 FFNs cheap while
+        # every depthwise CoI-M generator keeps a non-empty hidden layer (width >= 16).
+        tiny=dict(embed_dim=16, depths=[1] * 9, num_heads=[1] * 9, mlp_ratio=1.0, batch_size=1, crop_size=64),
     ),
     # DRSformer (reference train_DRSformer.py): L1, AdamW 3e-4, cyclic cosine per iteration, clip 0.01.
     "DRSformer": Recipe(
@@ -151,6 +161,7 @@ RECIPES: dict[str, Recipe] = {
         },
         demo=dict(dim=16, num_blocks=[1, 1, 1, 1], batch_size=2, crop_size=48, tot_iters=300, stage1_iters=150,
                   save_freq=100),
+        tiny=dict(dim=16, num_blocks=[1, 1, 1, 1], heads=[1, 1, 2, 2], batch_size=2, crop_size=16),
     ),
 }
 

@@ -1,0 +1,102 @@
+"""A sixth backbone needs a model class, a registry entry and a recipe, nothing else.
+
+A toy backbone is registered at run time the way the real ones are (``models.MODELS`` entry,
+``utils.recipes.RECIPES`` entry); the contract checks, the Trainer in both stages, evaluation
+through ``test_model`` and the benchmark's model list all take it with no other edit.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import contract
+import models
+import test_model
+from conftest import train_flags
+from losses import L1Loss
+from models.coim import ModulatedConv2d, ModulatedConvTranspose2d
+from utils import recipes
+from utils.options import parse_train_args
+from utils.trainer import Trainer
+
+
+class ToyNet(nn.Module):
+    """Residual deraining with one stride-2 level. forward(x, z=None): (B,3,H,W) in [0,1] -> same shape."""
+
+    size_multiple = 2  # one 2x down-sampling
+    tile_size = None
+
+    def __init__(self, width: int = 16, dim_in: int = 128):
+        super().__init__()
+        self.head = ModulatedConv2d(3, width, 3, padding=1, dim_in=dim_in)
+        self.down = ModulatedConv2d(width, width, 3, stride=2, padding=1, dim_in=dim_in)
+        self.mix = ModulatedConv2d(width, width, 1, padding=0, dim_in=dim_in)  # 1x1: never modulated
+        self.up = ModulatedConvTranspose2d(width, 3, 2, stride=2, padding=0, dim_in=dim_in)
+
+    def forward(self, x: torch.Tensor, z=None) -> torch.Tensor:
+        f = F.relu(self.down(F.relu(self.head(x, z)), z))
+        return x + self.up(F.relu(self.mix(f, z)), z)
+
+
+TOY_RECIPE = recipes.Recipe(
+    model_name="Toy", batch_size=4, crop_size=32, lr=1e-3, tot_iters=1000, stage1_iters=500,
+    contra_loss_weight=0.2, make_loss=lambda: recipes.ImageLoss(L1Loss()),
+    flags={"width": recipes.Flag(int, 16, "channels of the features")},
+    tiny=dict(width=4, batch_size=2, crop_size=16),
+)
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    monkeypatch.setitem(models.MODELS, "Toy", f"{__name__}:ToyNet")
+    monkeypatch.setitem(recipes.RECIPES, "Toy", TOY_RECIPE)
+    return "Toy"
+
+
+def test_contract_checks_take_the_toy(toy):
+    assert toy in models.available_models()
+    assert contract.tiny_model(toy).up.in_channels == 4  # the recipe's tiny width
+    contract.check_contract(toy)
+
+
+def test_train_both_stages_then_evaluate(toy, tmp_path, tiny_demo):
+    save = str(tmp_path / "run")
+    trainer = Trainer(parse_train_args(toy, train_flags(save, os.path.join(tiny_demo, "heavy", "train"),
+                                                        tot_iters=4, stage1_iters=2)))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    generators = [p.clone() for p in trainer.tran_params]
+    last = trainer.train()
+    assert trainer.iteration == 4 and os.path.isfile(last)
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert any(not torch.equal(g, p) for g, p in zip(generators, trainer.tran_params))  # the CoIC stage ran
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["model_name"] == toy and state["model_hparams"] == {"width": 4, "dim_in": 128}
+
+    test_dir = os.path.join(tiny_demo, "heavy", "test")
+    for mode in ("normal", "tran"):
+        out = str(tmp_path / mode)
+        assert test_model.main(["--test_model", last, "--model_name", toy, "--load_mode", mode,
+                                "--test_dir", test_dir, "--save_path", out]) == 0
+        assert len([f for f in os.listdir(out) if f.endswith(".png")]) == 4
+
+
+def test_benchmark_lists_and_measures_the_toy(toy, tmp_path, tiny_demo, monkeypatch):
+    from benchmarks import benchmark, timing
+
+    assert toy in benchmark.build_parser().parse_args([]).models
+    data = os.path.join(tiny_demo, "light", "train")
+    # Workers are fresh processes that do not see a run-time registration: measure in this one.
+    monkeypatch.setattr(benchmark, "run_worker", lambda script, payload, cwd, timeout:
+                        timing.measure_ours(timing.Case(**payload)))
+    (tmp_path / "published" / "models").mkdir(parents=True)
+    out = tmp_path / "results"
+    assert benchmark.main(["--models", toy, "--tiny", "--iters", "1", "--warmup", "0", "--infer_size", "20",
+                           "--threads", "1", "--device", "cpu", "--data_dir", data, "--save_path", str(out),
+                           "--published", str(tmp_path / "published")]) == 0
+    rows = [ln for ln in (out / "benchmark.md").read_text().splitlines() if ln.startswith("| Toy ")]
+    assert len(rows) == 1
+    row = rows[0]
+    assert row.startswith("| Toy | fp32 = recommended | 2 | 16 | 20 |")  # the recipe's tiny batch and crop
+    assert "no published counterpart of Toy" in row and "timed for ours only" in row
