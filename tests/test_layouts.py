@@ -1,5 +1,4 @@
 """Layouts as data (utils.layouts), the specs table beside them, the one square resize, the one code dimension."""
-import dataclasses
 import os
 import runpy
 import sys

@@ -66,11 +66,11 @@ def test_train_both_stages_then_evaluate(toy, tmp_path, tiny_demo):
     trainer = Trainer(parse_train_args(toy, train_flags(save, os.path.join(tiny_demo, "heavy", "train"),
                                                         tot_iters=4, stage1_iters=2)))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    generators = [p.clone() for p in trainer.tran_params]
+    generators = [p.clone() for p in trainer.coic_params]
     last = trainer.train()
     assert trainer.iteration == 4 and os.path.isfile(last)
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
-    assert any(not torch.equal(g, p) for g, p in zip(generators, trainer.tran_params))  # the CoIC stage ran
+    assert any(not torch.equal(g, p) for g, p in zip(generators, trainer.coic_params))  # the CoIC stage ran
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert state["model_name"] == toy and state["model_hparams"] == {"width": 4, "dim_in": 128}
 

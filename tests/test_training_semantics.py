@@ -16,11 +16,7 @@ MOMENTUM = 0.999  # the published MoCo momentum
 
 
 def _trainer(tmp, data, model="BRN", recipe_changes=None, extra=(), **kw):
-    flags = train_flags(str(tmp), data, **kw)
-    if model != "BRN":  # train_flags are BRN's: drop its own flag
-        i = flags.index("--inter_iter")
-        del flags[i:i + 2]
-    args = parse_train_args(model, flags + list(extra))
+    args = parse_train_args(model, train_flags(str(tmp), data, **kw) + list(extra))
     if recipe_changes:
         args.recipe = dataclasses.replace(args.recipe, **recipe_changes)
     return Trainer(args)
