@@ -34,7 +34,7 @@ __all__ = [
     "dataset_labels", "check_labels", "dataset_images", "dataset_pairs", "sample", "resize_square", "checkpoint_meta",
     "load_encoder_file", "encode_batch", "encode_images", "gather_embeddings", "pearson", "atomic_path", "atomic_dir",
     "fmt", "write_csv", "write_text", "markdown_table", "new_figure", "require_matplotlib", "save_figure",
-    "dataset_colours", "write_embeddings", "read_embeddings", "run_main",
+    "dataset_colours", "write_embeddings", "read_embeddings", "run_tool",
 ]
 
 # Folder names that say nothing about which dataset a path is (used to build default labels).
@@ -345,7 +345,24 @@ def gather_embeddings(args: argparse.Namespace, device: torch.device,
     return torch.cat(chunks).double(), row_labels, names
 
 
-def run_main(work: Callable[[], int]) -> int:
-    """Run a tool's body inside ``utils.errors.cli_main``: user mistakes become one ``error:`` line, exit 2."""
+def run_tool(build_parser: Callable[[], argparse.ArgumentParser],
+             run: Callable[[argparse.Namespace, torch.device], Any],
+             argv: Optional[Sequence[str]] = None) -> int:
+    """A tool's ``main``: parse its flags, then ``run(args, device)`` after :func:`setup`, inside
+    ``utils.errors.cli_main`` (user mistakes become one ``error:`` line and exit 2).
+
+    ``run`` returns an exit code, or the Markdown summary it wrote to ``--save_path``: that is
+    printed, followed by where the results are, and the tool exits 0.
+    """
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    def work() -> int:
+        result = run(args, setup(args))
+        if isinstance(result, str):
+            print(result, end="")
+            logging.getLogger(__name__).info("-> %s", args.save_path)
+            return 0
+        return result
+
     return cli_main(work)

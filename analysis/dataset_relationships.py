@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from analysis.common import (add_embedding_args, add_output_args, gather_embeddings, logger, markdown_table,
-                             new_figure, run_main, save_figure, setup, write_csv, write_text)
+                             new_figure, run_tool, save_figure, write_csv, write_text)
 
 
 def relationship_matrix(embeddings: Tensor, labels: Sequence[str]) -> tuple[list[str], Tensor, list[int]]:
@@ -101,29 +101,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run(args: argparse.Namespace, device: torch.device) -> int:
+    embeddings, labels, _ = gather_embeddings(args, device, desc="relationships")
+    names, matrix, counts = relationship_matrix(embeddings, labels)
+    os.makedirs(args.save_path, exist_ok=True)
+    write_csv(os.path.join(args.save_path, "relationships.csv"), ["dataset", *names],
+              [[name, *map(float, row.tolist())] for name, row in zip(names, matrix)])
+    closest = closest_other(names, matrix)
+    md = markdown_table(["dataset", "images", *names, "closest other"],
+                        [[name, n, *map(float, row.tolist()), c]
+                         for name, n, row, c in zip(names, counts, matrix, closest)], digits=3)
+    write_text(os.path.join(args.save_path, "relationships.md"),
+               "Mean cosine similarity of z (diagonal: distinct images of one dataset)\n\n" + md)
+    figure = os.path.join(args.save_path, "relationships.png")
+    plot_heatmap(names, matrix, figure, f"mean cosine similarity ({len(labels)} images)")
+    print(md, end="")
+    logger.info("-> %s", figure)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-
-    def work() -> int:
-        device = setup(args)
-        embeddings, labels, _ = gather_embeddings(args, device, desc="relationships")
-        names, matrix, counts = relationship_matrix(embeddings, labels)
-        os.makedirs(args.save_path, exist_ok=True)
-        write_csv(os.path.join(args.save_path, "relationships.csv"), ["dataset", *names],
-                  [[name, *map(float, row.tolist())] for name, row in zip(names, matrix)])
-        closest = closest_other(names, matrix)
-        md = markdown_table(["dataset", "images", *names, "closest other"],
-                            [[name, n, *map(float, row.tolist()), c]
-                             for name, n, row, c in zip(names, counts, matrix, closest)], digits=3)
-        write_text(os.path.join(args.save_path, "relationships.md"),
-                   "Mean cosine similarity of z (diagonal: distinct images of one dataset)\n\n" + md)
-        figure = os.path.join(args.save_path, "relationships.png")
-        plot_heatmap(names, matrix, figure, f"mean cosine similarity ({len(labels)} images)")
-        print(md, end="")
-        logger.info("-> %s", figure)
-        return 0
-
-    return run_main(work)
+    return run_tool(build_parser, run, argv)
 
 
 if __name__ == "__main__":

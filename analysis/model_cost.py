@@ -42,8 +42,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from analysis.common import (AnalysisError, add_output_args, logger, markdown_table, new_figure, run_main, save_figure,
-                             setup, write_csv, write_text)
+from analysis.common import (AnalysisError, add_output_args, logger, markdown_table, new_figure, run_tool, save_figure,
+                             write_csv, write_text)
 from models import available_models, build_encoder, build_model
 from models.coim import context_embedding_parameters, modulation_parameters
 from utils.inference import ENCODER_SIZE, image_code, restore
@@ -230,39 +230,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run(args: argparse.Namespace, device: torch.device) -> str:
+    from tqdm import tqdm
+
+    unknown = [m for m in args.models if m not in available_models()]
+    if unknown:
+        raise AnalysisError(f"unknown --models {', '.join(unknown)}; choose from: {', '.join(available_models())}")
+    if args.size < 8 or args.warmup < 0 or args.reps < 0:
+        raise AnalysisError("--size must be at least 8 and --warmup/--reps non-negative")
+    overrides = parse_hparams(args.hparams)
+    rows = []
+    with tqdm(args.models, desc="model cost", unit="model", dynamic_ncols=True) as bar:
+        for name in bar:
+            hparams = {**(demo_hparams(name) if args.demo_hparams else {}), **overrides.get(name, {})}
+            rows.append(measure(name, hparams, args.size, args.dim_in, device, args.warmup, args.reps,
+                                args.tile_overlap, step=lambda s, n=name: bar.set_postfix_str(f"{n}: {s}")))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    os.makedirs(args.save_path, exist_ok=True)
+    write_csv(os.path.join(args.save_path, "cost.csv"), COLUMNS, [[r[c] for c in COLUMNS] for r in rows])
+    md = markdown_table(COLUMNS, [[r[c] for c in COLUMNS] for r in rows], digits=2)
+    write_text(os.path.join(args.save_path, "cost.md"),
+               f"Input {args.size}x{args.size}, device {device}, z dimension {args.dim_in}; MACs in G "
+               "(modulated = encoder + modulated backbone), latency = median in ms\n\n" + md)
+    plot(rows, os.path.join(args.save_path, "cost.png"), args.size, device)
+    return md
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-
-    def work() -> int:
-        from tqdm import tqdm
-
-        device = setup(args)
-        unknown = [m for m in args.models if m not in available_models()]
-        if unknown:
-            raise AnalysisError(f"unknown --models {', '.join(unknown)}; choose from: {', '.join(available_models())}")
-        if args.size < 8 or args.warmup < 0 or args.reps < 0:
-            raise AnalysisError("--size must be at least 8 and --warmup/--reps non-negative")
-        overrides = parse_hparams(args.hparams)
-        rows = []
-        with tqdm(args.models, desc="model cost", unit="model", dynamic_ncols=True) as bar:
-            for name in bar:
-                hparams = {**(demo_hparams(name) if args.demo_hparams else {}), **overrides.get(name, {})}
-                rows.append(measure(name, hparams, args.size, args.dim_in, device, args.warmup, args.reps,
-                                    args.tile_overlap, step=lambda s, n=name: bar.set_postfix_str(f"{n}: {s}")))
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-        os.makedirs(args.save_path, exist_ok=True)
-        write_csv(os.path.join(args.save_path, "cost.csv"), COLUMNS, [[r[c] for c in COLUMNS] for r in rows])
-        md = markdown_table(COLUMNS, [[r[c] for c in COLUMNS] for r in rows], digits=2)
-        write_text(os.path.join(args.save_path, "cost.md"),
-                   f"Input {args.size}x{args.size}, device {device}, z dimension {args.dim_in}; MACs in G "
-                   "(modulated = encoder + modulated backbone), latency = median in ms\n\n" + md)
-        plot(rows, os.path.join(args.save_path, "cost.png"), args.size, device)
-        print(md, end="")
-        logger.info("-> %s", args.save_path)
-        return 0
-
-    return run_main(work)
+    return run_tool(build_parser, run, argv)
 
 
 if __name__ == "__main__":

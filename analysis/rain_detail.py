@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from analysis.common import (AnalysisError, add_output_args, add_restore_args, check_labels, dataset_colours, dataset_pairs, encode_batch,
-                             load_encoder_file, logger, markdown_table, new_figure, pearson, resize_square, run_main,
-                             sample, save_figure, setup, split_paths, write_csv, write_text)
+                             load_encoder_file, markdown_table, new_figure, pearson, resize_square, run_tool,
+                             sample, save_figure, split_paths, write_csv, write_text)
 from utils.errors import DataError
 from utils.images import read_image
 from utils.checkpoint import read_checkpoint
@@ -160,60 +160,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run(args: argparse.Namespace, device: torch.device) -> str:
+    from tqdm import tqdm
+
+    if args.blur_sigma <= 0:
+        raise AnalysisError(f"--blur_sigma must be positive, got {args.blur_sigma}")
+    paths = split_paths(args.data_paths)
+    labels = check_labels(args.labels, paths)
+    pairs = [sample(dataset_pairs(p), args.num_images, args.seed) for p in paths]
+    coic, coic_encoder, base = _load_models(args, device)
+    if args.encoder is None and coic_encoder is None:
+        raise AnalysisError("give --encoder, or --coic_model (its encoder is used)")
+    encoder = load_encoder_file(args.encoder, device)[0] if args.encoder else coic_encoder
+    rows = []
+    with tqdm(total=sum(map(len, pairs)), desc="rain vs detail", unit="pair", dynamic_ncols=True) as bar:
+        for label, items in zip(labels, pairs):
+            for rain_path, clean_path in items:
+                rainy, clean = read_image(rain_path)[None].to(device), read_image(clean_path)[None].to(device)
+                if rainy.shape != clean.shape:
+                    raise DataError(f"pair sizes differ: {rain_path} vs {clean_path}")
+                z = pair_codes(encoder, rainy, clean, args.blur_sigma)
+                row = {"dataset": label, "image": os.path.basename(rain_path),
+                       "rain_shift": float(z_shift(z[0:1], z[1:2])), "detail_shift": float(z_shift(z[1:2], z[2:3])),
+                       "psnr_base": None, "psnr_coic": None, "psnr_gain": None}
+                if coic is not None:
+                    # z(rainy) above is the same computation when the encoder is the model's own
+                    code = z[0:1] if encoder is coic_encoder else image_code(coic_encoder, rainy)
+                    row["psnr_coic"] = psnr(restore(coic, rainy, code, args.tile, args.tile_overlap), clean)
+                    row["psnr_base"] = psnr(restore(base, rainy, None, args.tile, args.tile_overlap), clean)
+                    row["psnr_gain"] = row["psnr_coic"] - row["psnr_base"]
+                rows.append(row)
+                bar.update(1)
+    os.makedirs(args.save_path, exist_ok=True)
+    columns = PAIR_COLUMNS if coic is not None else PAIR_COLUMNS[:4]
+    write_csv(os.path.join(args.save_path, "rain_detail_pairs.csv"), columns,
+              [[r[c] for c in columns] for r in rows])
+    summary = summarize(rows)
+    keys = list(summary[0])
+    write_csv(os.path.join(args.save_path, "rain_detail.csv"), keys, [[s[k] for k in keys] for s in summary])
+    md = markdown_table(keys, [[s[k] for k in keys] for s in summary])
+    note = ("rain shift = 1 - cos(z(rainy), z(clean)); detail shift = 1 - cos(z(clean), z(blurred clean)), "
+            f"σ = {args.blur_sigma} at 128x128")
+    if coic is not None:
+        note += "; r_gain_*: Pearson r of the per-image PSNR gain (CoIC - base) with each shift"
+    write_text(os.path.join(args.save_path, "rain_detail.md"), note + "\n\n" + md)
+    plot(rows, os.path.join(args.save_path, "rain_detail.png"))
+    return md
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-
-    def work() -> int:
-        from tqdm import tqdm
-
-        device = setup(args)
-        if args.blur_sigma <= 0:
-            raise AnalysisError(f"--blur_sigma must be positive, got {args.blur_sigma}")
-        paths = split_paths(args.data_paths)
-        labels = check_labels(args.labels, paths)
-        pairs = [sample(dataset_pairs(p), args.num_images, args.seed) for p in paths]
-        coic, coic_encoder, base = _load_models(args, device)
-        if args.encoder is None and coic_encoder is None:
-            raise AnalysisError("give --encoder, or --coic_model (its encoder is used)")
-        encoder = load_encoder_file(args.encoder, device)[0] if args.encoder else coic_encoder
-        rows = []
-        with tqdm(total=sum(map(len, pairs)), desc="rain vs detail", unit="pair", dynamic_ncols=True) as bar:
-            for label, items in zip(labels, pairs):
-                for rain_path, clean_path in items:
-                    rainy, clean = read_image(rain_path)[None].to(device), read_image(clean_path)[None].to(device)
-                    if rainy.shape != clean.shape:
-                        raise DataError(f"pair sizes differ: {rain_path} vs {clean_path}")
-                    z = pair_codes(encoder, rainy, clean, args.blur_sigma)
-                    row = {"dataset": label, "image": os.path.basename(rain_path),
-                           "rain_shift": float(z_shift(z[0:1], z[1:2])), "detail_shift": float(z_shift(z[1:2], z[2:3])),
-                           "psnr_base": None, "psnr_coic": None, "psnr_gain": None}
-                    if coic is not None:
-                        # z(rainy) above is the same computation when the encoder is the model's own
-                        code = z[0:1] if encoder is coic_encoder else image_code(coic_encoder, rainy)
-                        row["psnr_coic"] = psnr(restore(coic, rainy, code, args.tile, args.tile_overlap), clean)
-                        row["psnr_base"] = psnr(restore(base, rainy, None, args.tile, args.tile_overlap), clean)
-                        row["psnr_gain"] = row["psnr_coic"] - row["psnr_base"]
-                    rows.append(row)
-                    bar.update(1)
-        os.makedirs(args.save_path, exist_ok=True)
-        columns = PAIR_COLUMNS if coic is not None else PAIR_COLUMNS[:4]
-        write_csv(os.path.join(args.save_path, "rain_detail_pairs.csv"), columns,
-                  [[r[c] for c in columns] for r in rows])
-        summary = summarize(rows)
-        keys = list(summary[0])
-        write_csv(os.path.join(args.save_path, "rain_detail.csv"), keys, [[s[k] for k in keys] for s in summary])
-        md = markdown_table(keys, [[s[k] for k in keys] for s in summary])
-        note = ("rain shift = 1 - cos(z(rainy), z(clean)); detail shift = 1 - cos(z(clean), z(blurred clean)), "
-                f"σ = {args.blur_sigma} at 128x128")
-        if coic is not None:
-            note += "; r_gain_*: Pearson r of the per-image PSNR gain (CoIC - base) with each shift"
-        write_text(os.path.join(args.save_path, "rain_detail.md"), note + "\n\n" + md)
-        plot(rows, os.path.join(args.save_path, "rain_detail.png"))
-        print(md, end="")
-        logger.info("-> %s", args.save_path)
-        return 0
-
-    return run_main(work)
+    return run_tool(build_parser, run, argv)
 
 
 if __name__ == "__main__":

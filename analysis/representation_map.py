@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from analysis.common import (AnalysisError, add_embedding_args, add_output_args, atomic_dir, dataset_colours,
-                             gather_embeddings, logger, new_figure, run_main, save_figure, setup, write_csv,
+                             gather_embeddings, logger, new_figure, run_tool, save_figure, write_csv,
                              write_embeddings)
 
 PROJECTIONS = ("pca", "tsne", "umap")
@@ -117,27 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run(args: argparse.Namespace, device: torch.device) -> int:
+    embeddings, labels, names = gather_embeddings(args, device, desc="representation map")
+    points = project_2d(embeddings, args.projection, args.seed)
+    os.makedirs(args.save_path, exist_ok=True)
+    write_embeddings(os.path.join(args.save_path, "embeddings.csv"), embeddings, labels, names)
+    write_csv(os.path.join(args.save_path, f"projection_{args.projection}.csv"), ["dataset", "image", "x", "y"],
+              [[lab, name, *map(float, pt.tolist())] for lab, name, pt in zip(labels, names, points)])
+    write_projector(os.path.join(args.save_path, "projector"), embeddings, labels, names)
+    figure = os.path.join(args.save_path, f"representation_{args.projection}.png")
+    what = "z" if args.embeddings is None and args.feature == "z" else "embeddings"
+    plot_map(points, labels, figure, f"{what} of {len(labels)} images, {args.projection.upper()}",
+             args.projection.upper())
+    logger.info("%d images of %d datasets -> %s (tensorboard --logdir %s)", len(labels),
+                len(set(labels)), figure, os.path.join(args.save_path, "projector"))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-
-    def work() -> int:
-        device = setup(args)
-        embeddings, labels, names = gather_embeddings(args, device, desc="representation map")
-        points = project_2d(embeddings, args.projection, args.seed)
-        os.makedirs(args.save_path, exist_ok=True)
-        write_embeddings(os.path.join(args.save_path, "embeddings.csv"), embeddings, labels, names)
-        write_csv(os.path.join(args.save_path, f"projection_{args.projection}.csv"), ["dataset", "image", "x", "y"],
-                  [[lab, name, *map(float, pt.tolist())] for lab, name, pt in zip(labels, names, points)])
-        write_projector(os.path.join(args.save_path, "projector"), embeddings, labels, names)
-        figure = os.path.join(args.save_path, f"representation_{args.projection}.png")
-        what = "z" if args.embeddings is None and args.feature == "z" else "embeddings"
-        plot_map(points, labels, figure, f"{what} of {len(labels)} images, {args.projection.upper()}",
-                 args.projection.upper())
-        logger.info("%d images of %d datasets -> %s (tensorboard --logdir %s)", len(labels),
-                    len(set(labels)), figure, os.path.join(args.save_path, "projector"))
-        return 0
-
-    return run_main(work)
+    return run_tool(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from analysis.common import (AnalysisError, add_output_args, add_restore_args, checkpoint_meta, dataset_pairs, load_encoder_file, logger,
-                             markdown_table, new_figure, resize_square, run_main, sample, save_figure, setup,
-                             split_paths, write_csv, write_text)
+from analysis.common import (AnalysisError, add_output_args, add_restore_args, checkpoint_meta, dataset_pairs, load_encoder_file, markdown_table, new_figure, resize_square, run_tool, sample, save_figure, split_paths, write_csv, write_text)
 from utils.images import read_image
 from utils.contrastive import RainArchive, build_negatives
 from utils.inference import image_code, restore
@@ -159,71 +157,67 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run(args: argparse.Namespace, device: torch.device) -> str:
+    from tqdm import tqdm
+
+    from utils.evaluation import load_model
+
+    if args.temperatures is not None and len(args.temperatures) != len(args.checkpoints):
+        raise AnalysisError(f"--temperatures gives {len(args.temperatures)} values "
+                            f"for {len(args.checkpoints)} checkpoints")
+    pairs = [pair for p in split_paths(args.data_paths) for pair in sample(dataset_pairs(p), args.num_images,
+                                                                           args.seed)]
+    # Keep each encoder and what its checkpoint says about itself, not the whole file (optimiser states).
+    runs = []
+    for i, path in enumerate(args.checkpoints):
+        encoder, obj = load_encoder_file(path, device)
+        temperature = args.temperatures[i] if args.temperatures else checkpoint_temperature(obj)
+        if temperature is None:
+            raise AnalysisError(f"{path} does not record its temperature; pass --temperatures")
+        meta = checkpoint_meta(obj)
+        runs.append({"path": path, "encoder": encoder, "temperature": temperature, "args": meta.get("args", {}),
+                     "model_name": meta.get("model_name", args.model_name),
+                     "psnr": not args.no_psnr and isinstance(obj, dict) and "model" in obj})
+        del obj
+    crop = args.crop_size or runs[0]["args"].get("crop_size") or 128
+    n_neg = args.n_neg or runs[0]["args"].get("n_neg") or 4
+    batches = exemplar_batches(pairs, crop, args.batch_size, args.seed)
+    rows = []
+    work_units = len(runs) * len(batches) + sum(r["psnr"] for r in runs) * len(pairs)
+    with tqdm(total=work_units, desc="temperature sweep", dynamic_ncols=True) as bar:
+        for run in runs:
+            name = os.path.basename(run["path"])
+            bar.set_postfix_str(f"{name}: contrast")
+            row = {"checkpoint": run["path"], "temperature": run["temperature"], "psnr": None, "ssim": None}
+            row.update(contrastive_accuracy(run["encoder"], batches, n_neg, run["temperature"], args.seed, device))
+            bar.update(len(batches))
+            if run["psnr"]:
+                bar.set_postfix_str(f"{name}: PSNR")
+                model, _ = load_model(run["model_name"], run["path"], "tran", device)
+                scores = []
+                for rain_path, clean_path in pairs:
+                    rainy, clean = read_image(rain_path)[None].to(device), read_image(clean_path)[None].to(device)
+                    code = image_code(run["encoder"], rainy)
+                    out = restore(model, rainy, code, args.tile, args.tile_overlap)
+                    scores.append((psnr(out, clean), ssim(out, clean)))
+                    bar.update(1)
+                row["psnr"] = sum(s[0] for s in scores) / len(scores)
+                row["ssim"] = sum(s[1] for s in scores) / len(scores)
+                del model
+            rows.append(row)
+    rows.sort(key=lambda r: r["temperature"])
+    os.makedirs(args.save_path, exist_ok=True)
+    write_csv(os.path.join(args.save_path, "temperature.csv"), COLUMNS, [[r[c] for c in COLUMNS] for r in rows])
+    md = markdown_table(COLUMNS, [[r[c] for c in COLUMNS] for r in rows])
+    write_text(os.path.join(args.save_path, "temperature.md"),
+               f"{len(pairs)} test pairs; exemplars {crop}x{crop}, 1 rain-aware + {n_neg} detail-aware negatives "
+               f"per query, batches of {args.batch_size}, seed {args.seed}\n\n" + md)
+    plot(rows, os.path.join(args.save_path, "temperature.png"))
+    return md
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-
-    def work() -> int:
-        from tqdm import tqdm
-
-        from utils.evaluation import load_model
-
-        device = setup(args)
-        if args.temperatures is not None and len(args.temperatures) != len(args.checkpoints):
-            raise AnalysisError(f"--temperatures gives {len(args.temperatures)} values "
-                                f"for {len(args.checkpoints)} checkpoints")
-        pairs = [pair for p in split_paths(args.data_paths) for pair in sample(dataset_pairs(p), args.num_images,
-                                                                               args.seed)]
-        # Keep each encoder and what its checkpoint says about itself, not the whole file (optimiser states).
-        runs = []
-        for i, path in enumerate(args.checkpoints):
-            encoder, obj = load_encoder_file(path, device)
-            temperature = args.temperatures[i] if args.temperatures else checkpoint_temperature(obj)
-            if temperature is None:
-                raise AnalysisError(f"{path} does not record its temperature; pass --temperatures")
-            meta = checkpoint_meta(obj)
-            runs.append({"path": path, "encoder": encoder, "temperature": temperature, "args": meta.get("args", {}),
-                         "model_name": meta.get("model_name", args.model_name),
-                         "psnr": not args.no_psnr and isinstance(obj, dict) and "model" in obj})
-            del obj
-        crop = args.crop_size or runs[0]["args"].get("crop_size") or 128
-        n_neg = args.n_neg or runs[0]["args"].get("n_neg") or 4
-        batches = exemplar_batches(pairs, crop, args.batch_size, args.seed)
-        rows = []
-        work_units = len(runs) * len(batches) + sum(r["psnr"] for r in runs) * len(pairs)
-        with tqdm(total=work_units, desc="temperature sweep", dynamic_ncols=True) as bar:
-            for run in runs:
-                name = os.path.basename(run["path"])
-                bar.set_postfix_str(f"{name}: contrast")
-                row = {"checkpoint": run["path"], "temperature": run["temperature"], "psnr": None, "ssim": None}
-                row.update(contrastive_accuracy(run["encoder"], batches, n_neg, run["temperature"], args.seed, device))
-                bar.update(len(batches))
-                if run["psnr"]:
-                    bar.set_postfix_str(f"{name}: PSNR")
-                    model, _ = load_model(run["model_name"], run["path"], "tran", device)
-                    scores = []
-                    for rain_path, clean_path in pairs:
-                        rainy, clean = read_image(rain_path)[None].to(device), read_image(clean_path)[None].to(device)
-                        code = image_code(run["encoder"], rainy)
-                        out = restore(model, rainy, code, args.tile, args.tile_overlap)
-                        scores.append((psnr(out, clean), ssim(out, clean)))
-                        bar.update(1)
-                    row["psnr"] = sum(s[0] for s in scores) / len(scores)
-                    row["ssim"] = sum(s[1] for s in scores) / len(scores)
-                    del model
-                rows.append(row)
-        rows.sort(key=lambda r: r["temperature"])
-        os.makedirs(args.save_path, exist_ok=True)
-        write_csv(os.path.join(args.save_path, "temperature.csv"), COLUMNS, [[r[c] for c in COLUMNS] for r in rows])
-        md = markdown_table(COLUMNS, [[r[c] for c in COLUMNS] for r in rows])
-        write_text(os.path.join(args.save_path, "temperature.md"),
-                   f"{len(pairs)} test pairs; exemplars {crop}x{crop}, 1 rain-aware + {n_neg} detail-aware negatives "
-                   f"per query, batches of {args.batch_size}, seed {args.seed}\n\n" + md)
-        plot(rows, os.path.join(args.save_path, "temperature.png"))
-        print(md, end="")
-        logger.info("-> %s", args.save_path)
-        return 0
-
-    return run_main(work)
+    return run_tool(build_parser, run, argv)
 
 
 if __name__ == "__main__":
