@@ -6,6 +6,7 @@ import sys
 from typing import Optional, Sequence
 
 from utils.distributed import add_device_args
+from utils.config import TrainConfig
 from utils.recipes import Recipe, get_recipe
 
 REFERENCE_DATA_PATHS = ("datasets/Rain200H/train,datasets/Rain200L/train,datasets/Rain800/train,"
@@ -85,8 +86,9 @@ def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
     return p
 
 
-def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse the flags of ``train_<model_name>.py``; ``--demo`` swaps in the recipe's demo defaults."""
+def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """The typed configuration of ``train_<model_name>.py``'s flags; ``--demo`` (``--tiny``) swaps
+    in the recipe's demo (tiny) defaults."""
     recipe = get_recipe(model_name)
     parser = build_train_parser(recipe)
     args = parser.parse_args(argv)
@@ -127,4 +129,4 @@ def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> a
     args.model_hparams.update(tiny_hparams)
     args.init_hparams = {k: getattr(args, k) for k, f in recipe.flags.items()
                          if f.init_only and getattr(args, k) is not None}
-    return args
+    return TrainConfig.from_namespace(args)

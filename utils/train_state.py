@@ -67,7 +67,7 @@ class CheckpointedRun:
             "rollbacks": self.rollbacks,
             "lr_scale": self.lr_scale,
             "rng": rng_state(self.generator),
-            "args": {k: v for k, v in vars(self.args).items() if k != "recipe"},
+            "args": self.args.flags(),
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -7,7 +7,6 @@ parameters (CoI-M generators + query encoder) have their own optimizers and sche
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ from models.coim import context_embedding_parameters, modulation_parameters
 from utils import distributed as dist_utils
 from utils.bad_steps import BadStepMonitor
 from utils.checkpoint import read_checkpoint
+from utils.config import TrainConfig
 from utils.contrastive import RainArchive, build_negatives
 from utils.errors import UserError
 from utils.inference import AMP_DTYPES
@@ -56,7 +56,7 @@ class TrainingDiverged(RuntimeError):
 class Trainer(CheckpointedRun):
     """Trains one backbone with its recipe; ``train()`` runs (or resumes) the whole schedule."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: TrainConfig):
         self.args = args
         self.recipe = args.recipe
         self.dist = dist_utils.init_from_env(use_cuda=bool(args.use_GPU or (args.device or "").startswith("cuda")))
