@@ -100,3 +100,77 @@ def test_idt_tiles_any_image_size():
         x = torch.rand(*shape)
         y = restore(model, x, torch.nn.functional.normalize(torch.randn(1, 128), dim=1), overlap=16)
         assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+# The published training scripts' settings (train_<Backbone>.py of the CoIC code), typed from them.
+PUBLISHED = {
+    #            batch crop  lr     iterations stage1  contra seed
+    "BRN":       (12, 100, 1e-3, 260000, 40000, 0.2, 0),
+    "RCDNet":    (16, 64, 1e-3, 260000, 40000, 50.0, 0),
+    "DGUNet":    (16, 128, 2e-4, 400000, 40000, 0.2, 1234),
+    "IDT":       (8, 128, 1e-4, 400000, 40000, 0.2, 0),
+    "DRSformer": (4, 128, 3e-4, 400000, 40000, 0.2, 100),
+}
+MILESTONES = {"BRN": ([30, 50, 80], 0.2), "RCDNet": ([25, 50, 75], 0.2), "IDT": ([100, 250, 350], 0.1)}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_recipe_matches_the_published_script(name):
+    import losses
+
+    args = parse_train_args(name, [])
+    batch, crop, lr, iters, stage1, contra, seed = PUBLISHED[name]
+    assert (args.batch_size, args.crop_size, args.lr, args.tot_iters, args.stage1_iters, args.contra_loss_weight,
+            args.seed) == (batch, crop, lr, iters, stage1, contra, seed)
+    recipe = RECIPES[name]
+    loss = recipe.make_loss()
+    kind = {"BRN": losses.SSIMLoss, "IDT": losses.SSIMLoss, "DRSformer": losses.L1Loss}.get(name)
+    if kind is not None:
+        assert isinstance(loss, losses.ImageLoss) and isinstance(loss.criterion, kind)
+    else:
+        assert isinstance(loss, {"RCDNet": losses.RCDNetStageLoss, "DGUNet": losses.StageSumLoss}[name])
+    w = [torch.nn.Parameter(torch.zeros(1))]
+    base, coic = recipe.make_optimizers(w, [torch.nn.Parameter(torch.zeros(1))], args)
+    assert base.defaults["lr"] == coic.defaults["lr"] == lr
+    if name == "DRSformer":
+        assert isinstance(base, torch.optim.AdamW) and base.defaults["weight_decay"] == 1e-4
+        assert coic.defaults["weight_decay"] == 0.01 and recipe.grad_clip == 0.01
+    else:
+        assert type(base) is torch.optim.Adam and type(coic) is torch.optim.Adam and recipe.grad_clip is None
+
+
+@pytest.mark.parametrize("name", sorted(MILESTONES))
+def test_epoch_milestones_of_the_published_scripts(name):
+    milestones, gamma = MILESTONES[name]
+    args = parse_train_args(name, [])
+    assert args.milestone == milestones
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = RECIPES[name].make_scheduler(opt, args, 100)
+    lrs = []
+    for _ in range(milestones[-1] + 1):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [gamma ** sum(e >= m for m in milestones) for e in range(milestones[-1] + 1)]
+    assert lrs == pytest.approx(expected, rel=1e-9)
+
+
+def test_dgunet_cosine_to_1e6_over_the_run_and_drsformer_restarts():
+    import math
+
+    args = parse_train_args("DGUNet", [])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
+    sched = RECIPES["DGUNet"].make_scheduler(opt, args, 1000)  # 400 epochs + 1
+    lrs = []
+    for _ in range(402):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    t_max = 401
+    for e in (0, 100, 200, 401):
+        assert lrs[e] == pytest.approx(1e-6 + (2e-4 - 1e-6) * (1 + math.cos(math.pi * e / t_max)) / 2, rel=1e-6)
+    args = parse_train_args("DRSformer", [])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+    sched = RECIPES["DRSformer"].make_scheduler(opt, args, 1)
+    assert (sched.periods, sched.eta_mins) == ([92000, 208000, 200000], [3e-4, 1e-4, 1e-6])
+    assert RECIPES["DRSformer"].scheduler_unit == "iter" and RECIPES["BRN"].scheduler_unit == "epoch"

@@ -240,3 +240,13 @@ def test_rollback_halves_every_later_learning_rate(tmp_path, tiny_demo, drs_full
         factor = 1.0 if k < 7 else 0.5  # halved from the rollback to the end of the run
         assert base_lr == pytest.approx(factor * full[it][0], rel=1e-9), (k, it)
         assert coic_lr == pytest.approx(factor * full[it][1], rel=1e-9), (k, it)
+
+
+def test_stage_switch_is_announced_once(tmp_path, tiny_demo, caplog):
+    import logging
+
+    trainer = _trainer(tmp_path, os.path.join(tiny_demo, "heavy", "train"), tot_iters=4, stage1_iters=2)
+    with caplog.at_level(logging.INFO):
+        trainer.train()
+    assert caplog.text.count("stage 1 done at iteration") == 1
+    assert "stage 1 done at iteration 2:" in caplog.text
