@@ -250,3 +250,20 @@ def test_stage_switch_is_announced_once(tmp_path, tiny_demo, caplog):
         trainer.train()
     assert caplog.text.count("stage 1 done at iteration") == 1
     assert "stage 1 done at iteration 2:" in caplog.text
+
+
+@pytest.mark.parametrize("amp,expected", [("off", None), ("bf16", torch.bfloat16)])
+def test_amp_flag_sets_the_autocast_of_the_forward(tmp_path, tiny_demo, monkeypatch, amp, expected):
+    trainer = _trainer(tmp_path, os.path.join(tiny_demo, "heavy", "train"), tot_iters=2, stage1_iters=1,
+                       extra=["--amp", amp])
+    seen = []
+    forward = trainer.model.forward
+
+    def spy(x, z=None):
+        enabled = torch.is_autocast_enabled("cpu")
+        seen.append(torch.get_autocast_dtype("cpu") if enabled else None)
+        return forward(x, z)
+
+    monkeypatch.setattr(trainer.model, "forward", spy)
+    trainer.train()
+    assert seen == [expected, expected]
