@@ -123,6 +123,7 @@ def test_recipe_matches_the_published_script(name):
     assert (args.batch_size, args.crop_size, args.lr, args.tot_iters, args.stage1_iters, args.contra_loss_weight,
             args.seed) == (batch, crop, lr, iters, stage1, contra, seed)
     recipe = RECIPES[name]
+    assert recipe.explode_threshold == 10.0  # |output| > 10: DGUNet's reference guard, kept for all
     loss = recipe.make_loss()
     kind = {"BRN": losses.SSIMLoss, "IDT": losses.SSIMLoss, "DRSformer": losses.L1Loss}.get(name)
     if kind is not None:
