@@ -44,14 +44,6 @@ def test_stage_switch(tmp_path, tiny_demo, monkeypatch):
     assert len(trainer.archive.layers) == 2
 
 
-def test_no_coic_run_never_uses_z(tmp_path, tiny_demo):
-    data = os.path.join(tiny_demo, "light", "train")
-    trainer = _trainer(tmp_path, data, tot_iters=2, stage1_iters=40000000, contra_loss_weight=0.0)
-    gens = [p.detach().clone() for p in trainer.coic_params]
-    trainer.train()
-    assert all(torch.equal(a, b.detach()) for a, b in zip(gens, trainer.coic_params))
-
-
 def test_resume_equals_uninterrupted(tmp_path, tiny_demo):
     # 8 pairs, batch 2: 4 iterations per epoch; stopping at 3 crosses the stage switch (3) and
     # the epoch boundary (4) after the resume.
