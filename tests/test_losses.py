@@ -74,3 +74,31 @@ def test_contrastive_loss_is_cross_entropy_with_positive_first():
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0]])
     by_hand = np.mean([np.log(np.exp(r).sum()) - r[0] for r in logits.numpy().astype(np.float64)])
     assert float(ContrastiveLoss()(logits)) == pytest.approx(by_hand, rel=1e-6)
+
+
+def _np_ssim_same_zero_pad(x, y, size=11, sigma=1.5):
+    """Mean SSIM (Wang et al. 2004) with a Gaussian window and zero 'same' padding, per channel (C,H,W)."""
+    from scipy.signal import convolve2d
+
+    t = np.arange(size) - (size - 1) / 2
+    g = np.exp(-t ** 2 / (2 * sigma ** 2))
+    window = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    maps = []
+    for a, b in zip(x, y):
+        def blur(img):
+            return convolve2d(img, window, mode="same", boundary="fill", fillvalue=0)
+        mu_a, mu_b = blur(a), blur(b)
+        var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+        maps.append((2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
+    return float(np.mean(maps))
+
+
+def test_ssim_loss_against_numpy():
+    from losses import SSIMLoss
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(1, 3, 20, 17, generator=gen)
+    y = (x + 0.2 * torch.rand(1, 3, 20, 17, generator=gen)).clamp(0, 1)
+    expected = _np_ssim_same_zero_pad(x[0].double().numpy(), y[0].double().numpy())
+    assert float(SSIMLoss()(x, y)) == pytest.approx(-expected, rel=1e-5)
