@@ -13,7 +13,7 @@ def test_command_line_builds_a_typed_config_with_backbone_flags():
     assert config.backbone == {"inter_iter": 8, "milestone": [2, 4]}
     assert config.milestone == [2, 4]  # the recipe's scheduler reads its flag as an attribute
     with pytest.raises(AttributeError, match="no field or backbone flag 'milestones'"):
-        config.milestones
+        _ = config.milestones
     flags = config.flags()
     assert flags["milestone"] == [2, 4] and flags["batch_size"] == 3 and "recipe" not in flags
 

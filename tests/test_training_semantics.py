@@ -246,7 +246,7 @@ def test_stage_switch_is_announced_once(tmp_path, tiny_demo, caplog):
     import logging
 
     trainer = _trainer(tmp_path, os.path.join(tiny_demo, "heavy", "train"), tot_iters=4, stage1_iters=2)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="coic"):
         trainer.train()
     assert caplog.text.count("stage 1 done at iteration") == 1
     assert "stage 1 done at iteration 2:" in caplog.text
