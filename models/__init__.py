@@ -11,6 +11,8 @@ import importlib
 
 import torch.nn as nn
 
+from utils.errors import ModelConfigError
+
 # name -> "module:Class"; modules are imported on first use so that one backbone's
 # optional dependency never breaks another.
 MODELS = {
@@ -30,7 +32,7 @@ def available_models() -> list[str]:
 
 def model_class(name: str) -> type:
     if name not in MODELS:
-        raise ValueError(f"unknown --model_name {name!r}; choose one of: {', '.join(MODELS)}")
+        raise ModelConfigError(f"unknown --model_name {name!r}; choose one of: {', '.join(MODELS)}")
     module, cls = MODELS[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -41,7 +43,7 @@ def build_model(name: str, **hparams) -> nn.Module:
     try:
         return cls(**hparams)
     except TypeError as exc:  # an unknown hyper-parameter name
-        raise ValueError(f"{name}: {exc}") from None
+        raise ModelConfigError(f"{name}: {exc}") from None
 
 
 def build_encoder(**hparams) -> nn.Module:

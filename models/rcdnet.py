@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.coim import ModulatedConv2d
+from utils.errors import ModelConfigError
 
 __all__ = ["RCDNet", "RCDNetStages", "streak_kernel_bank", "load_rain_kernel"]
 
@@ -102,15 +103,15 @@ def load_rain_kernel(source: Union[str, os.PathLike, Tensor], num_maps: int,
     expected = f"(channels={channels}, num_map={num_maps}, k, k) with odd k"
     if (data.dim() != 4 or data.shape[0] != channels or data.shape[1] != num_maps
             or data.shape[2] != data.shape[3] or data.shape[2] % 2 == 0):
-        raise ValueError(f"rain kernel {name}: shape {tuple(data.shape)} is not {expected}")
+        raise ModelConfigError(f"rain kernel {name}: shape {tuple(data.shape)} is not {expected}")
     if not torch.isfinite(data).all():
-        raise ValueError(f"rain kernel {name}: contains NaN or Inf")
+        raise ModelConfigError(f"rain kernel {name}: contains NaN or Inf")
     return data.float().clone()
 
 
 def _read_kernel_file(path: str):
     if not os.path.isfile(path):
-        raise ValueError(f"rain kernel file not found: {path}")
+        raise ModelConfigError(f"rain kernel file not found: {path}")
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == ".mat":
@@ -134,8 +135,8 @@ def _read_kernel_file(path: str):
     except Exception as exc:  # unreadable file, missing variable, ...
         # Keep the message to one line: loader errors can span a whole paragraph.
         detail = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise ValueError(f"rain kernel file {path} cannot be read ({type(exc).__name__}: {detail})") from None
-    raise ValueError(f"rain kernel file {path}: unsupported extension {ext!r} (use .mat, .npy or .pt)")
+        raise ModelConfigError(f"rain kernel file {path} cannot be read ({type(exc).__name__}: {detail})") from None
+    raise ModelConfigError(f"rain kernel file {path}: unsupported extension {ext!r} (use .mat, .npy or .pt)")
 
 
 # --------------------------------------------------------------------------------------

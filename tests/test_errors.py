@@ -144,3 +144,12 @@ def test_tile_must_be_positive(tile, tmp_path, tiny_demo, capsys):
                             "--test_dir", os.path.join(tiny_demo, "heavy", "test"), "--save_path", str(tmp_path)])
     err = _err_lines(capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: --tile") and tile in err[0]
+
+
+def test_bad_backbone_settings_in_training_are_one_line(tmp_path, tiny_demo, capsys):
+    # a user mistake inside the model's constructor: a --rain_kernel file that is not there
+    data = os.path.join(tiny_demo, "heavy", "train")
+    flags = train_flags(str(tmp_path / "run"), data) + ["--rain_kernel", str(tmp_path / "missing.mat")]
+    assert train_main("RCDNet", flags) == 2
+    err = capsys.readouterr().err
+    assert "error: rain kernel file not found" in err and "Traceback" not in err

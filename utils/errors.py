@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Callable
 
-__all__ = ["UserError", "DataError", "USER_FACING_ERRNOS", "is_user_facing", "one_line", "cli_main", "EXIT_USER_ERROR"]
+__all__ = ["UserError", "DataError", "ModelConfigError", "USER_FACING_ERRNOS", "is_user_facing", "one_line", "cli_main", "EXIT_USER_ERROR"]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -27,6 +27,10 @@ class UserError(Exception):
 
 class DataError(UserError, ValueError):
     """A dataset folder or file that cannot be used, with what to do about it."""
+
+
+class ModelConfigError(UserError, ValueError):
+    """A backbone name, hyper-parameter or initialisation file (``--rain_kernel``) that cannot be used."""
 
 
 def is_user_facing(exc: BaseException, also: tuple = ()) -> bool:
