@@ -271,3 +271,26 @@ def test_available_memory_reads_meminfo():
         listed = next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:")), None)
     found = datasets.available_memory()
     assert found is not None and found > 0 and (listed is None or found <= listed)
+
+
+def test_integer_index_reads_the_mix_of_epoch_zero(mixed, monkeypatch):
+    ds = MixedRainDataset(mixed, 16)
+    assert ds.epoch_pairs(0, 0) != ds.epoch_pairs(1, 0)  # the real draw changes with the epoch
+    read = []
+    real = datasets.read_pair
+    monkeypatch.setattr(datasets, "read_pair", lambda a, b, *k: (read.append((a, b)), real(a, b, *k))[1])
+    for i in range(len(ds)):
+        ds[i]
+    assert read == [tuple(p) for p in ds.epoch_pairs(0, 0)]
+
+
+def test_decoded_int32_grey_is_scaled_by_its_maximum(tmp_path):
+    # PIL mode "I" (32-bit integers, e.g. from TIFF): scaled to [0, 1] by the image's own maximum
+    arr = np.array([[0, 1000], [500, 2000]], dtype=np.int32)
+    path = str(tmp_path / "grey32.tif")
+    Image.fromarray(arr, mode="I").save(path)
+    img = images.read_image(path)
+    expected = torch.tensor([[0.0, 0.5], [0.25, 1.0]])
+    assert img.shape == (3, 2, 2)
+    for c in range(3):
+        torch.testing.assert_close(img[c], expected)
