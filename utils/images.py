@@ -3,12 +3,19 @@
 Every image enters the project through ``read_image``/``read_pair`` as (3,H,W) float32 in
 [0,1] (grey, RGBA, palette and 16-bit files converted) and leaves through ``save_image``.
 A ``StackedHalf`` names one half of a side-by-side pair image (raw DID / Rain800).
+
+Backends: PNG files are decoded and encoded with OpenCV, which is faster than Pillow and
+lossless, so the pixels are the same (16-bit RGB keeps its 16 bits; Pillow kept 8). Pillow
+decodes everything else, and is kept for JPEG on purpose: OpenCV decodes a truncated JPEG
+silently (grey fill) instead of failing, and converts CMYK JPEGs one grey level differently.
+``PNG_BACKEND`` ("opencv" or "pillow") switches PNG decoding, for the benchmark.
 """
 from __future__ import annotations
 
 import os
 from typing import Callable, Optional, Union
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,6 +30,8 @@ __all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "is_image", "list_images"
            "write_array", "save_image", "resize_square"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+PNG_BACKEND = "opencv"
+_PNG_COMPRESSION = 6  # Pillow's default level, so written PNGs stay as small as before
 
 
 class UnreadableImageError(DataError):
@@ -80,9 +89,26 @@ def split_stacked(img: Tensor, path: str = "image") -> tuple[Tensor, Tensor]:
 
 
 # --------------------------------------------------------------------------- decoding
+def _decode_png_opencv(path: str) -> Optional[tuple[np.ndarray, str]]:
+    """A PNG as ``decode_native`` returns it, via OpenCV; None when OpenCV cannot read it."""
+    arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if arr is None:  # missing or corrupt: Pillow then says why, in the usual one line
+        return None
+    depth = ";16" if arr.dtype == np.uint16 else ""
+    if arr.ndim == 2:
+        return arr, "I;16" if depth else "L"
+    if arr.shape[2] == 3:
+        return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB), "RGB" + depth
+    return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA), "RGBA" + depth  # also grey + alpha and palettes with alpha
+
+
 def decode_native(path: str) -> tuple[np.ndarray, str]:
-    """Decode an image file as PIL holds it: ((H,W) or (H,W,C) array in the file's own dtype, uint8
-    for 8-bit images; PIL mode). What ``MixedRainDataset.cache_images`` keeps."""
+    """Decode an image file: ((H,W) or (H,W,C) array in the file's own dtype, uint8 for 8-bit
+    images; a PIL-style mode). What ``MixedRainDataset.cache_images`` keeps."""
+    if PNG_BACKEND == "opencv" and str(path).lower().endswith(".png"):
+        decoded = _decode_png_opencv(str(path))
+        if decoded is not None:
+            return decoded
     try:
         with Image.open(path) as img:
             img.load()
@@ -164,9 +190,21 @@ def read_rgb8(path: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- writing, resizing
+def _write_png_opencv(arr: np.ndarray, tmp: str) -> None:
+    ok, data = cv2.imencode(".png", cv2.cvtColor(arr, cv2.COLOR_RGB2BGR) if arr.ndim == 3 else arr,
+                            [cv2.IMWRITE_PNG_COMPRESSION, _PNG_COMPRESSION])
+    if not ok:
+        raise OSError(f"OpenCV could not encode {tmp} as PNG")
+    with open(tmp, "wb") as f:
+        f.write(data.tobytes())
+
+
 def write_array(arr: np.ndarray, path: str) -> None:
     """Write a uint8 (H,W,3) array as an image file (format from the extension), atomically."""
-    atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp))  # the temporary name keeps the extension
+    if str(path).lower().endswith(".png"):
+        atomic_write(path, lambda tmp: _write_png_opencv(arr, tmp))
+    else:  # the temporary name keeps the extension, so Pillow picks the format
+        atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp))
 
 
 def save_image(img: Tensor, path: str) -> None:
