@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["ModulatedConv2d", "ModulatedConvTranspose2d", "ContextEmbedding", "modulation_parameters",
-           "context_embedding_parameters"]
+           "context_embedding_parameters", "log_temperature"]
 
 
 def _generator(dim_in: int, in_channels: int, hidden: int, out_features: int) -> nn.Sequential:
@@ -38,6 +38,18 @@ def _generator(dim_in: int, in_channels: int, hidden: int, out_features: int) ->
         nn.ReLU(inplace=True),
         nn.Linear(16, out_features),
     )
+
+
+def log_temperature(a_out: Tensor, b_in: Tensor, taps: Tensor) -> Tensor:
+    """(B,) mean over (o, i) of log T, T = (1 / sigmoid(a_o + b_i)) / (mean(c - min c) + 1e-8).
+
+    The softmax over the taps sees ``sigmoid(a_o + b_i) · c``: T is its temperature (the
+    published ``Analysis/temperature_analysis.py``). Small T: a sharp softmax, strong
+    modulation; large T: nearly flat. min and mean are over each sample's own c.
+    """
+    gate = a_out.unsqueeze(2) + b_in.unsqueeze(1)  # (B, C_out, C_in/g); the mean ignores the reading order
+    spread = (taps - taps.amin(dim=-1, keepdim=True)).mean(dim=-1)
+    return (-F.logsigmoid(gate)).flatten(1).mean(1) - torch.log(spread + 1e-8)
 
 
 def _attention(rows: Tensor, cols: Tensor, taps: Tensor, shape: tuple) -> Tensor:
@@ -77,12 +89,18 @@ class ModulatedConv2d(nn.Conv2d):
     def modulated(self) -> bool:
         return self.generator is not None and self.kernel_size[0] * self.kernel_size[1] > 1
 
-    def kernel_attention(self, x: Tensor, z: Tensor) -> Tensor:
-        """Per-sample kernel multipliers (B, C_out, C_in/g, kh, kw)."""
+    def modulation_codes(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The generator's (a (B,C_out), b (B,C_in/g), c (B,k²)) for input x and code z."""
         c_out, c_in = self.out_channels, self.in_channels // self.groups
         code = self.generator(torch.cat([z, x.mean(dim=(-2, -1))], dim=-1))
         a_out, b_in, taps = code.split([c_out, c_in, code.shape[-1] - c_out - c_in], dim=-1)
-        return _attention(b_in, a_out, taps, (-1, c_out, c_in, *self.kernel_size))
+        return a_out, b_in, taps
+
+    def kernel_attention(self, x: Tensor, z: Tensor) -> Tensor:
+        """Per-sample kernel multipliers (B, C_out, C_in/g, kh, kw)."""
+        a_out, b_in, taps = self.modulation_codes(x, z)
+        return _attention(b_in, a_out, taps, (-1, self.out_channels, self.in_channels // self.groups,
+                                              *self.kernel_size))
 
     def forward(self, x: Tensor, z: Optional[Tensor] = None) -> Tensor:
         if z is None or not self.modulated:
@@ -113,12 +131,17 @@ class ModulatedConvTranspose2d(nn.ConvTranspose2d):
     def modulated(self) -> bool:
         return self.generator is not None and self.kernel_size[0] * self.kernel_size[1] > 1
 
-    def kernel_attention(self, x: Tensor, z: Tensor) -> Tensor:
-        """Per-sample kernel multipliers shaped like the weight: (B, C_in, C_out, kh, kw)."""
+    def modulation_codes(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The generator's (a (B,C_out), b (B,C_in), c (B,k²)); the published split is [b | a | c]."""
         c_in, c_out = self.in_channels, self.out_channels
         code = self.generator(torch.cat([z, x.mean(dim=(-2, -1))], dim=-1))
         b_in, a_out, taps = code.split([c_in, c_out, code.shape[-1] - c_in - c_out], dim=-1)
-        return _attention(a_out, b_in, taps, (-1, c_in, c_out, *self.kernel_size))
+        return a_out, b_in, taps
+
+    def kernel_attention(self, x: Tensor, z: Tensor) -> Tensor:
+        """Per-sample kernel multipliers shaped like the weight: (B, C_in, C_out, kh, kw)."""
+        a_out, b_in, taps = self.modulation_codes(x, z)
+        return _attention(a_out, b_in, taps, (-1, self.in_channels, self.out_channels, *self.kernel_size))
 
     def forward(self, x: Tensor, z: Optional[Tensor] = None, output_size=None) -> Tensor:
         if z is None or not self.modulated:
