@@ -153,3 +153,10 @@ def test_bad_backbone_settings_in_training_are_one_line(tmp_path, tiny_demo, cap
     assert train_main("RCDNet", flags) == 2
     err = capsys.readouterr().err
     assert "error: rain kernel file not found" in err and "Traceback" not in err
+
+
+def test_sync_bn_on_the_cpu_is_one_line_before_the_data_is_read(tmp_path, capsys):
+    # the data folder does not exist: the flag is refused first
+    assert train_main("BRN", ["--sync_bn", "--data_paths", str(tmp_path / "nowhere"), "--save_path",
+                              str(tmp_path / "run")]) == 2
+    assert "--sync_bn works with CUDA devices only" in capsys.readouterr().err

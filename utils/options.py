@@ -118,9 +118,6 @@ def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> T
             parser.error(f"--{key} must be at least 1, got {getattr(args, key)}")
     if args.stage1_iters < 0:
         parser.error("--stage1_iters must be >= 0")
-    on_cuda = args.device.split(":")[0] == "cuda" if args.device else args.use_GPU
-    if args.sync_bn and not on_cuda:
-        parser.error("--sync_bn works with CUDA devices only (PyTorch's SyncBatchNorm); drop it on the CPU")
     args.recipe = recipe
     args.model_hparams = {k: getattr(args, k) for k, f in recipe.flags.items() if f.model and not f.init_only}
     args.model_hparams["dim_in"] = args.dim_in

@@ -23,7 +23,7 @@ from losses import ContrastiveLoss
 from models import build_encoder, build_model
 from models.coim import context_embedding_parameters, modulation_parameters
 from utils import distributed as dist_utils
-from utils.bad_steps import BadStepMonitor
+from utils.bad_steps import GOOD, BadStepMonitor
 from utils.checkpoint import read_checkpoint
 from utils.config import TrainConfig
 from utils.contrastive import RainArchive, build_negatives
@@ -63,6 +63,8 @@ class Trainer(CheckpointedRun):
         self.device = dist_utils.resolve_device(args, self.dist.local_rank if self.dist.enabled else None)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if args.sync_bn and self.device.type != "cuda":  # before any data is scanned
+            raise UserError("--sync_bn works with CUDA devices only (PyTorch's SyncBatchNorm); drop it on the CPU")
         if self.dist.is_main:
             self._check_save_path(args.save_path)
         setup_logging(args.save_path, self.dist.is_main)
@@ -81,8 +83,6 @@ class Trainer(CheckpointedRun):
 
         self.model = build_model(args.model_name, **args.model_hparams, **args.init_hparams)
         self.encoder = build_encoder(dim=args.dim_in, temperature=args.temperature)
-        if args.sync_bn and self.device.type != "cuda":
-            raise UserError("--sync_bn works with CUDA devices only (PyTorch's SyncBatchNorm); drop it on the CPU")
         if args.sync_bn and self.dist.enabled:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             self.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder)
@@ -205,7 +205,7 @@ class Trainer(CheckpointedRun):
         contra = None if logits is None else self.contrastive(logits.float()) * self.args.contra_loss_weight
         total = base if contra is None else base + contra
         code, peak = self.monitor.verdict(total, out, self.recipe.explode_threshold)
-        skipped = code > 0
+        skipped = code > GOOD
         if self.scaler.is_enabled():  # the scaler skips steps with non-finite gradients: make a bad step one
             total = total * torch.where(skipped, float("nan"), 1.0)  # NaN gradients (not the loss value alone)
         self.scaler.scale(total).backward()
