@@ -29,8 +29,8 @@ from utils.distributed import add_device_args, resolve_device
 from utils.errors import DataError, UserError, cli_main
 from utils.evaluation import collect_inputs, collect_testset, evaluate, load_encoder, load_model  # noqa: F401
 from utils.inference import AMP_DTYPES
-from utils.metrics import PROTOCOLS
-from utils.results import format_markdown, summarize, with_mean, write_summary
+from utils.metrics import METRICS, PROTOCOLS, parse_metrics
+from utils.results import format_markdown, protocol_notes, summarize, with_mean, write_summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric_protocol", default="coic", choices=list(PROTOCOLS),
                    help="coic: the paper's Python metrics; matlab: Restormer/DRSformer evaluate_PSNR_SSIM.m "
                         "(Rain200L/H, SPA); matlab-ddn: DID/DDN statistic.m")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated scores: " + ", ".join(f"{m.name} ({m.description})" for m in METRICS.values())
+                   + ". Default: psnr,ssim where there is ground truth, niqe where there is none")
+    p.add_argument("--niqe_channel", default="y", choices=["y", "gray"],
+                   help="NIQE on MATLAB's rgb2ycbcr Y (niqe_release) or on 0.299R+0.587G+0.114B (pyiqa's default, "
+                        "the published eval_niqe.py)")
     p.add_argument("--skip_existing", action="store_true",
                    help="skip images whose derained PNG exists, reusing their scores from results.csv when present")
     p.add_argument("--save_path", default="results", help="where derained images and results.csv go")
@@ -79,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
     if args.tile is not None and args.tile < 1:
         raise UserError(f"--tile must be a positive number of pixels, got {args.tile}; "
                         "leave --tile out to derain whole images")
+    try:
+        metrics = parse_metrics(args.metrics) if args.metrics is not None else None
+    except ValueError as exc:
+        raise UserError(f"--metrics: {exc}") from None
     # Resolve the inputs before loading the model: a typo in a path fails at once.
     if args.testset:
         names = [n.strip() for n in args.testset.split(",") if n.strip()]
@@ -100,17 +110,27 @@ def run(args: argparse.Namespace) -> int:
         rows = evaluate(model, encoder, items, out, device, args.tile, args.tile_overlap,
                         protocol=args.metric_protocol, skip_existing=args.skip_existing,
                         table_path=os.path.join(out, "results.csv"), desc=name or "test", amp=amp,
-                        memory_format=memory_format)
+                        memory_format=memory_format, metrics=metrics, niqe_channel=args.niqe_channel)
         summary.append(summarize(name or folder, rows))
         print(f"{len(rows)} images from {folder} -> {out}")
     if args.testset:
         table = with_mean(summary)
-        write_summary(table, args.save_path, args.metric_protocol)
-        print(format_markdown(table, args.metric_protocol))
-    elif summary[0]["psnr"] is not None:
-        print(f"Avg. psnr: {summary[0]['psnr']:.4f}  ({args.metric_protocol} protocol)")
-        print(f"Avg. ssim: {summary[0]['ssim']:.4f}")
+        write_summary(table, args.save_path, args.metric_protocol, args.niqe_channel)
+        print(format_markdown(table, args.metric_protocol, args.niqe_channel))
+    else:
+        _print_averages(summary[0], args.metric_protocol, args.niqe_channel)
     return 0
+
+
+def _print_averages(s: dict, protocol: str, niqe_channel: str) -> None:
+    """The one-folder summary lines (the published test script's ``Avg. psnr``/``Avg. ssim``, then NIQE)."""
+    if s["psnr"] is not None:
+        print(f"Avg. psnr: {s['psnr']:.4f}  ({protocol} protocol)")
+        print(f"Avg. ssim: {s['ssim']:.4f}")
+    if s["niqe_out"] is not None:
+        print(f"Avg. niqe: rainy {s['niqe_rain']:.4f} -> derained {s['niqe_out']:.4f} ({s['niqe_change']:+.4f}; "
+              f"lower is better; {s['niqe_scored']} images)")
+        print(protocol_notes(protocol, niqe_channel)[1])
 
 
 if __name__ == "__main__":

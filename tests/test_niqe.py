@@ -23,9 +23,9 @@ def _rgb(name: str) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- a loop reference
 def _ref_luminance(rgb: np.ndarray, channel: str) -> np.ndarray:
-    r, g, b = np.round(np.clip(rgb, 0, 1) * 255).astype(np.float64)
-    if channel == "y":
-        return np.round(16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255)
+    r, g, b = np.round(np.clip(rgb, 0, 1) * np.float32(255)).astype(np.float64)
+    if channel == "y":  # MATLAB rgb2ycbcr on uint8: T = origT / 255, imlincomb rounds half away from zero
+        return np.floor((65.481 / 255) * r + (128.553 / 255) * g + (24.966 / 255) * b + 16 + 0.5)
     return np.round(0.299 * r + 0.587 * g + 0.114 * b)
 
 
@@ -193,3 +193,13 @@ def test_folder_command_writes_a_csv(tmp_path, capsys):
     printed = float(capsys.readouterr().out.split("mean ")[1].split()[0])
     assert printed == pytest.approx(mean, abs=2e-4)
     assert main(["niqe", str(tmp_path / "missing")]) == 2
+
+
+def test_y_is_the_matlab_protocols_rgb2ycbcr_including_ties():
+    from utils.metrics import matlab_y_uint8
+    from utils.niqe import luminance_0_255
+
+    v = torch.arange(0, 256, 5, dtype=torch.float32)
+    rgb = torch.stack(torch.meshgrid(v, v, v, indexing="ij")).reshape(3, 1, -1) / 255
+    rgb = torch.cat([rgb, torch.tensor([255, 51, 187.]).view(3, 1, 1) / 255], -1)  # a tie (125.5 in exact arithmetic)
+    assert torch.equal(luminance_0_255(rgb, "y"), matlab_y_uint8(rgb)[0, 0])

@@ -4,8 +4,8 @@ Mittal, Soundararajan and Bovik, "Making a 'Completely Blind' Image Quality Anal
 2013; the reference is LIVE's ``niqe_release`` (``computequality.m``). What it computes:
 
 1. the image on the 0-255 scale, rounded to integers as MATLAB's uint8 images are, reduced to
-   one channel: ``"y"`` is the Y of MATLAB's ``rgb2ycbcr`` (16 + (65.481 R + 128.553 G +
-   24.966 B) / 255, rounded; BasicSR's ``calculate_niqe`` default), ``"gray"`` the luminance
+   one channel: ``"y"`` is the Y of MATLAB's ``rgb2ycbcr`` on uint8 (16 + (65.481 R + 128.553 G +
+   24.966 B) / 255 in MATLAB's order of operations, rounded half up; BasicSR's default), ``"gray"`` the luminance
    0.299 R + 0.587 G + 0.114 B, rounded (pyiqa's default ``niqe``, which the published
    ``eval_niqe.py`` calls);
 2. cropped to whole 96 x 96 blocks; at each of two scales (the second after MATLAB's
@@ -80,8 +80,9 @@ def luminance_0_255(image: Tensor, channel: str = "y") -> Tensor:
     if x.dim() == 2:
         return x
     r, g, b = x.unbind(0)
-    if channel == "y":
-        return (16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0).round()
+    if channel == "y":  # rgb2ycbcr on uint8: imlincomb with T = origT / 255, rounded half away from zero
+        t = [(1 / 255) * c for c in (65.481, 128.553, 24.966)]
+        return torch.floor(t[0] * r + t[1] * g + t[2] * b + 16 + 0.5)
     return (0.299 * r + 0.587 * g + 0.114 * b).round()
 
 
