@@ -19,7 +19,7 @@ from utils.images import list_images, read_image, read_pair, save_image
 from utils.inference import image_code, restore
 from utils.layouts import claims_pairs, find_images, find_pairs
 from utils.metrics import score
-from utils.niqe import MIN_SIDE, niqe
+from utils.niqe import NIQEUndefined, niqe
 from utils.results import read_table, write_table
 
 logger = logging.getLogger("coic.test")
@@ -166,7 +166,7 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
     out_paths = [os.path.join(save_path, output_name(r)) if save_path else None for r, _ in items]
     todo = [i for i, out in enumerate(out_paths) if not (skip_existing and out and os.path.isfile(out))]
     next_todo = dict(zip(todo, todo[1:]))
-    rows, skipped, rescored, small = [], 0, 0, []
+    rows, skipped, rescored, undefined = [], 0, 0, []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="coic-io") as io_pool:
         reads = {i: io_pool.submit(_read_item, *items[i]) for i in todo[:1]}
         writes: deque = deque()
@@ -187,7 +187,7 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
                     rescored += 1
                     x = read_image(rain_path) if "niqe" in wanted else None  # the input is only needed for NIQE
                     clean = read_image(clean_path) if clean_path is not None else None
-                    _score(row, wanted, x, read_image(out_path), clean, protocol, niqe_channel, small,
+                    _score(row, wanted, x, read_image(out_path), clean, protocol, niqe_channel, undefined,
                            (out_path, clean_path))
             else:
                 x, clean = reads.pop(k).result()
@@ -199,7 +199,7 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
                     z = image_code(encoder, xb) if encoder is not None else None
                     y = restore(model, xb, z, tile=tile, overlap=overlap)
                 y = y[0].float().cpu()
-                _score(row, wanted, x, y, clean, protocol, niqe_channel, small, (rain_path, clean_path))
+                _score(row, wanted, x, y, clean, protocol, niqe_channel, undefined, (rain_path, clean_path))
                 if out_path:
                     writes.append(io_pool.submit(save_image, y, out_path))
                 while writes and (writes[0].done() or len(writes) > 2):
@@ -214,9 +214,8 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
     if skipped:
         logger.info("%s: %d images already derained, skipped (%d re-scored from their saved PNGs)", desc, skipped,
                     rescored)
-    if small:
-        logger.warning("%s: %d images are smaller than %dx%d and have no NIQE (e.g. %s)", desc, len(small), MIN_SIDE,
-                       MIN_SIDE, small[0])
+    if undefined:
+        logger.warning("%s: %d NIQE scores are undefined and left empty, e.g. %s", desc, len(undefined), undefined[0])
     if table_path:
         write_table(rows, table_path)
     return rows
@@ -237,16 +236,17 @@ def _keys(wanted: set[str]) -> list[str]:
 
 
 def _score(row: dict, wanted: set[str], x: Optional[torch.Tensor], y: torch.Tensor, clean: Optional[torch.Tensor],
-           protocol: str, channel: str, small: list, paths: tuple) -> None:
+           protocol: str, channel: str, undefined: list, paths: tuple) -> None:
     """Fill ``row``'s missing scores among ``wanted`` for output y of input x (clean: ground truth)."""
     if clean is not None and ("psnr" in wanted or "ssim" in wanted) and row["psnr"] is None:
         _check_sizes(y, clean, *paths)
         row["psnr"], row["ssim"] = score(y, clean, protocol)
     if "niqe" in wanted and (row["niqe_rain"] is None or row["niqe_out"] is None):
-        if min(y.shape[-2:]) < MIN_SIDE:
-            small.append(row["name"])
-            return
-        row["niqe_rain"], row["niqe_out"] = niqe(x, channel), niqe(y, channel)
+        for key, image in (("niqe_rain", x), ("niqe_out", y)):
+            try:
+                row[key] = niqe(image, channel)
+            except NIQEUndefined as exc:  # too small or flat: an empty cell, reported once per set
+                undefined.append(f"{row['name']} ({'rainy' if key == 'niqe_rain' else 'derained'}): {exc}")
 
 
 def _check_sizes(y: torch.Tensor, clean: torch.Tensor, rain_path: str, clean_path: str) -> None:

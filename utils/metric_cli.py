@@ -17,7 +17,7 @@ from utils.errors import DataError, cli_main
 from utils.images import read_image
 from utils.io import atomic_write_text
 from utils.layouts import find_images
-from utils.niqe import CHANNELS, MIN_SIDE, niqe
+from utils.niqe import CHANNELS, MIN_SIDE, NIQEUndefined, niqe
 
 logger = logging.getLogger("coic.metrics")
 
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def score_folder(folder: str, channel: str = "y", progress: bool = True) -> list[tuple[str, Optional[float]]]:
-    """(file name, NIQE or None when smaller than ``MIN_SIDE``) of every image under ``folder``."""
+    """(file name, NIQE or None where it is undefined: under ``MIN_SIDE`` or flat) of every image under ``folder``."""
     from tqdm import tqdm
 
     if not os.path.isdir(folder):
@@ -47,17 +47,16 @@ def score_folder(folder: str, channel: str = "y", progress: bool = True) -> list
     _, images = find_images(folder)
     if not images:
         raise DataError(f"{folder} holds no images")
-    rows, small = [], []
+    rows, undefined = [], []
     for path in tqdm(images, desc="niqe", unit="img", disable=not progress, dynamic_ncols=True):
-        image = read_image(path)
-        if min(image.shape[-2:]) < MIN_SIDE:
-            small.append(os.path.basename(path))
-            rows.append((os.path.basename(path), None))
-            continue
-        rows.append((os.path.basename(path), niqe(image, channel)))
-    if small:
-        logger.warning("%d images are smaller than %dx%d and have no NIQE (e.g. %s)", len(small), MIN_SIDE, MIN_SIDE,
-                       small[0])
+        name = os.path.basename(path)
+        try:
+            rows.append((name, niqe(read_image(path), channel)))
+        except NIQEUndefined as exc:  # smaller than MIN_SIDE or flat
+            undefined.append(f"{name}: {exc}")
+            rows.append((name, None))
+    if undefined:
+        logger.warning("%d images have no NIQE (left empty), e.g. %s", len(undefined), undefined[0])
     return rows
 
 

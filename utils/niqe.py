@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from scipy.special import gamma as gamma_fn
 from torch import Tensor
 
-__all__ = ["niqe", "niqe_features", "matlab_resize_matrix", "luminance_0_255", "pristine_model", "BLOCK",
+__all__ = ["NIQEUndefined", "niqe", "niqe_features", "matlab_resize_matrix", "luminance_0_255", "pristine_model", "BLOCK",
            "MIN_SIDE", "CHANNELS"]
 
 BLOCK = 96  # block side at the first scale (niqe_release's recommended value)
@@ -43,6 +43,10 @@ MIN_SIDE = 2 * BLOCK  # at least two blocks per side, so the second scale has 2 
 CHANNELS = ("y", "gray")
 _SHIFTS = ((0, 1), (1, 0), (1, 1), (-1, 1))  # computefeature.m's circshift offsets (row, column)
 _PRISTINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "niqe_pristine.npz")
+
+
+class NIQEUndefined(ValueError):
+    """The image has no NIQE: smaller than ``MIN_SIDE`` on a side, or too flat to fit the model."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,7 +179,7 @@ def niqe_features(lum: Tensor) -> Tensor:
     """(N blocks, 36) features of a 0-255 luminance image (H, W), H, W >= ``MIN_SIDE``."""
     h, w = lum.shape
     if h < MIN_SIDE or w < MIN_SIDE:
-        raise ValueError(f"NIQE needs at least {MIN_SIDE}x{MIN_SIDE} pixels (2 x 2 blocks of {BLOCK}, "
+        raise NIQEUndefined(f"NIQE needs at least {MIN_SIDE}x{MIN_SIDE} pixels (2 x 2 blocks of {BLOCK}, "
                          f"{BLOCK // 2} at the second scale), got {h}x{w}")
     img = lum[: h // BLOCK * BLOCK, : w // BLOCK * BLOCK].to(torch.float64)
     window = pristine_model()[2]
@@ -191,13 +195,17 @@ def niqe(image: Tensor, channel: str = "y") -> float:
     """NIQE of ``image`` (3,H,W) RGB or (1,H,W)/(H,W) grey, float in [0,1]; lower is better.
 
     ``channel``: "y" (MATLAB ``rgb2ycbcr`` Y, the MATLAB-release convention) or "gray"
-    (0.299 R + 0.587 G + 0.114 B, pyiqa's default). Both sides must be >= ``MIN_SIDE`` pixels.
+    (0.299 R + 0.587 G + 0.114 B, pyiqa's default). Both sides must be >= ``MIN_SIDE`` pixels and
+    at least two blocks must have texture; otherwise ``NIQEUndefined`` (a ValueError) says why.
     """
     features = niqe_features(luminance_0_255(image, channel))
     mu_p, cov_p, _ = pristine_model()
     mu = _nan_mean(features, 0)
     complete = features[~torch.isnan(features).any(1)]
-    cov = torch.cov(complete.T) if len(complete) > 1 else torch.full_like(cov_p, torch.nan)
+    if len(complete) < 2:  # flat blocks have no coefficient distribution to fit
+        raise NIQEUndefined(f"NIQE is undefined: {len(features) - len(complete)} of {len(features)} blocks are flat "
+                            "(no texture), fewer than two remain to fit the model")
+    cov = torch.cov(complete.T)
     d = mu_p - mu
     quality = d @ torch.linalg.pinv((cov_p + cov) / 2) @ d
     return float(quality.sqrt())
