@@ -6,7 +6,8 @@
 
 ``--test_dir`` holds a pair layout of ``utils.layouts`` (rain/ + norain/, SPA's rain/ +
 gt/) and is scored, or just images (they are derained and saved). Results go to
-``--save_path``: the derained PNGs and ``results.csv`` (name, psnr, ssim, protocol).
+``--save_path``: the derained PNGs, ``results.csv`` (name, psnr, ssim, protocol) and the
+report page ``index.html`` (``utils.report``: before/after sliders, previews under ``report/``).
 
 ``--testset A,B,...`` evaluates each named set under ``--data_root`` (layouts in
 ``utils.dataset_specs``; DID and Rain800 test folders may still be stacked) into
@@ -27,9 +28,11 @@ from models import available_models
 from utils.dataset_specs import DATASET_SPECS
 from utils.distributed import add_device_args, resolve_device
 from utils.errors import DataError, UserError, cli_main
-from utils.evaluation import collect_inputs, collect_testset, evaluate, load_encoder, load_model  # noqa: F401
+from utils.evaluation import (collect_inputs, collect_testset, evaluate, load_encoder, load_model,  # noqa: F401
+                              output_name)
 from utils.inference import AMP_DTYPES
 from utils.metrics import PROTOCOLS
+from utils.report import ReportColumn, ReportSet, write_report
 from utils.results import format_markdown, summarize, with_mean, write_summary
 
 
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     amp = AMP_DTYPES[args.amp]
-    summary = []
+    summary, report_sets = [], []
     for name, folder, items in sets:
         out = os.path.join(args.save_path, name) if name else args.save_path
         os.makedirs(out, exist_ok=True)
@@ -102,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
                         table_path=os.path.join(out, "results.csv"), desc=name or "test", amp=amp,
                         memory_format=memory_format)
         summary.append(summarize(name or folder, rows))
+        outputs = [os.path.join(out, output_name(rain)) for rain, _ in items]
+        report_sets.append(ReportSet(name or folder, items, outputs, rows))
         print(f"{len(rows)} images from {folder} -> {out}")
     if args.testset:
         table = with_mean(summary)
@@ -110,6 +115,11 @@ def run(args: argparse.Namespace) -> int:
     elif summary[0]["psnr"] is not None:
         print(f"Avg. psnr: {summary[0]['psnr']:.4f}  ({args.metric_protocol} protocol)")
         print(f"Avg. ssim: {summary[0]['ssim']:.4f}")
+    columns = [ReportColumn("psnr", "PSNR", 2, "higher"), ReportColumn("ssim", "SSIM", 4, "higher")]
+    notes = [f"PSNR/SSIM: {args.metric_protocol} protocol ({PROTOCOLS[args.metric_protocol].description})"]
+    page = write_report(args.save_path, report_sets, columns, with_mean(summary) if args.testset else summary,
+                        notes=notes)
+    print(f"report page: {page}")
     return 0
 
 
