@@ -16,7 +16,7 @@ from utils.report import ReportColumn, ReportSet, write_report
 COLUMNS = [ReportColumn("psnr", "PSNR", 2, "higher"), ReportColumn("ssim", "SSIM", 4, "higher"),
            ReportColumn("niqe_rain", "NIQE (rainy)", 3, "lower"),
            ReportColumn("niqe_out", "NIQE (derained)", 3, "lower")]
-ODD = 'a&b <i>"x"\'.png'  # a file and image name that must be escaped
+ODD = 'a&b <i>"x"\' #1 %41.png'  # escaped in the page, quoted in a URL ('#', '%')
 ODD_SET = 'Real <b>rain</b> & "more"'
 
 
@@ -107,7 +107,7 @@ def _pages(index):
             continue
         seen[path] = parse(path)
         for _, attrs in seen[path].tags:
-            href = urllib.parse.unquote(attrs.get("href", "")).split("#")[0]
+            href = urllib.parse.unquote(attrs.get("href", "").split("#")[0])
             if href.endswith(".html"):
                 todo.append(os.path.realpath(os.path.join(os.path.dirname(path), href)))
     return seen
@@ -115,7 +115,7 @@ def _pages(index):
 
 def _targets(pages, attr):
     """Files named by ``attr`` (src/href) on all pages, resolved."""
-    return {os.path.realpath(os.path.join(os.path.dirname(p), urllib.parse.unquote(a[attr]).split("#")[0]))
+    return {os.path.realpath(os.path.join(os.path.dirname(p), urllib.parse.unquote(a[attr].split("#")[0])))
             for p, page in pages.items() for _, a in page.tags if a.get(attr) and not a[attr].startswith("#")}
 
 
@@ -278,3 +278,20 @@ def test_test_model_writes_the_page(tiny_demo, tmp_path):
     mean = sum(float(r["psnr"]) for r in rows) / len(rows)
     assert f"{mean:.2f}" in [t for t, _ in index.rows[1]]
     assert len(_targets(pages, "src")) == 12  # rainy, derained and clean previews of 4 pairs
+
+
+def test_stacked_pair_shows_each_half(tmp_path):
+    from utils.images import StackedHalf
+
+    stacked = np.zeros((10, 24, 3), np.uint8)
+    stacked[:, :12, 0] = 255  # left half red (rainy), right half blue (clean)
+    stacked[:, 12:, 2] = 255
+    path = str(tmp_path / "in" / "1.png")
+    os.makedirs(os.path.dirname(path))
+    Image.fromarray(stacked).save(path)
+    out = _write(str(tmp_path / "res" / "1.png"), size=(10, 12))
+    rs = ReportSet("DID", [(StackedHalf(path, "left"), StackedHalf(path, "right"))], [out], [{"name": "1.png"}])
+    write_report(str(tmp_path / "res"), [rs], COLUMNS, [], progress=False)
+    for kind, channel in (("rain", 0), ("clean", 2)):
+        preview = np.asarray(Image.open(tmp_path / "res" / "report" / "DID" / kind / "1.jpg"))
+        assert preview.shape == (10, 12, 3) and preview[..., channel].min() > 200  # that half only
