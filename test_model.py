@@ -6,7 +6,8 @@
 
 ``--test_dir`` holds a pair layout of ``utils.layouts`` (rain/ + norain/, SPA's rain/ +
 gt/) and is scored, or just images (they are derained and saved). Results go to
-``--save_path``: the derained PNGs and ``results.csv`` (name, psnr, ssim, protocol).
+``--save_path``: the derained PNGs, ``results.csv`` (name, psnr, ssim, protocol) and the
+report page ``index.html`` (``utils.report``: before/after sliders, previews under ``report/``).
 
 ``--testset A,B,...`` evaluates each named set under ``--data_root`` (layouts in
 ``utils.dataset_specs``; DID and Rain800 test folders may still be stacked) into
@@ -27,9 +28,11 @@ from models import available_models
 from utils.dataset_specs import DATASET_SPECS
 from utils.distributed import add_device_args, resolve_device
 from utils.errors import DataError, UserError, cli_main
-from utils.evaluation import collect_inputs, collect_testset, evaluate, load_encoder, load_model  # noqa: F401
+from utils.evaluation import (collect_inputs, collect_testset, evaluate, load_encoder, load_model,  # noqa: F401
+                              output_name)
 from utils.inference import AMP_DTYPES
 from utils.metrics import METRICS, PROTOCOLS, parse_metrics
+from utils.report import ReportColumn, ReportSet, write_report
 from utils.results import format_markdown, protocol_notes, summarize, with_mean, write_summary
 
 
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     amp = AMP_DTYPES[args.amp]
-    summary = []
+    summary, report_sets = [], []
     for name, folder, items in sets:
         out = os.path.join(args.save_path, name) if name else args.save_path
         os.makedirs(out, exist_ok=True)
@@ -112,14 +115,33 @@ def run(args: argparse.Namespace) -> int:
                         table_path=os.path.join(out, "results.csv"), desc=name or "test", amp=amp,
                         memory_format=memory_format, metrics=metrics, niqe_channel=args.niqe_channel)
         summary.append(summarize(name or folder, rows))
+        outputs = [os.path.join(out, output_name(rain)) for rain, _ in items]
+        report_sets.append(ReportSet(name or folder, items, outputs, rows))
         print(f"{len(rows)} images from {folder} -> {out}")
     if args.testset:
         table = with_mean(summary)
         write_summary(table, args.save_path, args.metric_protocol, args.niqe_channel)
         print(format_markdown(table, args.metric_protocol, args.niqe_channel))
     else:
+        table = summary
         _print_averages(summary[0], args.metric_protocol, args.niqe_channel)
+    has_niqe = any(s["niqe_out"] is not None for s in summary)
+    page = write_report(args.save_path, report_sets, _report_columns(summary), table,
+                        notes=[n.replace("`", "") for n in
+                               protocol_notes(args.metric_protocol, args.niqe_channel if has_niqe else None)])
+    print(f"report page: {page}")
     return 0
+
+
+def _report_columns(summary: list[dict]) -> list[ReportColumn]:
+    """The report's score columns: those some set has, each with its direction from ``METRICS``."""
+    columns = []
+    for key, metric, label in (("psnr", "psnr", "PSNR"), ("ssim", "ssim", "SSIM"),
+                               ("niqe_rain", "niqe", "NIQE (rainy)"), ("niqe_out", "niqe", "NIQE (derained)")):
+        if any(s.get(key) is not None for s in summary):
+            m = METRICS[metric]
+            columns.append(ReportColumn(key, label, m.digits, "higher" if m.higher_is_better else "lower"))
+    return columns
 
 
 def _print_averages(s: dict, protocol: str, niqe_channel: str) -> None:

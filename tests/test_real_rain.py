@@ -80,6 +80,11 @@ def test_mixed_table_scores_each_set_by_what_it_has(setup, tmp_path, capsys, der
     better = min(float(summary["RealInt"]["niqe_rain"]), float(summary["RealInt"]["niqe_out"]))
     assert f"**{better:.3f}**" in md  # the better NIQE (lower) is marked
     assert "| Rain200L | 2 |" in capsys.readouterr().out
+    page = (out / "index.html").read_text()
+    assert "NIQE (rainy)" in page and "NIQE: MATLAB niqe_release" in page
+    for r in rows.values():  # every NIQE of the page's images, as the registry's digits show it
+        for key in ("niqe_rain", "niqe_out"):
+            assert r[key] == "" or f"{float(r[key]):.3f}" in page
 
 
 def test_all_metrics_on_pairs_and_rerun_reuses_niqe(setup, tmp_path, monkeypatch, capsys, derain_by_blur):
