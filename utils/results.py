@@ -92,7 +92,7 @@ def protocol_notes(protocol: str, niqe_channel: Optional[str]) -> list[str]:
     """One line per metric family shown: where its numbers come from."""
     notes = [f"Metric protocol: `{protocol}` ({PROTOCOLS[protocol].description})"]
     if niqe_channel:
-        which = "MATLAB rgb2ycbcr Y" if niqe_channel == "y" else "luminance 0.299R+0.587G+0.114B (pyiqa's default)"
+        which = "Y of rgb2ycbcr" if niqe_channel == "y" else "luminance 0.299R+0.587G+0.114B (pyiqa's default)"
         notes.append(f"NIQE: MATLAB niqe_release on the {which}; lower is better")
     return notes
 
