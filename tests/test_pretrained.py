@@ -342,15 +342,16 @@ def test_list_models(baseline, server, capsys):
     assert "not cached" in rows["coic-brn"]
 
 
-def test_test_model_flag_errors(capsys, server, tmp_path):
+def test_test_model_flag_errors(capsys, server, tmp_path, tiny_demo):
     with pytest.raises(SystemExit) as exc:
         test_model.main([])
     assert exc.value.code == 2 and "--test_model is required" in capsys.readouterr().err
     cases = [(["--test_model", "coic-brn", "--model_name", "RCDNet"], "not RCDNet"),
              (["--test_model", "baseline-brn", "--load_mode", "tran"], "without CoIC"),
              (["--test_model", "coic-nope"], "baseline-brn, coic-brn, baseline-rcdnet, coic-rcdnet")]
+    test_dir = os.path.join(tiny_demo, "heavy", "test")
     for flags, expected in cases:
-        assert test_model.main(flags + ["--test_dir", str(tmp_path), "--save_path", str(tmp_path / "out")]) == 2
+        assert test_model.main(flags + ["--test_dir", test_dir, "--save_path", str(tmp_path / "out")]) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln]
         assert len(err) == 1 and expected in err[0]
     assert server.hits == []  # all decided before any download

@@ -299,6 +299,7 @@ class CheckpointChoice:
         """(backbone checkpoint, encoder checkpoint or None); a published encoder is fetched only for
         ``--load_mode tran`` without ``--feat_ext``."""
         if self.published is None:
+            published_or_path(self.path, "--test_model")  # a missing file that is no name: the error lists the names
             return self.path, feat_ext
         need_encoder = self.load_mode == "tran" and feat_ext is None
         model_path, encoder_path = fetch_model(self.published, weights_dir, encoder=need_encoder, progress=progress)
@@ -307,8 +308,9 @@ class CheckpointChoice:
 
 def choose_checkpoint(spec: str, model_name: Optional[str], load_mode: Optional[str]) -> CheckpointChoice:
     """Resolve ``--test_model`` (no download yet): an existing path wins; else a published name, whose
-    backbone and load mode are the defaults. ``model_name``/``load_mode``: the flags, None when not given."""
-    published = published_or_path(spec, "--test_model")
+    backbone and load mode are the defaults. ``model_name``/``load_mode``: the flags, None when not given.
+    A spec that is neither is reported by ``files`` (where a missing checkpoint always was)."""
+    published = None if os.path.exists(spec) else PUBLISHED_MODELS.get(spec)
     if published is None:
         return CheckpointChoice(model_name or "BRN", load_mode or "normal", path=spec)
     if model_name is not None and model_name != published.backbone:
