@@ -6,6 +6,7 @@ Every download goes to an http.server on 127.0.0.1 started here: the autouse fix
 the internet. The BRN files come from ``../shared/reference`` when it is there, else stand-ins
 registered for the test with their git blob ids from ``git hash-object``.
 """
+import dataclasses
 import hashlib
 import http.server
 import os
@@ -149,14 +150,15 @@ def _standin(tmp_path, monkeypatch, name, backbone="BRN", with_encoder=False, mo
 
 @pytest.fixture
 def baseline(tmp_path, monkeypatch):
-    """baseline-brn served from the reference file when present, else a registered stand-in of that name."""
+    """baseline-brn served from the reference file when present, else the registry's entry with a stand-in file
+    (same path and description, the stand-in's blob id)."""
+    entry = pretrained.PUBLISHED_MODELS["baseline-brn"]
     if os.path.isdir(REFERENCE):
-        entry = pretrained.PUBLISHED_MODELS["baseline-brn"]
-        data = open(reference_file("brn_baseline_official.pth"), "rb").read()
-        files = {entry.model.path: data}
-    else:
-        entry, files = _standin(tmp_path, monkeypatch, "baseline-brn")
-    return entry, files
+        return entry, {entry.model.path: open(reference_file("brn_baseline_official.pth"), "rb").read()}
+    standin, files = _standin(tmp_path, monkeypatch, "baseline-standin")
+    entry = dataclasses.replace(entry, model=PublishedFile(entry.model.path, standin.model.blob_id))
+    monkeypatch.setitem(pretrained.PUBLISHED_MODELS, "baseline-brn", entry)
+    return entry, {entry.model.path: files[standin.model.path]}
 
 
 @pytest.fixture
