@@ -3,6 +3,7 @@
     python test_model.py --use_GPU --gpu_id 0 --test_model MODEL.pth --model_name BRN --load_mode normal
     python test_model.py --use_GPU --gpu_id 0 --test_model MODEL.pth --feat_ext ENC.pth --model_name BRN --load_mode tran
     python test_model.py --test_model MODEL.pth --load_mode tran --testset Rain200L,Rain200H,Rain800,DID,DDN,SPA
+    python test_model.py --test_model coic-brn --test_dir DIR   # a published name (--list_models), downloaded once
 
 ``--test_dir`` holds a pair layout of ``utils.layouts`` (rain/ + norain/, SPA's rain/ +
 gt/) and is scored, or just images (they are derained and saved). Results go to
@@ -32,6 +33,7 @@ from utils.evaluation import (collect_inputs, collect_testset, evaluate, load_en
                               output_name)
 from utils.inference import AMP_DTYPES
 from utils.metrics import METRICS, PROTOCOLS, parse_metrics
+from utils.pretrained import WEIGHTS_DIR_ENV, choose_checkpoint, describe_published, published_names
 from utils.report import ReportColumn, ReportSet, write_report
 from utils.results import format_markdown, protocol_notes, summarize, with_mean, write_summary
 
@@ -39,12 +41,20 @@ from utils.results import format_markdown, protocol_notes, summarize, with_mean,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Derain a folder with a (CoIC) checkpoint and report PSNR/SSIM.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--test_model", required=True, help="backbone checkpoint (ours, or a published state_dict)")
+    p.add_argument("--test_model", default=None,
+                   help="backbone checkpoint (ours, or a published state_dict), or a published name, downloaded once: "
+                   + ", ".join(published_names()) + " (--list_models)")
+    p.add_argument("--list_models", action="store_true", help="list the published names and whether they are cached")
+    p.add_argument("--weights_dir", default=None,
+                   help=f"offline: take the published files from this folder (else ${WEIGHTS_DIR_ENV}), never download")
     p.add_argument("--feat_ext", default=None,
-                   help="encoder checkpoint for --load_mode tran (default: the encoder inside --test_model, if any)")
-    p.add_argument("--model_name", default="BRN", help=f"backbone: {', '.join(available_models())}")
-    p.add_argument("--load_mode", default="normal", choices=["normal", "base", "tran"],
-                   help="normal/base: no modulation; tran: modulate with z from the encoder")
+                   help="encoder checkpoint for --load_mode tran (default: the encoder inside --test_model, or the "
+                        "published name's)")
+    p.add_argument("--model_name", default=None,
+                   help=f"backbone: {', '.join(available_models())} (default: a published name's, else BRN)")
+    p.add_argument("--load_mode", default=None, choices=["normal", "base", "tran"],
+                   help="normal/base: no modulation; tran: modulate with z from the encoder "
+                        "(default: tran for a coic-* name, else normal)")
     p.add_argument("--test_dir", default="datasets/Rain200H/test",
                    help="folder with rain/ and norain/, or a folder of rainy images only")
     p.add_argument("--testset", default=None,
@@ -75,14 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.test_model is None and not args.list_models:
+        parser.error("--test_model is required: a checkpoint file or a published name (see --list_models)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.list_models:
+        print(describe_published(args.weights_dir))
+        return 0
     return cli_main(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate as the flags say; prints the per-folder lines and the summary."""
     device = resolve_device(args)
+    choice = choose_checkpoint(args.test_model, args.model_name, args.load_mode)  # a file, or a published name
+    args.model_name, args.load_mode = choice.model_name, choice.load_mode
     if args.model_name not in available_models():
         raise UserError(f"unknown --model_name {args.model_name!r}; choose one of: {', '.join(available_models())}")
     if args.tile is not None and args.tile < 1:
@@ -100,9 +118,9 @@ def run(args: argparse.Namespace) -> int:
         sets = [collect_testset(n, args.data_root) for n in names]
     else:
         sets = [(None, args.test_dir, collect_inputs(args.test_dir))]
-    model, ckpt = load_model(args.model_name, args.test_model, args.load_mode, device,
-                             {"inter_iter": args.inter_iter})
-    encoder = load_encoder(args.feat_ext, ckpt, args.test_model, device) if args.load_mode == "tran" else None
+    model_path, feat_ext = choice.files(args.feat_ext, args.weights_dir)  # published files: downloaded, verified
+    model, ckpt = load_model(args.model_name, model_path, args.load_mode, device, {"inter_iter": args.inter_iter})
+    encoder = load_encoder(feat_ext, ckpt, model_path, device) if args.load_mode == "tran" else None
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     amp = AMP_DTYPES[args.amp]
