@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -107,8 +108,9 @@ def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> T
         for key, value in recipe.demo.items():
             if key not in typed:
                 setattr(args, key, value)
-        if "save_path" not in typed:
-            args.save_path = f"runs/demo_{model_name}"
+        if "save_path" not in typed:  # a fine-tune of published weights is a run of its own, never a resume
+            args.save_path = f"runs/demo_{model_name}" + (f"_from_{os.path.basename(args.pretrained)}"
+                                                          if args.pretrained else "")
     tiny_hparams = {}
     if args.tiny:
         for key, value in recipe.tiny.items():
