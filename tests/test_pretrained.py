@@ -403,7 +403,7 @@ def test_an_existing_path_wins_over_a_name(server, tmp_path, tiny_demo, monkeypa
     torch.save(build_model("BRN", inter_iter=1, dim_in=0).state_dict(), "baseline-brn")
     test_dir = os.path.join(tiny_demo, "heavy", "test")
     assert test_model.main(["--test_model", "baseline-brn", "--test_dir", test_dir, "--save_path", "out"]) == 0
-    assert server.hits == [] and len(os.listdir("out")) == 5  # 4 images + results.csv
+    assert server.hits == [] and len(os.listdir("out")) == 7  # 4 images, results.csv, index.html, report/
 
 
 # --------------------------------------------------------------------------- training --pretrained NAME
