@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from models import build_encoder, build_model
+from models import build_encoder, build_model, model_class
 from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, remap_published_keys
 from utils.dataset_specs import dataset_spec, find_dataset_folder, split_folder
 from utils.errors import DataError
@@ -51,6 +51,10 @@ def load_model(model_name: str, path: str, mode: str, device: torch.device,
         if mode == "tran":
             raise CheckpointError(f"{path} has no CoI-M generators (trained without CoIC); use --load_mode normal")
         hparams["dim_in"] = 0
+    infer = getattr(model_class(model_name), "hparams_from_state", None)
+    if callable(infer) and isinstance(state, dict):  # what the weights show of settings the file does not record
+        for key, value in infer(remap_published_keys(state)).items():
+            hparams.setdefault(key, value)
     hparams.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         model = build_model(model_name, **hparams)
