@@ -113,8 +113,15 @@ def collect_inputs(test_dir: str, stacked_rain_half: Optional[str] = None) -> li
 
 
 def collect_testset(name: str, data_root: str) -> tuple[str, str, list[tuple[str, Optional[str]]]]:
-    """(canonical name, test folder, items) of a named test set under ``data_root``."""
-    spec = dataset_spec(name)
+    """(canonical name, test folder, items) of a named test set under ``data_root``: a dataset of
+    ``utils.dataset_specs``, or any other ``data_root/<name>/test`` folder (e.g. the demo's rain types)."""
+    try:
+        spec = dataset_spec(name)
+    except DataError:
+        own = os.path.join(data_root, name, "test")
+        if not os.path.isdir(own):
+            raise
+        return name, own, collect_inputs(own)
     folder = find_dataset_folder(data_root, spec)
     if folder is None:
         raise DataError(f"--testset {name}: no {' or '.join(spec.folders)} folder in --data_root {data_root}")
