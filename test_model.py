@@ -3,10 +3,12 @@
     python test_model.py --use_GPU --gpu_id 0 --test_model MODEL.pth --model_name BRN --load_mode normal
     python test_model.py --use_GPU --gpu_id 0 --test_model MODEL.pth --feat_ext ENC.pth --model_name BRN --load_mode tran
     python test_model.py --test_model MODEL.pth --load_mode tran --testset Rain200L,Rain200H,Rain800,DID,DDN,SPA
+    python test_model.py --test_model coic-brn --test_dir DIR   # a published name (--list_models), downloaded once
 
 ``--test_dir`` holds a pair layout of ``utils.layouts`` (rain/ + norain/, SPA's rain/ +
 gt/) and is scored, or just images (they are derained and saved). Results go to
-``--save_path``: the derained PNGs and ``results.csv`` (name, psnr, ssim, protocol).
+``--save_path``: the derained PNGs, ``results.csv`` (name, psnr, ssim, protocol) and the
+report page ``index.html`` (``utils.report``: before/after sliders, previews under ``report/``).
 
 ``--testset A,B,...`` evaluates each named set under ``--data_root`` (layouts in
 ``utils.dataset_specs``; DID and Rain800 test folders may still be stacked) into
@@ -27,21 +29,32 @@ from models import available_models
 from utils.dataset_specs import DATASET_SPECS
 from utils.distributed import add_device_args, resolve_device
 from utils.errors import DataError, UserError, cli_main
-from utils.evaluation import collect_inputs, collect_testset, evaluate, load_encoder, load_model  # noqa: F401
+from utils.evaluation import (collect_inputs, collect_testset, evaluate, load_encoder, load_model,  # noqa: F401
+                              output_name)
 from utils.inference import AMP_DTYPES
-from utils.metrics import PROTOCOLS
-from utils.results import format_markdown, summarize, with_mean, write_summary
+from utils.metrics import METRICS, PROTOCOLS, parse_metrics
+from utils.pretrained import WEIGHTS_DIR_ENV, choose_checkpoint, describe_published, published_names
+from utils.report import ReportColumn, ReportSet, write_report
+from utils.results import format_markdown, protocol_notes, summarize, with_mean, write_summary
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Derain a folder with a (CoIC) checkpoint and report PSNR/SSIM.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--test_model", required=True, help="backbone checkpoint (ours, or a published state_dict)")
+    p.add_argument("--test_model", default=None,
+                   help="backbone checkpoint (ours, or a published state_dict), or a published name, downloaded once: "
+                   + ", ".join(published_names()) + " (--list_models)")
+    p.add_argument("--list_models", action="store_true", help="list the published names and whether they are cached")
+    p.add_argument("--weights_dir", default=None,
+                   help=f"offline: take the published files from this folder (else ${WEIGHTS_DIR_ENV}), never download")
     p.add_argument("--feat_ext", default=None,
-                   help="encoder checkpoint for --load_mode tran (default: the encoder inside --test_model, if any)")
-    p.add_argument("--model_name", default="BRN", help=f"backbone: {', '.join(available_models())}")
-    p.add_argument("--load_mode", default="normal", choices=["normal", "base", "tran"],
-                   help="normal/base: no modulation; tran: modulate with z from the encoder")
+                   help="encoder checkpoint for --load_mode tran (default: the encoder inside --test_model, or the "
+                        "published name's)")
+    p.add_argument("--model_name", default=None,
+                   help=f"backbone: {', '.join(available_models())} (default: a published name's, else BRN)")
+    p.add_argument("--load_mode", default=None, choices=["normal", "base", "tran"],
+                   help="normal/base: no modulation; tran: modulate with z from the encoder "
+                        "(default: tran for a coic-* name, else normal)")
     p.add_argument("--test_dir", default="datasets/Rain200H/test",
                    help="folder with rain/ and norain/, or a folder of rainy images only")
     p.add_argument("--testset", default=None,
@@ -51,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric_protocol", default="coic", choices=list(PROTOCOLS),
                    help="coic: the paper's Python metrics; matlab: Restormer/DRSformer evaluate_PSNR_SSIM.m "
                         "(Rain200L/H, SPA); matlab-ddn: DID/DDN statistic.m")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated scores: " + ", ".join(f"{m.name} ({m.description})" for m in METRICS.values())
+                   + ". Default: psnr,ssim where there is ground truth, niqe where there is none")
+    p.add_argument("--niqe_channel", default="y", choices=["y", "gray"],
+                   help="NIQE on MATLAB's rgb2ycbcr Y (niqe_release) or on 0.299R+0.587G+0.114B (pyiqa's default, "
+                        "the published eval_niqe.py)")
     p.add_argument("--skip_existing", action="store_true",
                    help="skip images whose derained PNG exists, reusing their scores from results.csv when present")
     p.add_argument("--save_path", default="results", help="where derained images and results.csv go")
@@ -66,19 +85,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.test_model is None and not args.list_models:
+        parser.error("--test_model is required: a checkpoint file or a published name (see --list_models)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.list_models:
+        print(describe_published(args.weights_dir))
+        return 0
     return cli_main(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate as the flags say; prints the per-folder lines and the summary."""
     device = resolve_device(args)
+    choice = choose_checkpoint(args.test_model, args.model_name, args.load_mode)  # a file, or a published name
+    args.model_name, args.load_mode = choice.model_name, choice.load_mode
     if args.model_name not in available_models():
         raise UserError(f"unknown --model_name {args.model_name!r}; choose one of: {', '.join(available_models())}")
     if args.tile is not None and args.tile < 1:
         raise UserError(f"--tile must be a positive number of pixels, got {args.tile}; "
                         "leave --tile out to derain whole images")
+    try:
+        metrics = parse_metrics(args.metrics) if args.metrics is not None else None
+    except ValueError as exc:
+        raise UserError(f"--metrics: {exc}") from None
     # Resolve the inputs before loading the model: a typo in a path fails at once.
     if args.testset:
         names = [n.strip() for n in args.testset.split(",") if n.strip()]
@@ -87,30 +118,59 @@ def run(args: argparse.Namespace) -> int:
         sets = [collect_testset(n, args.data_root) for n in names]
     else:
         sets = [(None, args.test_dir, collect_inputs(args.test_dir))]
-    model, ckpt = load_model(args.model_name, args.test_model, args.load_mode, device,
-                             {"inter_iter": args.inter_iter})
-    encoder = load_encoder(args.feat_ext, ckpt, args.test_model, device) if args.load_mode == "tran" else None
+    model_path, feat_ext = choice.files(args.feat_ext, args.weights_dir)  # published files: downloaded, verified
+    model, ckpt = load_model(args.model_name, model_path, args.load_mode, device, {"inter_iter": args.inter_iter})
+    encoder = load_encoder(feat_ext, ckpt, model_path, device) if args.load_mode == "tran" else None
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     amp = AMP_DTYPES[args.amp]
-    summary = []
+    summary, report_sets = [], []
     for name, folder, items in sets:
         out = os.path.join(args.save_path, name) if name else args.save_path
         os.makedirs(out, exist_ok=True)
         rows = evaluate(model, encoder, items, out, device, args.tile, args.tile_overlap,
                         protocol=args.metric_protocol, skip_existing=args.skip_existing,
                         table_path=os.path.join(out, "results.csv"), desc=name or "test", amp=amp,
-                        memory_format=memory_format)
+                        memory_format=memory_format, metrics=metrics, niqe_channel=args.niqe_channel)
         summary.append(summarize(name or folder, rows))
+        outputs = [os.path.join(out, output_name(rain)) for rain, _ in items]
+        report_sets.append(ReportSet(name or folder, items, outputs, rows))
         print(f"{len(rows)} images from {folder} -> {out}")
     if args.testset:
         table = with_mean(summary)
-        write_summary(table, args.save_path, args.metric_protocol)
-        print(format_markdown(table, args.metric_protocol))
-    elif summary[0]["psnr"] is not None:
-        print(f"Avg. psnr: {summary[0]['psnr']:.4f}  ({args.metric_protocol} protocol)")
-        print(f"Avg. ssim: {summary[0]['ssim']:.4f}")
+        write_summary(table, args.save_path, args.metric_protocol, args.niqe_channel)
+        print(format_markdown(table, args.metric_protocol, args.niqe_channel))
+    else:
+        table = summary
+        _print_averages(summary[0], args.metric_protocol, args.niqe_channel)
+    has_niqe = any(s["niqe_out"] is not None for s in summary)
+    page = write_report(args.save_path, report_sets, _report_columns(summary), table,
+                        notes=[n.replace("`", "") for n in
+                               protocol_notes(args.metric_protocol, args.niqe_channel if has_niqe else None)])
+    print(f"report page: {page}")
     return 0
+
+
+def _report_columns(summary: list[dict]) -> list[ReportColumn]:
+    """The report's score columns: those some set has, each with its direction from ``METRICS``."""
+    columns = []
+    for key, metric, label in (("psnr", "psnr", "PSNR"), ("ssim", "ssim", "SSIM"),
+                               ("niqe_rain", "niqe", "NIQE (rainy)"), ("niqe_out", "niqe", "NIQE (derained)")):
+        if any(s.get(key) is not None for s in summary):
+            m = METRICS[metric]
+            columns.append(ReportColumn(key, label, m.digits, "higher" if m.higher_is_better else "lower"))
+    return columns
+
+
+def _print_averages(s: dict, protocol: str, niqe_channel: str) -> None:
+    """The one-folder summary lines (the published test script's ``Avg. psnr``/``Avg. ssim``, then NIQE)."""
+    if s["psnr"] is not None:
+        print(f"Avg. psnr: {s['psnr']:.4f}  ({protocol} protocol)")
+        print(f"Avg. ssim: {s['ssim']:.4f}")
+    if s["niqe_out"] is not None:
+        print(f"Avg. niqe: rainy {s['niqe_rain']:.4f} -> derained {s['niqe_out']:.4f} ({s['niqe_change']:+.4f}; "
+              f"lower is better; {s['niqe_scored']} images)")
+        print(protocol_notes(protocol, niqe_channel)[1])
 
 
 if __name__ == "__main__":

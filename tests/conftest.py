@@ -10,6 +10,9 @@ REFERENCE = os.path.join(ROOT, "..", "shared", "reference")
 
 # Tiny tensors: one thread avoids oversubscription when other processes share the cores.
 torch.set_num_threads(1)
+# No test reaches the internet: downloads of published models (utils.pretrained) go to a port nobody
+# listens on, unless a test starts its own 127.0.0.1 server (tests/test_pretrained.py).
+os.environ["COIC_WEIGHTS_URL"] = "http://127.0.0.1:9/no-downloads-in-tests"
 
 
 REFERENCE_SKIP = "published reference folder absent"

@@ -25,3 +25,12 @@ def test_config_changed_in_code_and_rebuilt_from_checkpoint_flags():
 
     again = TrainConfig.from_namespace(argparse.Namespace(**config.flags(), recipe=config.recipe))
     assert again == config
+
+
+def test_demo_fine_tune_of_published_weights_is_its_own_run():
+    from utils.options import parse_train_args
+
+    assert parse_train_args("BRN", ["--demo"]).save_path == "runs/demo_BRN"
+    assert parse_train_args("BRN", ["--demo", "--pretrained", "baseline-brn"]).save_path == \
+        "runs/demo_BRN_from_baseline-brn"  # never resumes (and reports) the from-scratch demo run
+    assert parse_train_args("BRN", ["--demo", "--pretrained", "baseline-brn", "--save_path", "x"]).save_path == "x"

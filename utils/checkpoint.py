@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Mapping, Union
+from typing import Any, Collection, Mapping, Union
 
 import torch
 import torch.nn as nn
@@ -76,10 +76,11 @@ def _extract_state(obj: Any, part: str) -> Mapping[str, Any]:
 
 
 def load_weights(module: nn.Module, source: Union[str, os.PathLike, Mapping[str, Any]],
-                 part: str = "model", strict: bool = True) -> nn.Module:
+                 part: str = "model", strict: bool = True, may_miss: Collection[str] = ()) -> nn.Module:
     """Load ``source`` (a path or a state_dict, in any accepted layout) into ``module``.
 
     ``part`` picks the sub-dict of one of our training checkpoints ("model" or "encoder").
+    ``may_miss``: keys of ``module`` that ``source`` may lack (they keep their values).
     Raises ``CheckpointError`` naming the missing and unexpected keys on a mismatch.
     """
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "state_dict"
@@ -89,7 +90,7 @@ def load_weights(module: nn.Module, source: Union[str, os.PathLike, Mapping[str,
     if callable(remap):
         state = remap(state)
     own = module.state_dict()
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and k not in may_miss]
     unexpected = [k for k in state if k not in own]
     if strict and (missing or unexpected):
         raise CheckpointError(
@@ -101,7 +102,7 @@ def load_weights(module: nn.Module, source: Union[str, os.PathLike, Mapping[str,
     if shapes:
         raise CheckpointError(f"{name} does not fit {type(module).__name__}: shape mismatch "
                               f"{_preview(shapes)}; was it trained with other hyper-parameters?")
-    module.load_state_dict(state, strict=strict)
+    module.load_state_dict(state, strict=strict and all(k in state for k in own))
     return module
 
 

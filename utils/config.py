@@ -62,6 +62,7 @@ class TrainConfig:
     backbone: dict = field(default_factory=dict)  # the recipe's own flags, by name
     demo: bool = False
     tiny: bool = False
+    weights_dir: Optional[str] = None  # offline folder of published files (--pretrained NAME)
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "TrainConfig":

@@ -13,9 +13,11 @@ Training and test pictures come from different source images. Nothing is downloa
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+from typing import Optional
 
 import numpy as np
 import torch
@@ -113,16 +115,32 @@ def is_complete(root: str) -> bool:
     return os.path.isfile(os.path.join(root, _DONE))
 
 
+def _settings(root: str) -> Optional[dict]:
+    """The build settings a complete demo folder records (None for a folder from before they were recorded)."""
+    try:
+        with open(os.path.join(root, _DONE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def build_demo_data(root: str = "demo_data", train_per_source: int = 6, train_size: int = 96,
-                    test_size: int = 160, seed: int = 0) -> str:
+                    test_size: int = 288, seed: int = 0) -> str:
     """Write the demo data under ``root`` unless it is already complete; returns ``root``.
 
     Built in a temporary folder and renamed into place, so an interrupted build leaves
-    nothing half-written behind.
+    nothing half-written behind. The completion marker records the settings; a complete folder
+    from before they were recorded (160-pixel test images) is rebuilt. Test images are 288
+    pixels so that NIQE (at least 192 x 192) scores them with 3 x 3 blocks.
     """
+    settings = {"train_per_source": train_per_source, "train_size": train_size, "test_size": test_size, "seed": seed}
     if is_complete(root):
-        return root
-    if os.path.exists(root) and os.listdir(root):
+        if _settings(root) is not None:  # built by this version (maybe with other sizes, e.g. the tests'): keep it
+            return root
+        # our own folder from a release that did not record its settings (160-pixel test images, too
+        # small for NIQE): rebuild it with these settings
+        logger.info("demo data in %s is from an older release; rebuilding it with %s", root, settings)
+    elif os.path.exists(root) and os.listdir(root):
         raise DemoDataExists(f"{root} exists but is not a complete demo data folder; remove it or pick another path")
     sources = {name: _source(name) for name in TRAIN_SOURCES + TEST_SOURCES}
     from tqdm import tqdm
@@ -142,7 +160,8 @@ def build_demo_data(root: str = "demo_data", train_per_source: int = 6, train_si
                         _write(clean, os.path.join(tmp, kind, split, "norain", f"{i:03d}.png"))
                         _write(rainy, os.path.join(tmp, kind, split, "rain", f"{i:03d}.png"))
                         i += 1
-        open(os.path.join(tmp, _DONE), "w").close()
+        with open(os.path.join(tmp, _DONE), "w") as f:
+            json.dump(settings, f)
     logger.info("demo data written to %s (%d rain types)", root, len(RAIN_TYPES))
     return root
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,7 @@ from utils.images import list_images, read_image, read_pair, save_image
 from utils.inference import image_code, restore
 from utils.layouts import claims_pairs, find_images, find_pairs
 from utils.metrics import score
+from utils.niqe import NIQEUndefined, niqe
 from utils.results import read_table, write_table
 
 logger = logging.getLogger("coic.test")
@@ -152,8 +153,13 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
              device: torch.device, tile: Optional[int] = None, overlap: int = 32,
              progress: bool = True, protocol: str = "coic", skip_existing: bool = False,
              table_path: Optional[str] = None, desc: str = "test", amp: Optional[torch.dtype] = None,
-             memory_format: torch.memory_format = torch.contiguous_format) -> list[dict]:
+             memory_format: torch.memory_format = torch.contiguous_format, metrics: Optional[Sequence[str]] = None,
+             niqe_channel: str = "y") -> list[dict]:
     """Derain each (rain, clean or None) item, save it under ``save_path`` and score it.
+
+    ``metrics``: names of ``utils.metrics.METRICS``; PSNR/SSIM are computed where there is a
+    clean image, NIQE (``niqe_rain`` of the input, ``niqe_out`` of the output) for every item.
+    None: PSNR and SSIM where there is ground truth, NIQE where there is none.
 
     The next image is decoded and the previous PNGs are encoded in a background thread while
     the model runs, so at most a few images are in memory. ``amp``: autocast dtype of the
@@ -171,39 +177,40 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
     out_paths = [os.path.join(save_path, output_name(r)) if save_path else None for r, _ in items]
     todo = [i for i, out in enumerate(out_paths) if not (skip_existing and out and os.path.isfile(out))]
     next_todo = dict(zip(todo, todo[1:]))
-    rows, skipped, rescored = [], 0, 0
+    rows, skipped, rescored, undefined = [], 0, 0, []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="coic-io") as io_pool:
         reads = {i: io_pool.submit(_read_item, *items[i]) for i in todo[:1]}
         writes: deque = deque()
         for k, (rain_path, clean_path) in enumerate(tqdm(items, desc=desc, unit="img", disable=not progress,
                                                          dynamic_ncols=True)):
             name, out_path = output_name(rain_path), out_paths[k]
-            row = {"name": name, "psnr": None, "ssim": None, "protocol": protocol}
+            row = {"name": name, "psnr": None, "ssim": None, "niqe_rain": None, "niqe_out": None,
+                   "protocol": protocol, "niqe_channel": niqe_channel}
+            wanted = _wanted(metrics, clean_path is not None)
             if k not in reads:
                 skipped += 1
-                old = previous.get(name)
-                if clean_path is None:
-                    pass
-                elif old is not None and old["protocol"] == protocol and old["psnr"] is not None:
-                    row["psnr"], row["ssim"] = old["psnr"], old["ssim"]
-                else:  # no score on record for this protocol: score the saved 8-bit PNG
+                old = previous.get(name) or {}
+                if old.get("protocol") == protocol:  # PSNR/SSIM on record for this protocol
+                    row["psnr"], row["ssim"] = old.get("psnr"), old.get("ssim")
+                if old.get("niqe_channel", "y") == niqe_channel:
+                    row["niqe_rain"], row["niqe_out"] = old.get("niqe_rain"), old.get("niqe_out")
+                if any(row[key] is None for key in _keys(wanted)):  # score the saved 8-bit PNG
                     rescored += 1
-                    y, clean = read_image(out_path), read_image(clean_path)
-                    _check_sizes(y, clean, out_path, clean_path)
-                    row["psnr"], row["ssim"] = score(y, clean, protocol)
+                    x = read_image(rain_path) if "niqe" in wanted else None  # the input is only needed for NIQE
+                    clean = read_image(clean_path) if clean_path is not None else None
+                    _score(row, wanted, x, read_image(out_path), clean, protocol, niqe_channel, undefined,
+                           (out_path, clean_path))
             else:
                 x, clean = reads.pop(k).result()
                 following = next_todo.get(k)
                 if following is not None:  # decode the next image while this one is derained
                     reads[following] = io_pool.submit(_read_item, *items[following])
-                x = x.unsqueeze(0).to(device).contiguous(memory_format=memory_format)
+                xb = x.unsqueeze(0).to(device).contiguous(memory_format=memory_format)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    z = image_code(encoder, x) if encoder is not None else None
-                    y = restore(model, x, z, tile=tile, overlap=overlap)
+                    z = image_code(encoder, xb) if encoder is not None else None
+                    y = restore(model, xb, z, tile=tile, overlap=overlap)
                 y = y[0].float().cpu()
-                if clean is not None:
-                    _check_sizes(y, clean, rain_path, clean_path)
-                    row["psnr"], row["ssim"] = score(y, clean, protocol)
+                _score(row, wanted, x, y, clean, protocol, niqe_channel, undefined, (rain_path, clean_path))
                 if out_path:
                     writes.append(io_pool.submit(save_image, y, out_path))
                 while writes and (writes[0].done() or len(writes) > 2):
@@ -218,9 +225,39 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
     if skipped:
         logger.info("%s: %d images already derained, skipped (%d re-scored from their saved PNGs)", desc, skipped,
                     rescored)
+    if undefined:
+        logger.warning("%s: %d NIQE scores are undefined and left empty, e.g. %s", desc, len(undefined), undefined[0])
     if table_path:
         write_table(rows, table_path)
     return rows
+
+
+SCORE_KEYS = ("psnr", "ssim", "niqe_rain", "niqe_out")
+
+
+def _wanted(metrics: Optional[Sequence[str]], has_clean: bool) -> set[str]:
+    """The metrics an item gets: those asked for that it can have (default: by reference, else NIQE)."""
+    if metrics is None:
+        return {"psnr", "ssim"} if has_clean else {"niqe"}
+    return {m for m in metrics if m == "niqe" or has_clean}
+
+
+def _keys(wanted: set[str]) -> list[str]:
+    return [k for k in SCORE_KEYS if k in wanted or (k.startswith("niqe") and "niqe" in wanted)]
+
+
+def _score(row: dict, wanted: set[str], x: Optional[torch.Tensor], y: torch.Tensor, clean: Optional[torch.Tensor],
+           protocol: str, channel: str, undefined: list, paths: tuple) -> None:
+    """Fill ``row``'s missing scores among ``wanted`` for output y of input x (clean: ground truth)."""
+    if clean is not None and ("psnr" in wanted or "ssim" in wanted) and row["psnr"] is None:
+        _check_sizes(y, clean, *paths)
+        row["psnr"], row["ssim"] = score(y, clean, protocol)
+    if "niqe" in wanted and (row["niqe_rain"] is None or row["niqe_out"] is None):
+        for key, image in (("niqe_rain", x), ("niqe_out", y)):
+            try:
+                row[key] = niqe(image, channel)
+            except NIQEUndefined as exc:  # too small or flat: an empty cell, reported once per set
+                undefined.append(f"{row['name']} ({'rainy' if key == 'niqe_rain' else 'derained'}): {exc}")
 
 
 def _check_sizes(y: torch.Tensor, clean: torch.Tensor, rain_path: str, clean_path: str) -> None:

@@ -27,7 +27,7 @@ from utils.io import atomic_write
 
 __all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "is_image", "list_images", "number_key", "StackedHalf",
            "split_stacked", "decode_native", "to_float_rgb", "decode_float", "read_image", "read_pair", "read_rgb8",
-           "write_array", "save_image", "resize_square"]
+           "write_array", "save_image", "resize_square", "resize_to_fit"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 PNG_BACKEND = "opencv"
@@ -215,6 +215,20 @@ def save_image(img: Tensor, path: str) -> None:
 def resize_square(x: Tensor, size: int) -> Tensor:
     """(3,H,W) or (B,3,H,W) -> (..., 3, size, size), bilinear with antialiasing (torchvision's Resize on
     tensors), clamped to [0,1]: what training, ``image_code`` and the analysis tools all resize with."""
+    return _resize(x, size, size)
+
+
+def resize_to_fit(x: Tensor, max_side: int) -> Tensor:
+    """(3,H,W) or (B,3,H,W) shrunk, aspect kept, so that its longer side is ``max_side`` (previews);
+    returned as it is when already that small. Same filter as ``resize_square``."""
+    h, w = x.shape[-2:]
+    if max(h, w) <= max_side:
+        return x
+    scale = max_side / max(h, w)
+    return _resize(x, max(1, round(h * scale)), max(1, round(w * scale)))
+
+
+def _resize(x: Tensor, height: int, width: int) -> Tensor:
     batch = x if x.dim() == 4 else x[None]
-    out = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
+    out = F.interpolate(batch, size=(height, width), mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
     return out if x.dim() == 4 else out[0]

@@ -20,6 +20,10 @@ same f, then the Gaussian SSIM above.
 
 ``PROTOCOLS`` maps each name to its pair of functions; ``score(restored, target, protocol)``
 returns (psnr, ssim). All functions take (3,H,W) or (B,3,H,W) tensors in [0,1].
+
+``niqe`` (no reference, lower is better) is MATLAB's ``niqe_release``; see ``utils.niqe``.
+``METRICS`` names every metric a table can show, with the way it improves, so tables can
+mark the better value. ``python -m utils.metrics niqe FOLDER`` scores a folder of images.
 """
 from __future__ import annotations
 
@@ -32,9 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils.niqe import niqe
+
 __all__ = ["rgb_to_y", "psnr", "ssim", "psnr_per_image", "ssim_per_image", "quantize_uint8", "matlab_y_uint8",
            "matlab_y_double", "matlab_psnr", "matlab_ssim", "ddn_psnr", "ddn_ssim", "matlab_box_downsample",
-           "MetricProtocol", "PROTOCOLS", "score", "gaussian_window"]
+           "MetricProtocol", "PROTOCOLS", "score", "gaussian_window", "niqe", "Metric", "METRICS",
+           "parse_metrics", "better_value"]
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float32) -> Tensor:
@@ -238,3 +245,41 @@ def score(restored: Tensor, target: Tensor, protocol: str = "coic") -> tuple[flo
         raise ValueError(f"unknown metric protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
     p = PROTOCOLS[protocol]
     return p.psnr(restored, target), p.ssim(restored, target)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A score a result table can show: its label, which way is better, whether it needs the clean image."""
+    name: str
+    label: str
+    higher_is_better: bool
+    needs_reference: bool
+    digits: int
+    description: str
+
+
+METRICS: dict[str, Metric] = {
+    "psnr": Metric("psnr", "PSNR", True, True, 2, "PSNR on Y in dB (--metric_protocol)"),
+    "ssim": Metric("ssim", "SSIM", True, True, 4, "SSIM on Y (--metric_protocol)"),
+    "niqe": Metric("niqe", "NIQE", False, False, 3, "no-reference naturalness, MATLAB niqe_release (utils.niqe)"),
+}
+
+
+def parse_metrics(text: str) -> tuple[str, ...]:
+    """``"psnr,ssim,niqe"`` -> the metric names, checked against ``METRICS`` (ValueError lists them)."""
+    names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"unknown metric {', '.join(unknown) or repr(text)}; choose from: {', '.join(METRICS)}")
+    return names
+
+
+def better_value(metric: str, a: float, b: float) -> float:
+    """The better of two values of ``metric`` (higher or lower, as ``METRICS`` says)."""
+    return max(a, b) if METRICS[metric].higher_is_better else min(a, b)
+
+
+if __name__ == "__main__":
+    from utils.metric_cli import main
+
+    raise SystemExit(main())

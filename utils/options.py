@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
 from utils.distributed import add_device_args
+from utils.errors import UserError
 from utils.config import TrainConfig
+from utils.pretrained import WEIGHTS_DIR_ENV, published_names, published_or_path
 from utils.recipes import Recipe, get_recipe
 
 REFERENCE_DATA_PATHS = ("datasets/Rain200H/train,datasets/Rain200L/train,datasets/Rain800/train,"
@@ -42,9 +45,13 @@ def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
     g.add_argument("--image_freq", type=int, default=1000, help="log a rain|output|clean grid every N iterations")
     g.add_argument("--no_resume", action="store_true", help="start afresh even if save_path holds a checkpoint")
     g.add_argument("--pretrained", default=None,
-                   help="start from this checkpoint's weights (ours or the published code's) with fresh optimizers")
+                   help="start from this checkpoint's weights (ours or the published code's) with fresh optimizers, "
+                        "or from a published name (downloaded once, with its encoder): " + ", ".join(published_names()))
     g.add_argument("--pretrained_encoder", default=None,
                    help="encoder weights for --pretrained when they are in a separate file (published MoCo state_dict)")
+    g.add_argument("--weights_dir", default=None,
+                   help=f"offline: take a published --pretrained's files from this folder (else ${WEIGHTS_DIR_ENV}), "
+                        "never download")
     g.add_argument("--max_bad_steps", type=int, default=5,
                    help="consecutive skipped (non-finite/exploding) steps before rolling back with the LR halved")
     g.add_argument("--check_every", type=int, default=20,
@@ -101,8 +108,9 @@ def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> T
         for key, value in recipe.demo.items():
             if key not in typed:
                 setattr(args, key, value)
-        if "save_path" not in typed:
-            args.save_path = f"runs/demo_{model_name}"
+        if "save_path" not in typed:  # a fine-tune of published weights is a run of its own, never a resume
+            args.save_path = f"runs/demo_{model_name}" + (f"_from_{os.path.basename(args.pretrained)}"
+                                                          if args.pretrained else "")
     tiny_hparams = {}
     if args.tiny:
         for key, value in recipe.tiny.items():
@@ -118,6 +126,14 @@ def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> T
             parser.error(f"--{key} must be at least 1, got {getattr(args, key)}")
     if args.stage1_iters < 0:
         parser.error("--stage1_iters must be >= 0")
+    if args.pretrained:  # a typo fails before the data is scanned
+        try:
+            published = published_or_path(args.pretrained, "--pretrained")
+        except UserError as exc:
+            parser.error(str(exc))
+        if published is not None and published.backbone != model_name:
+            parser.error(f"--pretrained {args.pretrained} is a published {published.backbone} model; "
+                         f"fine-tune it with train_{published.backbone}.py")
     args.recipe = recipe
     args.model_hparams = {k: getattr(args, k) for k, f in recipe.flags.items() if f.model and not f.init_only}
     args.model_hparams["dim_in"] = args.dim_in

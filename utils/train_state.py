@@ -14,7 +14,9 @@ import re
 import torch
 
 from utils import distributed as dist_utils
-from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, save_atomic
+from models.coim import context_embedding_parameters, modulation_parameters
+from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, remap_published_keys, save_atomic
+from utils.pretrained import fetch_model, published_or_path
 from utils.rng import rng_state, set_rng_state
 
 logger = logging.getLogger("coic")
@@ -35,18 +37,32 @@ def list_checkpoints(save_path: str) -> list[str]:
 class CheckpointedRun:
     """State of a run; the Trainer supplies model, encoder, optimizers, schedulers, archive and args."""
 
-    def _load_pretrained(self, path: str) -> None:
-        """Start from ``path``'s weights (ours or the published code's) with fresh optimizers."""
+    def _load_pretrained(self, spec: str) -> None:
+        """Start from ``spec``'s weights with fresh optimizers: a checkpoint file (ours or the published
+        code's), or a published name (``utils.pretrained``: downloaded once, with its encoder).
+
+        A backbone trained without CoIC loads into a CoIC model: its CoI-M generators and context
+        embeddings, absent from the file, keep their fresh initialisation.
+        """
+        published = published_or_path(spec, "--pretrained")
+        path, encoder_path = spec, None
+        if published is not None:
+            path, encoder_path = fetch_model(published, self.args.weights_dir,
+                                             encoder=self.args.pretrained_encoder is None)
         ckpt = read_checkpoint(path)
-        load_weights(self.model, ckpt, part="model")
-        parts = ["backbone"]
-        encoder_source = self.args.pretrained_encoder or (ckpt if isinstance(ckpt, dict) and "encoder" in ckpt
-                                                          else None)
+        coic_ids = {id(p) for p in modulation_parameters(self.model) + context_embedding_parameters(self.model)}
+        coic_names = [name for name, p in self.model.named_parameters() if id(p) in coic_ids]
+        state = remap_published_keys(ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {})
+        fresh = bool(coic_names) and not any(k in state for k in coic_names)  # all CoIC parts absent, or none
+        load_weights(self.model, ckpt, part="model", may_miss=coic_names if fresh else ())
+        parts = ["backbone" + (" (trained without CoIC: fresh CoI-M generators)" if fresh else "")]
+        encoder_source = self.args.pretrained_encoder or encoder_path or (
+            ckpt if isinstance(ckpt, dict) and "encoder" in ckpt else None)
         if encoder_source is not None:
             load_weights(self.encoder, encoder_source, part="encoder")
             parts.append("encoder")
         logger.info("initialised %s from %s%s", " and ".join(parts), path,
-                    f" (encoder from {self.args.pretrained_encoder})" if self.args.pretrained_encoder else "")
+                    f" (encoder from {encoder_source})" if isinstance(encoder_source, str) else "")
 
     def state_dict(self) -> dict:
         return {

@@ -1,0 +1,83 @@
+"""``python -m utils.metrics niqe FOLDER``: the NIQE of every image of a folder, as the published
+``eval_niqe.py`` reports it (a mean), with a progress bar and a per-image CSV.
+
+    python -m utils.metrics niqe results/RealInt                 # Y channel (MATLAB niqe_release)
+    python -m utils.metrics niqe results/RealInt --channel gray  # pyiqa's default NIQE
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import os
+from typing import Optional, Sequence
+
+from utils.errors import DataError, cli_main
+from utils.images import read_image
+from utils.io import atomic_write_text
+from utils.layouts import find_images
+from utils.niqe import CHANNELS, MIN_SIDE, NIQEUndefined, niqe
+
+logger = logging.getLogger("coic.metrics")
+
+__all__ = ["build_parser", "main", "score_folder"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m utils.metrics", description="No-reference scores of a folder.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="metric", required=True)
+    q = sub.add_parser("niqe", help="NIQE of every image of a folder (lower is better)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("folder", help="a folder of images (searched as test_model.py does: rain/ or the folder itself)")
+    q.add_argument("--channel", default="y", choices=CHANNELS,
+                   help="y: MATLAB rgb2ycbcr Y (niqe_release); gray: 0.299R+0.587G+0.114B (pyiqa's default)")
+    q.add_argument("--csv", default=None, help="per-image CSV (default: FOLDER/niqe_<channel>.csv)")
+    q.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
+def score_folder(folder: str, channel: str = "y", progress: bool = True) -> list[tuple[str, Optional[float]]]:
+    """(file name, NIQE or None where it is undefined: under ``MIN_SIDE`` or flat) of every image under ``folder``."""
+    from tqdm import tqdm
+
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder} is not a folder; pass a folder of images")
+    _, images = find_images(folder)
+    if not images:
+        raise DataError(f"{folder} holds no images")
+    rows, undefined = [], []
+    for path in tqdm(images, desc="niqe", unit="img", disable=not progress, dynamic_ncols=True):
+        name = os.path.basename(path)
+        try:
+            rows.append((name, niqe(read_image(path), channel)))
+        except NIQEUndefined as exc:  # smaller than MIN_SIDE or flat
+            undefined.append(f"{name}: {exc}")
+            rows.append((name, None))
+    if undefined:
+        logger.warning("%d images have no NIQE (left empty), e.g. %s", len(undefined), undefined[0])
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    def run() -> int:
+        rows = score_folder(args.folder, args.channel, progress=not args.no_progress)
+        out = args.csv or os.path.join(args.folder, f"niqe_{args.channel}.csv")
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["name", "niqe", "channel"])
+        for name, value in rows:
+            writer.writerow([name, "" if value is None else f"{value:.4f}", args.channel])
+        atomic_write_text(out, buf.getvalue())
+        scored = [v for _, v in rows if v is not None]
+        if not scored:
+            raise DataError(f"no image in {args.folder} is at least {MIN_SIDE}x{MIN_SIDE} pixels; NIQE needs that")
+        print(f"NIQE ({args.channel}) of {len(scored)} images in {args.folder}: mean {sum(scored) / len(scored):.4f}"
+              f"  (lower is better) -> {out}")
+        return 0
+
+    return cli_main(run)
