@@ -94,8 +94,30 @@ def test_realint_scores_the_spa_models_by_niqe(capsys, tmp_path):
     assert commands[0::2] == spa[0::2]  # the same trainings, into the same folders
     for evaluate, mode in zip(commands[1::2], ("normal", "tran")):
         assert flag(evaluate, "--testset") == "RealInt" and flag(evaluate, "--metrics") == "niqe"
+        assert flag(evaluate, "--niqe_channel") == "gray"  # the published eval_niqe.py: pyiqa's grey NIQE
+        parsed = test_model.build_parser().parse_args(evaluate[2:])
+        assert parsed.metrics == "niqe" and parsed.testset == "RealInt"
         assert flag(evaluate, "--load_mode") == mode and "--metric_protocol" not in evaluate
         assert flag(evaluate, "--test_model").startswith(str(tmp_path / "runs" / "spa"))
+
+
+def test_realint_table_reads_the_niqe_columns(tmp_path, capsys):
+    res = tmp_path / "res"
+    header = "dataset,images,psnr,ssim,niqe_rain,niqe_out,niqe_change,protocol,niqe_channel\n"
+    for kind, out in (("plain", 4.1234), ("coic", 3.5)):
+        folder = res / "realint" / f"DRSformer_{kind}" / "niqe"
+        folder.mkdir(parents=True)
+        (folder / "summary.csv").write_text(header + f"RealInt,146,,,5.0000,{out:.4f},{out - 5:.4f},coic,gray\n")
+    assert reproduce.main(["realint", "--dry_run", *roots(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(done, skipped)") == 2 and out.count("(would run)") == 2  # scored; the trainings are not
+    (res / "realint" / "DRSformer_coic" / "niqe" / "summary.csv").write_text(header + "RealInt,146,,,5.0,,,coic,gray\n")
+    assert reproduce.main(["realint", "--dry_run", *roots(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("(done, skipped)") == 1  # no NIQE of the output: not done
+    assert reproduce.main(["realint", "--only", "table", *roots(tmp_path)]) == 0
+    md = (res / "realint" / "table.md").read_text()
+    assert "| DRSformer | w/o CoIC | 5.000 | 4.123 |" in md and "| DRSformer | w/ CoIC | 5.000 |  |" in md
+    assert "`gray` channel" in md
 
 
 def test_analysis_commands_parse_with_the_tools(capsys, tmp_path):

@@ -198,17 +198,22 @@ def _niqe_table(exp: Experiment, runs, summaries: dict[str, str]) -> _Table:
     sets = [summary_name(s) for s in exp.evaluation.test_sets]
     t = _Table(exp, [f"{s} NIQE {kind}" for s in sets for kind in ("rainy", "derained")])
     t.header(["Backbone", "Model"], extra=())
+    channels: set = set()
     for run in runs:
         rows = read_summary(summaries[run.name])
         cells = []
         for s in sets:
             rain, out = _num(rows.get(s), "niqe_rain"), _num(rows.get(s), "niqe_out")
             cells += [_fmt(rain, 3) or "", _fmt(out, 3) or ""]
+            channel = (rows.get(s) or {}).get("niqe_channel") or ""
+            channels.add(channel)
             t.record(experiment=exp.name, backbone=run.backbone, model=run.variant.label, source="ours", testset=s,
-                     niqe_rain=_fmt(rain, 4), niqe_out=_fmt(out, 4), protocol="niqe", reference=summaries[run.name])
+                     niqe_rain=_fmt(rain, 4), niqe_out=_fmt(out, 4), protocol=f"niqe {channel}".strip(),
+                     reference=summaries[run.name])
         t.row([run.backbone, run.variant.label], cells)
-    t.md += ["", "NIQE: lower is better; no ground truth. Empty cells: no summary.csv with NIQE columns yet "
-                 "(`test_model.py --metrics niqe`)."]
+    used = ", ".join(sorted(c for c in channels if c)) or "not yet scored"
+    t.md += ["", f"NIQE (MATLAB niqe_release, `utils/niqe.py`) on the `{used}` channel; lower is better; no ground "
+                 "truth. Empty cells: no summary.csv with NIQE columns yet (`test_model.py --metrics niqe`)."]
     return t
 
 

@@ -55,6 +55,7 @@ class Evaluation:
     test_sets: tuple[str, ...]
     metrics: str = "psnr"  # "psnr" (PSNR and SSIM) or "niqe" (no ground truth)
     protocol: str = "coic"  # the paper's Python evaluation (see PAPER_PROTOCOL)
+    flags: tuple[str, ...] = ()  # further test_model.py flags
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,10 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
                Evaluation(SYNTHETIC_TESTS)),
     Experiment("spa", "DRSformer trained on the five synthetic sets plus SPA-Data, without and with CoIC",
                _SPA_TRAINING, Evaluation(SYNTHETIC_TESTS + ("SPA",))),
+    # NIQE as the published eval_niqe.py computes it: pyiqa's niqe, on the grey luminance.
     Experiment("realint", "the spa models on real rain (RealInt, no ground truth), scored by NIQE",
-               _SPA_TRAINING, Evaluation(("RealInt",), metrics="niqe"), table="niqe"),
+               _SPA_TRAINING, Evaluation(("RealInt",), metrics="niqe", flags=("--niqe_channel", "gray")),
+               table="niqe"),
     # The published analysis scripts: the map and the relationships of training images (up to 400 per set,
     # the pooled feature map, UMAP on the sphere), the CoI-M temperatures of DGUNet on 100 Rain800 test images.
     Experiment("analysis", "representation map, dataset relationships and CoI-M temperatures of a CoIC model",

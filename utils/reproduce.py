@@ -175,7 +175,7 @@ def eval_command(run: Run, opts: Options) -> list[str]:
     metric = ["--metrics", "niqe"] if evaluation.metrics == "niqe" else ["--metric_protocol", opts.protocol]
     return ["python", script("test_model.py"), "--test_model", run.checkpoint, "--model_name", run.backbone,
             "--load_mode", run.variant.load_mode, "--testset", ",".join(evaluation.test_sets),
-            "--data_root", opts.data_root, *metric, "--save_path", eval_folder(run, opts),
+            "--data_root", opts.data_root, *metric, *evaluation.flags, "--save_path", eval_folder(run, opts),
             *_device_flags(replace(opts, gpus=min(opts.gpus, 1)))]
 
 
