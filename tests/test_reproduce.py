@@ -178,6 +178,12 @@ def test_a_failed_step_stops_with_what_to_do(capsys):
         execute([ok_but_empty], dry_run=False, only=None)
 
 
+def test_only_eval_waits_for_missing_trainings(tmp_path, capsys):
+    assert reproduce.main(["spa", "--only", "eval", *roots(tmp_path)]) == 0  # nothing trained: nothing runs
+    out = capsys.readouterr().out
+    assert "train_DRSformer.py" not in out and out.count("not yet: ") == 2 and "$ " not in out
+
+
 def _ran(out: str) -> list[str]:
     """Titles of the steps a (real) run started."""
     return [ln.split("] ", 1)[1].split("  (")[0] for ln in out.splitlines() if ln.endswith("(running)")]

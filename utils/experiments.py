@@ -51,10 +51,9 @@ class Training:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """``test_model.py --testset`` over ``test_sets``: PSNR/SSIM under ``protocol``, or NIQE."""
+    """``test_model.py --testset`` over ``test_sets``: PSNR/SSIM, or NIQE."""
     test_sets: tuple[str, ...]
-    metrics: str = "psnr"  # "psnr" (PSNR and SSIM) or "niqe" (no ground truth)
-    protocol: str = "coic"  # the paper's Python evaluation (see PAPER_PROTOCOL)
+    metrics: str = "psnr"  # "psnr" (PSNR and SSIM, under reproduce.py's --metric_protocol) or "niqe"
     flags: tuple[str, ...] = ()  # further test_model.py flags
 
 

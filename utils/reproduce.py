@@ -77,6 +77,7 @@ class Step:
     output: str  # where its result lands
     is_done: Callable[[], bool]
     run: Optional[Run] = None
+    needs: Optional[str] = None  # a file an earlier step makes (the checkpoint an evaluation scores)
 
     @property
     def phase(self) -> str:
@@ -151,7 +152,7 @@ def train_command(run: Run, opts: Options) -> list[str]:
     for key, value in flags.items():
         if key != "batch_size":
             args += [f"--{key}"] + ([] if value is None else [str(value)])
-    batch = int(flags.get("batch_size", recipe.batch_size))
+    batch = int(flags.get("batch_size") or (recipe.tiny.get("batch_size") if opts.tiny else None) or recipe.batch_size)
     if opts.gpus > 1:
         if batch % opts.gpus:
             raise UserError(f"--gpus {opts.gpus}: {run.backbone}'s batch of {batch} images cannot be split evenly "
@@ -225,7 +226,7 @@ def plan(opts: Options) -> list[Step]:
             what = "NIQE" if exp.evaluation.metrics == "niqe" else f"{opts.protocol} PSNR/SSIM"
             steps.append(Step("eval", f"evaluate {run.name} ({what} on {', '.join(exp.evaluation.test_sets)})",
                               tuple(eval_command(run, opts)), os.path.join(eval_folder(run, opts), "summary.csv"),
-                              lambda r=run: evaluation_done(r, opts), run))
+                              lambda r=run: evaluation_done(r, opts), run, run.checkpoint))
         for tool in exp.analyses:
             out = analysis_folder(run, tool.tool, opts)
             data = [dataset_folder(n, opts.data_root, tool.split) for n in tool.data]
@@ -235,7 +236,7 @@ def plan(opts: Options) -> list[Step]:
                        "--save_path", out)
             outputs = [os.path.join(out, f) for f in tool.outputs]
             steps.append(Step("analysis", f"{tool.title} of {run.name}", command, out,
-                              lambda o=outputs, r=run: all(_newer(p, r.checkpoint) for p in o), run))
+                              lambda o=outputs, r=run: all(_newer(p, r.checkpoint) for p in o), run, run.checkpoint))
     return steps
 
 
@@ -262,9 +263,13 @@ def execute(steps: Sequence[Step], dry_run: bool, only: Optional[str]) -> list[S
     ran = []
     for i, step in enumerate(selected, 1):
         done = step.is_done()
-        state = "done, skipped" if done else ("would run" if dry_run else "running")
+        # Only --only eval meets a step whose input is not there yet (a full run trains first).
+        blocked = (not done and not dry_run and only is not None and step.needs is not None
+                   and not os.path.isfile(step.needs))
+        state = ("done, skipped" if done else f"not yet: {step.needs} is missing" if blocked
+                 else "would run" if dry_run else "running")
         print(f"[{i}/{len(selected)}] {step.title}  ({state})\n    -> {step.output}", flush=True)
-        if done and not dry_run:
+        if (done or blocked) and not dry_run:
             continue
         print(f"    $ {step.shell}", flush=True)
         if dry_run:
