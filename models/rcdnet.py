@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import NamedTuple, Optional, Union
+from typing import Mapping, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -33,7 +33,11 @@ from torch import Tensor
 from models.coim import ModulatedConv2d
 from utils.errors import ModelConfigError
 
-__all__ = ["RCDNet", "RCDNetStages", "streak_kernel_bank", "load_rain_kernel"]
+__all__ = ["RCDNet", "RCDNetStages", "RAIN_KERNEL_MODES", "streak_kernel_bank", "load_rain_kernel"]
+
+# "shared": one kernel tensor for the first and the later stages (the published code); "separate":
+# two parameters that start equal and are trained apart.
+RAIN_KERNEL_MODES = ("shared", "separate")
 
 
 class RCDNetStages(NamedTuple):
@@ -178,6 +182,16 @@ class _ProxNet(nn.Module):
         return x
 
 
+def _check_shared_kernels(module: nn.Module, state: dict, prefix: str, *_) -> None:
+    """Load pre-hook of a shared-kernel RCDNet: the file's ``c0`` and ``c`` must be one kernel."""
+    c0, c = state.get(prefix + "c0"), state.get(prefix + "c")
+    if isinstance(c0, Tensor) and isinstance(c, Tensor) and not (c0.shape == c.shape and torch.equal(c0, c)):
+        diff = (c0.float() - c.float()).abs().max().item() if c0.shape == c.shape else float("nan")
+        raise ModelConfigError(
+            f"this RCDNet state_dict has two different rain kernels (max |c0 - c| = {diff:.3g}): it was trained "
+            "with separate kernels; build the model with rain_kernels='separate' (training: --rain_kernels separate)")
+
+
 # Published name -> ours. Anchored so that keys already in our naming pass unchanged.
 _LEGACY_NAMES = (
     (re.compile(r"^proxNet_M_S\."), "map_nets."),
@@ -200,6 +214,9 @@ class RCDNet(nn.Module):
         rain_kernel: initial rain kernels; ``None`` uses ``streak_kernel_bank`` (9x9), or a
                      path / tensor accepted by ``load_rain_kernel`` (e.g. RCDNet's
                      ``kernel.mat``) of shape (3, num_map, k, k).
+        rain_kernels: "shared" (default): the initial-stage kernel ``c0`` and the inter-stage
+                     kernel ``c`` are one parameter, saved and loaded under both keys; "separate":
+                     two parameters with the same start.
 
     forward(x, z=None): x (B,3,H,W) in [0,1], z (B,dim_in) or None -> (B,3,H,W), [0,1]
     domain, not clamped.
@@ -211,10 +228,14 @@ class RCDNet(nn.Module):
 
     def __init__(self, inter_iter: int = 17, num_map: int = 32, num_channel: int = 32,
                  num_block: int = 4, dim_in: int = 128,
-                 rain_kernel: Union[None, str, os.PathLike, Tensor] = None):
+                 rain_kernel: Union[None, str, os.PathLike, Tensor] = None, rain_kernels: str = "shared"):
         super().__init__()
         if inter_iter < 1:
             raise ValueError(f"inter_iter must be >= 1, got {inter_iter}")
+        if rain_kernels not in RAIN_KERNEL_MODES:
+            raise ModelConfigError(f"RCDNet rain_kernels must be one of {', '.join(RAIN_KERNEL_MODES)}, "
+                                   f"got {rain_kernels!r}")
+        self.rain_kernels = rain_kernels
         self.inter_iter = inter_iter
         self.num_map = num_map
         self.num_channel = num_channel
@@ -225,11 +246,16 @@ class RCDNet(nn.Module):
 
         kernel = streak_kernel_bank(num_map) if rain_kernel is None else load_rain_kernel(rain_kernel, num_map)
         self.kernel_padding = kernel.shape[-1] // 2
-        # c0 drives only the first rain-map estimate, c all later ones. Two independent
-        # copies: the reference wraps one tensor twice, which ties them only until the
-        # model is moved to a GPU.
+        # c0 drives only the first rain-map estimate, c all later ones. The published code wraps
+        # one tensor in two nn.Parameters (one kernel in both places); "shared" registers one
+        # Parameter under both names: state_dict keeps both keys, optimizers and DDP see it once,
+        # and it stays one through device moves (which split the published code's two wrappers).
         self.c0 = nn.Parameter(kernel.clone())
-        self.c = nn.Parameter(kernel.clone())
+        if rain_kernels == "shared":
+            self.c = self.c0
+            self.register_load_state_dict_pre_hook(_check_shared_kernels)
+        else:
+            self.c = nn.Parameter(kernel.clone())
         # Averaging filter producing the initial auxiliary features from the rainy image.
         self.cz = nn.Parameter(torch.full((num_channel, 3, 3, 3), 1.0 / 9))
         # Threshold of the first, sparse rain residual.
@@ -242,6 +268,21 @@ class RCDNet(nn.Module):
             _ProxNet(joint, num_block, dim_in) for _ in range(inter_iter))
         self.init_net = _ProxNet(joint, num_block, dim_in)
         self.final_net = _ProxNet(joint, num_block, dim_in)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.rain_kernels == "shared":  # conversions that replace parameters must not split the kernel
+            self._parameters["c"] = self._parameters["c0"]
+        return out
+
+    @staticmethod
+    def hparams_from_state(state: Mapping[str, Tensor]) -> dict:
+        """What a state_dict without recorded hyper-parameters shows of them: shared rain kernels
+        exactly when its ``c0`` and ``c`` are equal (published files, our older checkpoints)."""
+        c0, c = state.get("c0"), state.get("c")
+        if isinstance(c0, Tensor) and isinstance(c, Tensor):
+            return {"rain_kernels": "shared" if c0.shape == c.shape and torch.equal(c0, c) else "separate"}
+        return {}
 
     # ---- rain layer operators -------------------------------------------------------
     def _synthesise(self, maps: Tensor, kernel: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ import os
 from conftest import ROOT
 
 LIBRARY_DIRS = ("utils", "models", "analysis", "benchmarks")
-SCRIPTS = {"test_model"} | {f[:-3] for f in os.listdir(ROOT) if f.startswith("train_") and f.endswith(".py")}
+SCRIPTS = {"test_model", "reproduce"} | {f[:-3] for f in os.listdir(ROOT) if f.startswith("train_") and f.endswith(".py")}
 MAX_LINES = 450
 
 

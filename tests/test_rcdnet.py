@@ -139,7 +139,10 @@ def test_rain_kernel_from_tensor_and_files(tmp_path):
     model = tiny_model(rain_kernel=kernel)
     torch.testing.assert_close(model.c0.detach(), kernel)
     torch.testing.assert_close(model.c.detach(), kernel)
-    assert model.c0.data_ptr() != model.c.data_ptr()  # independent parameters
+    assert model.c0.data_ptr() == model.c.data_ptr()  # shared by default
+    separate = tiny_model(rain_kernel=kernel, rain_kernels="separate")
+    torch.testing.assert_close(separate.c.detach(), kernel)
+    assert separate.c0.data_ptr() != separate.c.data_ptr()  # independent parameters
     with torch.no_grad():
         assert model(image()).shape == (2, 3, 16, 16)  # 5x5 kernels pad by 2
 
@@ -169,6 +172,82 @@ def test_bad_rain_kernel_names_the_file(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="shape"):
         tiny_model(rain_kernel=torch.zeros(3, TINY["num_map"], 8, 8))  # even kernel size
+
+
+# ---- one rain kernel in both places (the published code) -------------------------------
+
+def _one_adam_step(model: RCDNet) -> None:
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model.forward_stages(image()).backgrounds[-1].square().mean().backward()
+    opt.step()
+
+
+def test_shared_kernel_is_one_parameter_trained_by_both_uses():
+    model = tiny_model(seed=2)
+    start = model.c.detach().clone()
+    # Counted once: the separate model has exactly one kernel's worth of parameters more.
+    kernel_size = 3 * TINY["num_map"] * 9 * 9
+    separate_count = sum(p.numel() for p in tiny_model(seed=2, rain_kernels="separate").parameters())
+    assert sum(p.numel() for p in model.parameters()) == separate_count - kernel_size
+    # Its gradient is the sum of the first-stage (c0) and the later-stage (c) gradients, taken here
+    # from a separate model with the same weights.
+    twin = tiny_model(seed=2, rain_kernels="separate")
+    twin.load_state_dict(model.state_dict())
+    twin.forward_stages(image()).backgrounds[-1].square().mean().backward()
+    _one_adam_step(model)
+    state = model.state_dict()
+    assert set(state) >= {"c0", "c"} and torch.equal(state["c0"], state["c"])
+    assert not torch.equal(state["c"], start)  # it was trained
+    grad = model.c.grad
+    torch.testing.assert_close(grad, twin.c0.grad + twin.c.grad, rtol=1e-5, atol=1e-7)
+    assert twin.c0.grad.abs().sum() > 0 and twin.c.grad.abs().sum() > 0  # both uses contribute
+
+
+def test_shared_kernel_survives_conversions_and_separate_ones_drift_apart():
+    model = tiny_model().to(torch.float64)  # a conversion replaces every parameter's data, like .cuda()
+    assert model.c0 is model.c and model.c.dtype == torch.float64
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)  # conversions make new Parameters
+    try:
+        model = model.to(torch.float32)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    assert model.c0 is model.c and model.c.dtype == torch.float32
+    model = model.float()
+    _one_adam_step(model)
+    assert torch.equal(model.state_dict()["c0"], model.state_dict()["c"])
+    separate = tiny_model(rain_kernels="separate")
+    _one_adam_step(separate)
+    assert not torch.equal(separate.c0, separate.c)
+
+
+def test_kernels_load_from_both_keys_and_mismatches_are_explained(tmp_path):
+    from utils.errors import ModelConfigError
+    from utils.evaluation import load_model
+
+    source = tiny_model(seed=3, rain_kernels="separate").eval()
+    with torch.no_grad():
+        source.c.copy_(source.c0)  # a published-layout file from a run whose kernels stayed one
+    state = published_state(source)
+    shared = tiny_model(seed=4)
+    load_weights(shared, state)
+    torch.testing.assert_close(shared.c, source.c0, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(shared.eval()(image()), source(image()), rtol=0, atol=0)
+
+    with torch.no_grad():
+        source.c.add_(0.25)  # two kernels: a shared model refuses it in one line, naming the way out
+    with pytest.raises(ModelConfigError, match=r"rain_kernels='separate'.*--rain_kernels separate") as info:
+        load_weights(tiny_model(seed=4), published_state(source))
+    assert "\n" not in str(info.value) and "0.25" in str(info.value)
+    # A file that does not record its settings is built as its weights show: separate kernels here.
+    torch.save(published_state(source), tmp_path / "published.pth")
+    hparams = {k: v for k, v in TINY.items() if k != "rain_kernels"}  # the sizes only
+    loaded, _ = load_model("RCDNet", str(tmp_path / "published.pth"), "normal", torch.device("cpu"), hparams)
+    assert loaded.rain_kernels == "separate"
+    torch.testing.assert_close(loaded.c, source.c, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rain_kernels"):
+        tiny_model(rain_kernels="tied")
 
 
 # ---- checkpoints --------------------------------------------------------------------

@@ -44,7 +44,8 @@ def test_paper_commands_parse_with_reference_defaults():
             assert args.contra_loss_weight == float(weight) and args.stage1_iters == int(stage1)
     rcd = parse_train_args("RCDNet", [])
     assert (rcd.batch_size, rcd.crop_size, rcd.contra_loss_weight, rcd.milestone) == (16, 64, 50.0, [25, 50, 75])
-    assert rcd.model_hparams == {"num_map": 32, "num_channel": 32, "num_block": 4, "inter_iter": 17, "dim_in": 128}
+    assert rcd.model_hparams == {"num_map": 32, "num_channel": 32, "num_block": 4, "inter_iter": 17, "dim_in": 128,
+                                 "rain_kernels": "shared"}
     assert parse_train_args("DGUNet", []).seed == 1234
     idt = parse_train_args("IDT", ["--crop_size", "64"])
     assert idt.model_hparams["img_size"] == 64 and idt.milestone == [100, 250, 350]

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from models import build_encoder, build_model
+from models import build_encoder, build_model, model_class
 from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, remap_published_keys
 from utils.dataset_specs import dataset_spec, find_dataset_folder, split_folder
 from utils.errors import DataError
@@ -52,6 +52,10 @@ def load_model(model_name: str, path: str, mode: str, device: torch.device,
         if mode == "tran":
             raise CheckpointError(f"{path} has no CoI-M generators (trained without CoIC); use --load_mode normal")
         hparams["dim_in"] = 0
+    infer = getattr(model_class(model_name), "hparams_from_state", None)
+    if callable(infer) and isinstance(state, dict):  # what the weights show of settings the file does not record
+        for key, value in infer(remap_published_keys(state)).items():
+            hparams.setdefault(key, value)
     hparams.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         model = build_model(model_name, **hparams)
@@ -110,8 +114,15 @@ def collect_inputs(test_dir: str, stacked_rain_half: Optional[str] = None) -> li
 
 
 def collect_testset(name: str, data_root: str) -> tuple[str, str, list[tuple[str, Optional[str]]]]:
-    """(canonical name, test folder, items) of a named test set under ``data_root``."""
-    spec = dataset_spec(name)
+    """(canonical name, test folder, items) of a named test set under ``data_root``: a dataset of
+    ``utils.dataset_specs``, or any other ``data_root/<name>/test`` folder (e.g. the demo's rain types)."""
+    try:
+        spec = dataset_spec(name)
+    except DataError:
+        own = os.path.join(data_root, name, "test")
+        if not os.path.isdir(own):
+            raise
+        return name, own, collect_inputs(own)
     folder = find_dataset_folder(data_root, spec)
     if folder is None:
         raise DataError(f"--testset {name}: no {' or '.join(spec.folders)} folder in --data_root {data_root}")

@@ -118,6 +118,8 @@ RECIPES: dict[str, Recipe] = {
                               model=False, nargs="+"),
             "rain_kernel": Flag(str, None, "initial rain kernels: the original RCDNet kernel.mat (key C9), "
                                 "or .npy/.pt; default: generated streak kernels", init_only=True),
+            "rain_kernels": Flag(str, "shared", "shared: one rain-kernel tensor for the first and the later "
+                                 "stages, as the published code; separate: two parameters from the same start"),
         },
         demo=dict(inter_iter=3, num_block=1, batch_size=4, crop_size=48, tot_iters=600, stage1_iters=250,
                   save_freq=200),
