@@ -29,6 +29,8 @@ from utils.distributed import add_device_args, resolve_device
 from utils.errors import DataError, UserError, cli_main
 from utils.evaluation import collect_inputs, collect_testset, evaluate, load_encoder, load_model  # noqa: F401
 from utils.inference import AMP_DTYPES
+from utils.memory import default_budget, format_size, parse_size
+from utils.speed import inference_setting
 from utils.metrics import PROTOCOLS
 from utils.results import format_markdown, summarize, with_mean, write_summary
 
@@ -61,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
                    help="autocast the model and encoder to bf16/fp16 (faster on recent GPUs; scores use float32)")
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPUs)")
+    p.add_argument("--recommended", action="store_true",
+                   help="the fastest setting of this machine (utils.speed): bf16 + channels_last on GPUs and on "
+                        "CPUs with native bf16, fp32 elsewhere; replaces --amp and --channels_last")
+    p.add_argument("--max_memory", default=None,
+                   help="memory budget without --tile (8G, 1500M): each image is restored whole or in the largest "
+                        "tiles that fit (default: what the run holds + 60%% of the free RAM, 85%% of free GPU memory)")
     p.add_argument("--inter_iter", type=int, default=None, help="override the backbone's recurrent stages")
     return p
 
@@ -90,9 +98,16 @@ def run(args: argparse.Namespace) -> int:
     model, ckpt = load_model(args.model_name, args.test_model, args.load_mode, device,
                              {"inter_iter": args.inter_iter})
     encoder = load_encoder(args.feat_ext, ckpt, args.test_model, device) if args.load_mode == "tran" else None
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    if args.tile and args.max_memory:
+        raise UserError("--max_memory chooses the tiles when --tile is not given; pass one of them")
+    setting = inference_setting(args.amp, args.channels_last, args.recommended, device)
+    memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
-    amp = AMP_DTYPES[args.amp]
+    amp = AMP_DTYPES[setting.amp or "off"]
+    max_memory = None if args.tile else (parse_size(args.max_memory) if args.max_memory else default_budget(device))
+    if max_memory is not None:
+        logging.getLogger("coic.memory").info("memory budget: %s%s", format_size(max_memory),
+                                              "" if args.max_memory else " (default)")
     summary = []
     for name, folder, items in sets:
         out = os.path.join(args.save_path, name) if name else args.save_path
@@ -100,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         rows = evaluate(model, encoder, items, out, device, args.tile, args.tile_overlap,
                         protocol=args.metric_protocol, skip_existing=args.skip_existing,
                         table_path=os.path.join(out, "results.csv"), desc=name or "test", amp=amp,
-                        memory_format=memory_format)
+                        memory_format=memory_format, max_memory=max_memory)
         summary.append(summarize(name or folder, rows))
         print(f"{len(rows)} images from {folder} -> {out}")
     if args.testset:

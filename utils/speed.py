@@ -1,0 +1,100 @@
+"""The fastest inference setting this machine supports: precision and memory layout.
+
+``recommended_setting(device)`` is what ``test_model.py --recommended`` and the benchmarks use:
+
+- CUDA: bf16 autocast + channels-last (tensor cores);
+- a CPU that computes bf16 natively (AMX or AVX-512 BF16: ``amx_bf16`` / ``avx512_bf16`` in
+  ``/proc/cpuinfo``): bf16 autocast + channels-last, the layout oneDNN's bf16 kernels work in;
+- any other CPU: float32 in the default layout. Without native bf16 instructions autocast
+  converts every operand and computes in float32 anyway, and channels-last makes the
+  depthwise convolutions of IDT and DRSformer slower (README, Speed).
+
+Every setting runs under ``torch.inference_mode`` (``utils.inference.restore``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["Setting", "cpu_flags", "native_bf16", "recommended_setting", "cpu_model_name", "inference_setting"]
+
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """An inference setting: autocast dtype name (None: float32) and memory layout, with the reason."""
+    amp: Optional[str]
+    channels_last: bool
+    reason: str = ""
+
+    @property
+    def label(self) -> str:
+        parts = [self.amp or "fp32"] + (["channels_last"] if self.channels_last else [])
+        return " + ".join(parts)
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The instruction-set flags of the first CPU in ``cpuinfo`` (empty when unreadable)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU model from ``cpuinfo`` (``model name``), else the platform's processor name."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def native_bf16(flags: Optional[set[str]] = None) -> bool:
+    """Whether the CPU has bf16 arithmetic instructions (AMX or AVX-512 BF16)."""
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in NATIVE_BF16_FLAGS)
+
+
+def recommended_setting(device: torch.device, flags: Optional[set[str]] = None) -> Setting:
+    """The inference setting for ``device`` (see the module docstring); ``flags``: CPU flags for tests."""
+    if device.type == "cuda":
+        return Setting("bf16", True, "CUDA: bf16 autocast on tensor cores, channels-last convolutions")
+    if device.type == "cpu":
+        flags = cpu_flags() if flags is None else flags
+        found = [f for f in NATIVE_BF16_FLAGS if f in flags]
+        if found:
+            return Setting("bf16", True, f"the CPU computes bf16 natively ({', '.join(found)}): bf16 autocast, "
+                                         "channels-last for oneDNN's bf16 kernels")
+        return Setting(None, False, "no native bf16 on this CPU (no amx_bf16/avx512_bf16 flag): float32, "
+                                    "default layout")
+    return Setting(None, False, f"{device.type}: float32, default layout")
+
+
+def inference_setting(amp: str, channels_last: bool, use_recommended: bool, device: torch.device) -> Setting:
+    """The setting a command runs with (``--amp``, ``--channels_last`` or ``--recommended``), logged
+    with this machine's recommendation when the command does not use it."""
+    import logging
+
+    rec = recommended_setting(device)
+    chosen = rec if use_recommended else Setting(None if amp in (None, "off") else amp, channels_last)
+    name = cpu_model_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    message = f"inference setting: {chosen.label} on {name}"
+    if use_recommended or (chosen.amp, chosen.channels_last) == (rec.amp, rec.channels_last):
+        message += f" (the recommended one: {rec.reason})"
+    else:
+        message += f"; recommended here: {rec.label} (--recommended; {rec.reason})"
+    logging.getLogger("coic.speed").info(message)
+    return chosen
