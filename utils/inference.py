@@ -10,6 +10,7 @@ from torch import Tensor
 
 from utils.errors import UserError
 from utils.images import resize_square
+from utils.speed import default_tile_batch
 from utils.tiling import pad_to_multiple, tiled_apply
 
 # --amp choices of training and evaluation: the autocast dtype (None: float32).
@@ -38,15 +39,17 @@ def effective_tile(model: nn.Module, tile: Optional[int]) -> Optional[int]:
 
 @torch.inference_mode()
 def restore(model: nn.Module, x: Tensor, z: Optional[Tensor] = None, tile: Optional[int] = None,
-            overlap: int = 32, tile_batch: int = 4) -> Tensor:
+            overlap: int = 32, tile_batch: Optional[int] = None) -> Tensor:
     """Derain x (1,3,H,W) in [0,1]; returns (1,3,H,W) clamped to [0,1].
 
     The image is padded to the backbone's ``size_multiple``; when it is larger than ``tile``
     (or the backbone has a fixed ``tile_size``) it is processed in overlapping tiles,
-    ``tile_batch`` per forward.
+    ``tile_batch`` per forward (default: one on a CPU, four on a GPU).
     """
     multiple = getattr(model, "size_multiple", 1)
     tile = effective_tile(model, tile)
+    if tile_batch is None:
+        tile_batch = default_tile_batch(x.device)
 
     def run(t: Tensor) -> Tensor:
         zz = None if z is None else z.expand(t.shape[0], -1)

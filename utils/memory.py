@@ -5,15 +5,17 @@ The planner estimates the memory of restoring an image as
     now (process RSS on a CPU, allocated tensors on a GPU) + image buffers + activations(tile)
 
 and picks the whole image, else the largest tile (or, for backbones with a fixed tile, the
-largest batch of tiles) whose estimate fits the budget. ``activations`` counts the bytes of every
-tensor alive during one forward of a *meta-device* copy of the model (shapes only, nothing is
-computed; exact for the tensors the operators return), times a factor for what the kernels
-allocate on their own (oneDNN layout copies, im2col buffers, allocator slack): measured once per
-model on the real device at a small size when the plan is tight, else the conservative default.
+largest batch of tiles) whose estimate fits the budget. ``activations`` is measured on the device,
+once per model and mode: the peak one forward adds (resident memory on a CPU,
+``max_memory_allocated`` on a GPU) of a small input (``PROBE_SIDES``, or the fixed tile). The
+activations of these networks grow with the pixels, so two sizes give the line ``a + b * pixels``;
+the first probe alone bounds it from above (``b <= peak / pixels``), which settles every image that
+fits whole even so, and the second runs only when the plan is tight. Where no peak can be read,
+the bytes of the tensors alive at once are counted (``LiveTensorBytes``) and multiplied by
+``KERNEL_FACTOR`` for what kernels allocate on their own (oneDNN layout copies, im2col buffers).
 """
 from __future__ import annotations
 
-import copy
 import ctypes
 import gc
 import logging
@@ -30,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from utils.errors import UserError
+from utils.speed import default_tile_batch
 
 logger = logging.getLogger("coic.memory")
 
@@ -38,9 +41,9 @@ __all__ = ["parse_size", "format_size", "available_memory", "current_usage", "de
 
 MiB, GiB = 2 ** 20, 2 ** 30
 DEFAULT_SHARE = {"cpu": 0.6, "cuda": 0.85}  # of the memory available when the run starts
-KERNEL_FACTOR = 2.5  # real / counted activations before a measurement (1.3-2.2 measured on a CPU)
-MARGIN = 1.15        # on top of a measured factor
-RESERVE = 128 * MiB  # allocator and library slack per forward
+KERNEL_FACTOR = 2.5  # real / counted tensor bytes (1.3-2.2 measured on this project's CPU at 128-256 px)
+MARGIN = 1.15        # on top of every measured activation
+RESERVE = 64 * MiB   # heap growth between images
 # Bytes per image pixel besides the model's activations. CPU: the float input, the next image
 # being decoded, a padded copy, the blended output and its weights, up to two outputs waiting to
 # be written; scoring against ground truth adds the clean image and float64 metric maps. GPU:
@@ -48,7 +51,7 @@ RESERVE = 128 * MiB  # allocator and library slack per forward
 IMAGE_BYTES_PER_PIXEL = {"cpu": 100, "cuda": 40}
 SCORING_BYTES_PER_PIXEL = 100
 MAX_TILE_BATCH = 16
-CALIBRATION_SIDE = 192
+PROBE_SIDES = (64, 192)
 
 
 def parse_size(text: str, flag: str = "--max_memory") -> int:
@@ -142,19 +145,14 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def forward_peak_bytes(model: nn.Module, shape: tuple, z: Optional[Tensor] = None,
-                       memory_format=torch.contiguous_format) -> int:
-    """Peak bytes of the tensors a forward of ``model`` on an input of ``shape`` creates (meta device).
+def forward_peak_bytes(model: nn.Module, x: Tensor, z: Optional[Tensor] = None) -> int:
+    """Peak bytes of the tensors one forward ``model(x, z)`` creates (inputs and weights not counted).
 
-    ``model`` may be a meta copy already. z (1,dim) or None is expanded to the batch.
+    x (B,3,H,W); z (1,dim) or None, expanded to the batch. Runs under ``inference_mode``.
     """
-    twin = model if next(model.parameters()).is_meta else copy.deepcopy(model).to("meta")
-    x = torch.empty(shape, device="meta").contiguous(memory_format=memory_format)
-    code = None if z is None else torch.empty(z.shape[-1], device="meta").expand(shape[0], -1)
-    # Counted in the model's own dtype (autocast does not act on meta tensors): a bf16 run needs
-    # less, which the measured factor of ``MemoryPlanner.calibrate`` takes into account.
+    code = None if z is None else z.expand(x.shape[0], -1)
     with torch.inference_mode(), LiveTensorBytes() as counter:
-        twin(x, code)
+        model(x, code)
     return counter.peak
 
 
@@ -206,10 +204,9 @@ class MemoryPlanner:
         self.amp, self.memory_format = amp, memory_format
         self.multiple = getattr(model, "size_multiple", 1)
         self.own_tile = getattr(model, "tile_size", None)
-        self._twin: Optional[nn.Module] = None
-        self._per_pixel: dict[bool, float] = {}  # modulated -> counted bytes per input pixel
-        self.factor: dict[bool, float] = {}      # modulated -> measured real / counted
-        self.shrink = 1.0                        # lowered after an out-of-memory error
+        # modulated -> (a, b, exact): peak bytes of one forward = a + b * pixels; exact: from two sizes
+        self.line: dict[bool, tuple[float, float, bool]] = {}
+        self.shrink = 1.0  # lowered after an out-of-memory error
         self._announced: Optional[tuple] = None
 
     def announce(self, plan: "TilePlan", h: int, w: int) -> None:
@@ -218,83 +215,98 @@ class MemoryPlanner:
             self._announced = (plan.tile, plan.batch)
             logger.info("%dx%d image: %s, within --max_memory %s", w, h, plan.describe(), format_size(self.budget))
 
-    # ---------------------------------------------------------------- estimates
-    def _counted(self, side_h: int, side_w: int, z: Optional[Tensor]) -> float:
-        """Counted activation bytes of a (1,3,h,w) forward, scaled from one meta run per mode (the
-        activations of these networks grow with the pixels; a batch of n tiles needs n times one)."""
-        key = z is not None
-        if key not in self._per_pixel:
-            if self._twin is None:
-                self._twin = copy.deepcopy(self.model).to("meta")
-            side = self.own_tile or CALIBRATION_SIDE
-            side = max(self.multiple, side // self.multiple * self.multiple)
-            peak = forward_peak_bytes(self._twin, (1, 3, side, side), z, self.memory_format)
-            self._per_pixel[key] = peak / (side * side)
-        return self._per_pixel[key] * side_h * side_w
-
-    def _activations(self, h: int, w: int, z: Optional[Tensor]) -> float:
-        factor = self.factor.get(z is not None)
-        factor = KERNEL_FACTOR if factor is None else factor * MARGIN
-        return factor * self._counted(h, w, z) + RESERVE
-
-    def calibrate(self, z: Optional[Tensor]) -> None:
-        """Measure the real peak of one forward at a small size; sets ``factor`` for this mode."""
-        if (z is not None) in self.factor:
-            return
-        side = self.own_tile or max(self.multiple, CALIBRATION_SIDE // self.multiple * self.multiple)
-        x = torch.rand(1, 3, side, side, device=self.device).contiguous(memory_format=self.memory_format)
+    # ---------------------------------------------------------------- measuring
+    def _probe(self, side: int, z: Optional[Tensor], batch: int = 1) -> int:
+        """Peak bytes one forward of a (batch,3,side,side) input adds, after an untimed warm-up."""
+        x = torch.rand(batch, 3, side, side, device=self.device).contiguous(memory_format=self.memory_format)
+        code = None if z is None else z.expand(batch, -1)
 
         def forward() -> None:
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp or torch.bfloat16,
                                                         enabled=self.amp is not None):
-                self.model(x, z)
+                self.model(x, code)
 
-        forward()  # one-time costs of the first call (kernel caches) are not the model's
+        forward()  # one-time costs of a first call at this size (kernel caches) are not the model's
         real = measured_peak(forward, self.device)
-        if real is not None:
-            self.factor[z is not None] = max(0.25, real / max(self._counted(side, side, z), 1.0))
-            logger.debug("memory factor %.2f (%s)", self.factor[z is not None], "CoIC" if z is not None else "plain")
+        if real is None:  # no peak to read here: count the tensors instead
+            with LiveTensorBytes() as counter:
+                forward()
+            real = int(KERNEL_FACTOR * counter.peak)
+        return real
 
-    def _fixed(self, h: int, w: int, scored: bool) -> int:
+    def _line(self, z: Optional[Tensor], room: Optional[float] = None) -> tuple[float, float, bool]:
+        """The line of this mode; refined by a second probe when ``room`` is given (a tight plan)."""
+        key = z is not None
+        if key not in self.line:
+            if self.own_tile is not None:  # pixels = tiles: one tile, and two on a GPU that batches them
+                one = self._probe(self.own_tile, z)
+                two = self._probe(self.own_tile, z, 2) if default_tile_batch(self.device) > 1 else None
+                slope = one if two is None else max(two - one, 0)
+                px = self.own_tile ** 2
+                self.line[key] = (one - slope, slope / px, True)
+            else:
+                side = max(self.multiple, PROBE_SIDES[0] // self.multiple * self.multiple)
+                self.line[key] = (0.0, self._probe(side, z) / side ** 2, False)
+        a, b, exact = self.line[key]
+        if not exact and room is not None:
+            first = max(self.multiple, PROBE_SIDES[0] // self.multiple * self.multiple)
+            # the second size: PROBE_SIDES[1], or less if that might not fit the room
+            fits = int(math.sqrt(max(room, 0) / (MARGIN * b)))
+            side = min(PROBE_SIDES[1], fits) // self.multiple * self.multiple
+            if side >= 2 * first:
+                small, large = b * first ** 2, self._probe(side, z)
+                b = max(large - small, 0) / (side ** 2 - first ** 2)
+                a = max(small - b * first ** 2, 0.0)
+                self.line[key] = (a, b, True)
+        return self.line[key]
+
+    def activations(self, h: int, w: int, z: Optional[Tensor], batch: int = 1) -> float:
+        """Estimated bytes one forward of ``batch`` (h, w) inputs adds to what is held."""
+        a, b, _ = self._line(z)
+        return MARGIN * (a + b * h * w * batch)
+
+    def _room(self, h: int, w: int, scored: bool) -> tuple[int, float]:
         per_pixel = IMAGE_BYTES_PER_PIXEL.get(self.device.type, IMAGE_BYTES_PER_PIXEL["cpu"])
         if scored and self.device.type != "cuda":
             per_pixel += SCORING_BYTES_PER_PIXEL
-        return current_usage(self.device) + per_pixel * h * w
-
-    # ---------------------------------------------------------------- the plan
-    def plan(self, h: int, w: int, z: Optional[Tensor] = None, scored: bool = False) -> TilePlan:
-        """The plan for an (h, w) image (z: its code, or None for plain restoration)."""
-        fixed = self._fixed(h, w, scored)
+        fixed = current_usage(self.device) + per_pixel * h * w + RESERVE
         room = self.budget * self.shrink - fixed
         if room <= 0:
             raise UserError(f"--max_memory {format_size(self.budget)} is less than the run already holds plus a "
                             f"{w}x{h} image ({format_size(fixed)}); raise --max_memory")
+        return fixed, room
+
+    # ---------------------------------------------------------------- the plan
+    def plan(self, h: int, w: int, z: Optional[Tensor] = None, scored: bool = False) -> TilePlan:
+        """The plan for an (h, w) image (z: its code, or None for plain restoration)."""
         name = type(self.model).__name__
-        if self.own_tile is not None:
-            self.calibrate(z)
-            one = self._activations(self.own_tile, self.own_tile, z) - RESERVE
-            per_batch = [one * b + RESERVE for b in range(1, MAX_TILE_BATCH + 1)]
-            fitting = [b for b, est in enumerate(per_batch, 1) if est <= room]
-            if not fitting:
-                raise UserError(f"--max_memory {format_size(self.budget)} is too small for {name}: one "
-                                f"{self.own_tile}x{self.own_tile} tile needs about {format_size(fixed + per_batch[0])}")
-            return TilePlan(self.own_tile, fitting[-1], int(fixed + per_batch[fitting[-1] - 1]))
+        _, room = self._room(h, w, scored)
         ph, pw = (math.ceil(s / self.multiple) * self.multiple for s in (h, w))
-        whole = self._activations(ph, pw, z)
-        if whole > room and (z is not None) not in self.factor:
-            self.calibrate(z)  # tight: measure instead of assuming the default factor
-            whole = self._activations(ph, pw, z)
+        if self.own_tile is None and self.activations(ph, pw, z) > room:
+            self._line(z, room)  # tight: measure the line instead of bounding it
+        # What the process holds is read after the probes, which take memory of their own.
+        fixed, room = self._room(h, w, scored)
+        if self.own_tile is not None:
+            most = MAX_TILE_BATCH if default_tile_batch(self.device) > 1 else 1
+            fitting = [b for b in range(1, most + 1) if self.activations(self.own_tile, self.own_tile, z, b) <= room]
+            if not fitting:
+                need = fixed + self.activations(self.own_tile, self.own_tile, z)
+                raise UserError(f"--max_memory {format_size(self.budget)} is too small for {name}: one "
+                                f"{self.own_tile}x{self.own_tile} tile needs about {format_size(need)}")
+            batch = fitting[-1]
+            return TilePlan(self.own_tile, batch, int(fixed + self.activations(self.own_tile, self.own_tile, z, batch)))
+        whole = self.activations(ph, pw, z)
         if whole <= room:
             return TilePlan(None, 1, int(fixed + whole))
+        a, b, _ = self._line(z)
         smallest = math.ceil(max(2 * self.overlap + self.multiple, 64) / self.multiple) * self.multiple
-        per_pixel = (self._activations(1024, 1024, z) - RESERVE) / 1024 ** 2
-        side = int(math.sqrt(max(room - RESERVE, 0) / per_pixel)) // self.multiple * self.multiple
+        side = int(math.sqrt(max(room / MARGIN - a, 0) / b)) // self.multiple * self.multiple if b > 0 else max(ph, pw)
         side = min(side, max(ph, pw))
         if side < smallest:
+            need = fixed + self.activations(smallest, smallest, z)
             raise UserError(f"--max_memory {format_size(self.budget)} is too small for {name} on a {w}x{h} image: "
-                            f"a {smallest}x{smallest} tile needs about "
-                            f"{format_size(fixed + self._activations(smallest, smallest, z))}")
-        return TilePlan(side, 1, int(fixed + self._activations(side, side, z)))
+                            f"a {smallest}x{smallest} tile needs about {format_size(need)}")
+        return TilePlan(side, 1, int(fixed + self.activations(side, side, z)))
 
     def smaller(self, plan: TilePlan, h: int, w: int) -> Optional[TilePlan]:
         """The next plan after running out of memory with ``plan``: half the batch, else tiles of
