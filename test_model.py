@@ -28,7 +28,7 @@ from utils.dataset_specs import DATASET_SPECS
 from utils.distributed import add_device_args, resolve_device
 from utils.errors import DataError, UserError, cli_main
 from utils.evaluation import collect_inputs, collect_testset, evaluate, load_encoder, load_model  # noqa: F401
-from utils.inference import AMP_DTYPES
+from utils.inference import AMP_DTYPES, image_code
 from utils.memory import default_budget, format_size, parse_size
 from utils.speed import inference_setting
 from utils.metrics import PROTOCOLS
@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     encoder = load_encoder(args.feat_ext, ckpt, args.test_model, device) if args.load_mode == "tran" else None
     if args.tile and args.max_memory:
         raise UserError("--max_memory chooses the tiles when --tile is not given; pass one of them")
-    setting = inference_setting(args.amp, args.channels_last, args.recommended, device)
+    example_z = image_code(encoder, torch.rand(1, 3, 64, 64, device=device)) if encoder is not None else None
+    setting = inference_setting(args.amp, args.channels_last, args.recommended, device, model, example_z)
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     amp = AMP_DTYPES[setting.amp or "off"]

@@ -47,23 +47,28 @@ class InferenceBenchError(Exception):
 
 # --------------------------------------------------------------------------- settings
 def resolve_settings(names: Sequence[str], device: torch.device) -> tuple[list, dict[str, str]]:
-    """The settings to measure, (label, amp, channels_last) each, and the aliases: a setting equal
-    to an earlier one (``recommended`` when it is fp32 on this machine) is measured once."""
-    from utils.speed import recommended_setting
+    """The settings to measure, (label, amp, channels_last, auto) each, and the aliases: a setting
+    equal to an earlier one is measured once. ``auto``: the recommended setting of a CPU without
+    native bf16, whose layout each backbone's worker times (``utils.speed.faster_layout``)."""
+    from utils.speed import native_bf16, recommended_setting
 
     rec = recommended_setting(device)
+    auto = device.type == "cpu" and not native_bf16()
     table = {"fp32": (None, False), "recommended": (rec.amp, rec.channels_last), "bf16": ("bf16", False),
              "channels_last": (None, True), "bf16_channels_last": ("bf16", True)}
     measured, aliases, seen = [], {}, {}
     for name in names:
         if name not in table:
             raise InferenceBenchError(f"unknown --settings {name}; choose from {', '.join(table)}")
+        if name == "recommended" and auto:
+            measured.append((name, None, False, True))
+            continue
         key = table[name]
         if key in seen:
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        measured.append((name, *key))
+        measured.append((name, *key, False))
     return measured, aliases
 
 
@@ -95,14 +100,22 @@ class OursServer:
             state = torch.load(r["state_path"], map_location="cpu", weights_only=True)
             load_weights(model, state["model"])
             load_weights(encoder, state["encoder"], part="encoder")
-        self.memory_format = torch.channels_last if r["channels_last"] else torch.contiguous_format
-        self.model = model.to(self.device, memory_format=self.memory_format).eval()
-        self.encoder = encoder.to(self.device, memory_format=self.memory_format).eval()
-        self.amp, self.overlap = r["amp"], r["overlap"]
+        model, encoder = model.to(self.device).eval(), encoder.to(self.device).eval()
         generator = torch.Generator().manual_seed(r["seed"])
         self.x = synthetic_batch(1, r["size"], generator)[0]
         self.x_check = synthetic_batch(1, r["check_size"], generator)[0]
-        return {"ok": True}
+        amp, channels_last, reason = r["amp"], r["channels_last"], ""
+        if r.get("auto"):  # the recommended setting, its layout timed on this model (modulated)
+            from utils.inference import image_code
+            from utils.speed import recommended_setting
+
+            rec = recommended_setting(self.device, model=model, z=image_code(encoder, self.x_check.to(self.device)))
+            amp, channels_last, reason = rec.amp, rec.channels_last, rec.reason
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(memory_format=self.memory_format)
+        self.encoder = encoder.to(memory_format=self.memory_format)
+        self.amp, self.overlap = amp, r["overlap"]
+        return {"amp": amp, "channels_last": channels_last, "reason": reason}
 
     def _restore(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         from utils.inference import image_code, restore
@@ -144,10 +157,21 @@ def measure_backbone(name: str, args: argparse.Namespace, settings: list, device
             workers["published"] = pub
             state_path = os.path.join(tmp, f"{name}_published_state.pt")
             pub.call("setup", state_path=state_path, **common)
-        for label, amp, channels_last in settings:
+        aliases, chosen, recommended = {}, {}, None
+        for label, amp, channels_last, auto in settings:
             w = Worker(f"ours {label}", [os.path.abspath(__file__), "--serve"], cwd=REPO_ROOT)
             workers[label] = w
-            w.call("setup", amp=amp, channels_last=channels_last, state_path=state_path, **common)
+            got = w.call("setup", amp=amp, channels_last=channels_last, auto=auto, state_path=state_path, **common)
+            key = (got["amp"], got["channels_last"])
+            if auto:
+                from utils.speed import Setting
+
+                recommended = {"label": Setting(*key).label, "reason": got["reason"]}
+            if key in chosen:  # the same setting as one measured already: measure it once
+                aliases[label] = chosen[key]
+                workers.pop(label).close()
+            else:
+                chosen[key] = label
         diffs = compare_outputs(workers, tmp, name)
         for w in workers.values():
             for mode in MODES:
@@ -163,7 +187,7 @@ def measure_backbone(name: str, args: argparse.Namespace, settings: list, device
                         times[k][mode][clock] += answer[clock]
         medians = {k: {m: {c: 1000 * statistics.median(v) for c, v in t.items()} for m, t in per.items()}
                    for k, per in times.items()}
-        return {"ms": medians, "diffs": diffs}
+        return {"ms": medians, "diffs": diffs, "aliases": aliases, "recommended": recommended}
     finally:
         for w in workers.values():
             w.close()
@@ -227,24 +251,30 @@ def conv_check(size: int, rounds: int, threads: int, names: Sequence[str]) -> li
 def table_rows(results: dict, labels: Sequence[str], aliases: dict, published: bool) -> list[dict]:
     """One row per backbone and mode: ms of every setting (``labels``, aliases resolved) and the ratios."""
     rows = []
-    rec = aliases.get("recommended", "recommended") if "recommended" in labels else None
     for name, res in results.items():
         if "error" in res:
             rows.append({"backbone": name, "mode": "—", "note": res["error"]})
             continue
+        same = {**aliases, **res.get("aliases", {})}
+        rec = same.get("recommended", "recommended") if "recommended" in labels else None
         for mode in MODES:
             ms = res["ms"]
             row = {"backbone": name, "mode": "CoIC" if mode == "coic" else "plain"}
+            if res.get("recommended"):
+                row["recommended_setting"] = res["recommended"]["label"]
             for label in labels:
-                row[f"ours_{label}_ms"] = ms[aliases.get(label, label)][mode]["wall"]
+                row[f"ours_{label}_ms"] = ms[same.get(label, label)][mode]["wall"]
             ours = ms["fp32"][mode]
             best = ms[rec][mode] if rec else ours
+            if rec:
+                row["recommended_vs_fp32_cpu"] = best["cpu"] / ours["cpu"]
             if published:
                 pub = ms["published"][mode]
                 row["published_fp32_ms"] = pub["wall"]
                 row["fp32_ratio_wall"] = ours["wall"] / pub["wall"]
                 row["fp32_ratio_cpu"] = ours["cpu"] / pub["cpu"]
                 row["recommended_speedup"] = pub["wall"] / best["wall"]
+                row["recommended_speedup_cpu"] = pub["cpu"] / best["cpu"]
                 row["max_diff_published"] = res["diffs"].get(f"published_{mode}")
             rows.append(row)
     return rows
@@ -263,13 +293,18 @@ def _fmt(v) -> str:
 def markdown(rows: list[dict], conv_rows: list[dict], labels: Sequence[str], recommended: str, header: str,
              notes: Sequence[str]) -> str:
     cols = [("backbone", "backbone"), ("mode", "mode")]
-    cols += [(f"ours_{lab}_ms", f"ours {lab} ({recommended}) ms" if lab == "recommended" else f"ours {lab} ms")
-             for lab in labels]
+    if any("recommended_setting" in r for r in rows):
+        cols.append(("recommended_setting", "recommended setting"))
+    cols += [(f"ours_{lab}_ms", f"ours {lab} ({recommended}) ms" if lab == "recommended" and recommended
+              else f"ours {lab} ms") for lab in labels]
     if any("published_fp32_ms" in r for r in rows):
-        cols += [("published_fp32_ms", "published fp32 ms"), ("fp32_ratio_wall", "ours ÷ published fp32 (wall)"),
-                 ("fp32_ratio_cpu", "ours ÷ published fp32 (CPU time)"),
-                 ("recommended_speedup", "published fp32 ÷ ours recommended"),
+        cols += [("published_fp32_ms", "published fp32 ms"), ("fp32_ratio_wall", "ours fp32 ÷ published (wall)"),
+                 ("fp32_ratio_cpu", "ours fp32 ÷ published (CPU time)"),
+                 ("recommended_speedup", "published ÷ ours recommended (wall)"),
+                 ("recommended_speedup_cpu", "published ÷ ours recommended (CPU time)"),
                  ("max_diff_published", "max abs diff of the outputs, ours − published")]
+    elif any("recommended_vs_fp32_cpu" in r for r in rows):
+        cols.append(("recommended_vs_fp32_cpu", "ours recommended ÷ fp32 (CPU time)"))
     if any("note" in r for r in rows):
         cols.append(("note", "note"))
     lines = ["# Inference", "", header, "", "| " + " | ".join(h for _, h in cols) + " |",
@@ -365,14 +400,19 @@ def run(args: argparse.Namespace) -> dict:
     header = (f"device: {dev} ({device.type}), {args.threads} thread(s) per process | torch {torch.__version__} | "
               f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} | {args.size}x{args.size} image, median of "
               f"{args.rounds} alternating rounds after {args.warmup} warm-up")
-    notes = [f"recommended here: {rec.label} ({rec.reason})",
+    notes = [f"recommended here: {rec.label} ({rec.reason})" if not any(a for *_, a in settings) else
+             "recommended here: " + "; ".join(f"{n}: {r['recommended']['label']} ({r['recommended']['reason']})"
+                                                for n, r in results.items() if r.get("recommended")),
              "ms: wall clock per image (z from the key encoder included in CoIC mode); the CPU-time ratio leaves "
              "out the time a process waited for a core on a shared machine",
              "max abs diff: backbone outputs (not clamped) on the same tile-sized input and weights"]
     for label, same in aliases.items():
         notes.append(f"{label} is {same} on this machine: measured once, the same numbers in both columns")
+    for n, r in results.items():
+        for label, same in r.get("aliases", {}).items():
+            notes.append(f"{n}: {label} is {same}, measured once")
     rows = table_rows(results, labels, aliases, bool(args.published))
-    text = markdown(rows, conv_rows, labels, rec.label, header, notes)
+    text = markdown(rows, conv_rows, labels, "" if any(a for *_, a in settings) else rec.label, header, notes)
     from utils.io import atomic_write_text
 
     report = {"header": header, "device": dev, "torch": torch.__version__, "rows": rows, "conv": conv_rows,

@@ -5,9 +5,10 @@
 - CUDA: bf16 autocast + channels-last (tensor cores);
 - a CPU that computes bf16 natively (AMX or AVX-512 BF16: ``amx_bf16`` / ``avx512_bf16`` in
   ``/proc/cpuinfo``): bf16 autocast + channels-last, the layout oneDNN's bf16 kernels work in;
-- any other CPU: float32 in the default layout. Without native bf16 instructions autocast
-  converts every operand and computes in float32 anyway, and channels-last makes the
-  depthwise convolutions of IDT and DRSformer slower (README, Speed).
+- any other CPU: float32 (without native bf16 instructions autocast converts every operand and
+  computes in float32 anyway), in the memory layout that is faster for the model at hand:
+  channels-last speeds up the dense convolutions of BRN, RCDNet and DGUNet on this project's
+  CPU and slows down the depthwise ones of IDT and DRSformer, so ``faster_layout`` times both.
 
 Every setting runs under ``torch.inference_mode`` (``utils.inference.restore``).
 """
@@ -17,9 +18,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn as nn
+from torch import Tensor
 
 __all__ = ["Setting", "cpu_flags", "native_bf16", "recommended_setting", "cpu_model_name", "inference_setting",
-           "default_tile_batch"]
+           "default_tile_batch", "faster_layout"]
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -69,8 +72,13 @@ def native_bf16(flags: Optional[set[str]] = None) -> bool:
     return any(f in flags for f in NATIVE_BF16_FLAGS)
 
 
-def recommended_setting(device: torch.device, flags: Optional[set[str]] = None) -> Setting:
-    """The inference setting for ``device`` (see the module docstring); ``flags``: CPU flags for tests."""
+def recommended_setting(device: torch.device, flags: Optional[set[str]] = None, model: Optional[nn.Module] = None,
+                        z: Optional[Tensor] = None) -> Setting:
+    """The inference setting for ``device`` (see the module docstring); ``flags``: CPU flags for tests.
+
+    On a CPU without native bf16, a ``model`` (with the code ``z`` it will run with, or None) is
+    timed in both memory layouts and the faster one is recommended (``faster_layout``).
+    """
     if device.type == "cuda":
         return Setting("bf16", True, "CUDA: bf16 autocast on tensor cores, channels-last convolutions")
     if device.type == "cpu":
@@ -79,17 +87,55 @@ def recommended_setting(device: torch.device, flags: Optional[set[str]] = None) 
         if found:
             return Setting("bf16", True, f"the CPU computes bf16 natively ({', '.join(found)}): bf16 autocast, "
                                          "channels-last for oneDNN's bf16 kernels")
-        return Setting(None, False, "no native bf16 on this CPU (no amx_bf16/avx512_bf16 flag): float32, "
-                                    "default layout")
+        reason = "no native bf16 on this CPU (no amx_bf16/avx512_bf16 flag): float32"
+        if model is None:
+            return Setting(None, False, reason + ", default layout")
+        channels_last, times = faster_layout(model, device, z)
+        return Setting(None, channels_last, reason + f"; {'channels-last' if channels_last else 'default'} layout, "
+                       f"the faster for this model here ({times['contiguous']:.0f} ms default, "
+                       f"{times['channels_last']:.0f} ms channels-last, CPU time of a small input)")
     return Setting(None, False, f"{device.type}: float32, default layout")
 
 
-def inference_setting(amp: str, channels_last: bool, use_recommended: bool, device: torch.device) -> Setting:
+def faster_layout(model: nn.Module, device: torch.device, z: Optional[Tensor] = None, side: int = 96,
+                  repeats: int = 3, margin: float = 0.97) -> tuple[bool, dict[str, float]]:
+    """Whether ``model`` runs faster in channels-last than in the default layout on ``device``.
+
+    Times ``model(x, z)`` on a (1,3,side,side) input (the backbone's fixed tile, if it has one),
+    each layout after one warm-up, alternating, best of ``repeats`` (CPU time of the process);
+    channels-last only when it takes less than ``margin`` of the default layout's time.
+    On this project's CPU channels-last is faster for BRN, RCDNet and DGUNet and slower for the
+    depthwise convolutions of IDT and DRSformer (README, Speed), so it is measured, not assumed.
+    Returns (channels_last, ms per layout); the model is left in the default layout.
+    """
+    import time
+
+    multiple = getattr(model, "size_multiple", 1)
+    side = getattr(model, "tile_size", None) or max(multiple, side // multiple * multiple)
+    x = torch.rand(1, 3, side, side, device=device)
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    best = {name: float("inf") for name in formats}
+    with torch.inference_mode():
+        for attempt in range(repeats + 1):
+            for name, fmt in formats.items():
+                model.to(memory_format=fmt)
+                xf = x.contiguous(memory_format=fmt)
+                start = time.process_time()
+                model(xf, z)
+                if attempt:  # the first round is the warm-up
+                    best[name] = min(best[name], 1000 * (time.process_time() - start))
+    model.to(memory_format=torch.contiguous_format)
+    return best["channels_last"] < margin * best["contiguous"], best
+
+
+def inference_setting(amp: str, channels_last: bool, use_recommended: bool, device: torch.device,
+                      model: Optional[nn.Module] = None, z: Optional[Tensor] = None) -> Setting:
     """The setting a command runs with (``--amp``, ``--channels_last`` or ``--recommended``), logged
-    with this machine's recommendation when the command does not use it."""
+    with this machine's recommendation when the command does not use it (the layout is timed on
+    ``model`` only for ``--recommended``)."""
     import logging
 
-    rec = recommended_setting(device)
+    rec = recommended_setting(device, model=model if use_recommended else None, z=z)
     chosen = rec if use_recommended else Setting(None if amp in (None, "off") else amp, channels_last)
     name = cpu_model_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
     message = f"inference setting: {chosen.label} on {name}"
