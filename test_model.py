@@ -31,11 +31,13 @@ from utils.distributed import add_device_args, resolve_device
 from utils.errors import DataError, UserError, cli_main
 from utils.evaluation import (collect_inputs, collect_testset, evaluate, load_encoder, load_model,  # noqa: F401
                               output_name)
-from utils.inference import AMP_DTYPES
+from utils.inference import AMP_DTYPES, image_code
+from utils.memory import default_budget, format_size, parse_size
 from utils.metrics import METRICS, PROTOCOLS, parse_metrics
 from utils.pretrained import WEIGHTS_DIR_ENV, choose_checkpoint, describe_published, published_names
 from utils.report import ReportColumn, ReportSet, write_report
 from utils.results import format_markdown, protocol_notes, summarize, with_mean, write_summary
+from utils.speed import inference_setting
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
                    help="autocast the model and encoder to bf16/fp16 (faster on recent GPUs; scores use float32)")
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPUs)")
+    p.add_argument("--recommended", action="store_true",
+                   help="the fastest setting of this machine (utils.speed): bf16 + channels_last on GPUs and on "
+                        "CPUs with native bf16, fp32 elsewhere; replaces --amp and --channels_last")
+    p.add_argument("--max_memory", default=None,
+                   help="memory budget without --tile (8G, 1500M): each image is restored whole or in the largest "
+                        "tiles that fit (default: what the run holds + 60%% of the free RAM, 85%% of free GPU memory)")
     p.add_argument("--inter_iter", type=int, default=None, help="override the backbone's recurrent stages")
     return p
 
@@ -121,9 +129,17 @@ def run(args: argparse.Namespace) -> int:
     model_path, feat_ext = choice.files(args.feat_ext, args.weights_dir)  # published files: downloaded, verified
     model, ckpt = load_model(args.model_name, model_path, args.load_mode, device, {"inter_iter": args.inter_iter})
     encoder = load_encoder(feat_ext, ckpt, model_path, device) if args.load_mode == "tran" else None
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    if args.tile and args.max_memory:
+        raise UserError("--max_memory chooses the tiles when --tile is not given; pass one of them")
+    example_z = image_code(encoder, torch.rand(1, 3, 64, 64, device=device)) if encoder is not None else None
+    setting = inference_setting(args.amp, args.channels_last, args.recommended, device, model, example_z)
+    memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
-    amp = AMP_DTYPES[args.amp]
+    amp = AMP_DTYPES[setting.amp or "off"]
+    max_memory = None if args.tile else (parse_size(args.max_memory) if args.max_memory else default_budget(device))
+    if max_memory is not None:
+        logging.getLogger("coic.memory").info("memory budget: %s%s", format_size(max_memory),
+                                              "" if args.max_memory else " (default)")
     summary, report_sets = [], []
     for name, folder, items in sets:
         out = os.path.join(args.save_path, name) if name else args.save_path
@@ -131,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
         rows = evaluate(model, encoder, items, out, device, args.tile, args.tile_overlap,
                         protocol=args.metric_protocol, skip_existing=args.skip_existing,
                         table_path=os.path.join(out, "results.csv"), desc=name or "test", amp=amp,
-                        memory_format=memory_format, metrics=metrics, niqe_channel=args.niqe_channel)
+                        memory_format=memory_format, max_memory=max_memory, metrics=metrics,
+                        niqe_channel=args.niqe_channel)
         summary.append(summarize(name or folder, rows))
         outputs = [os.path.join(out, output_name(rain)) for rain, _ in items]
         report_sets.append(ReportSet(name or folder, items, outputs, rows))

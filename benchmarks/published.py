@@ -337,17 +337,63 @@ def measure_published(params: dict) -> dict:
             "contrast_inputs_ms": median_ms(prep)}
 
 
+class PublishedServer:
+    """``benchmarks.inference``'s requests on the published side: setup (builds the model and MoCo
+    and saves their weights for our processes), run (timed restorations), output (saved tensors)."""
+
+    def __call__(self, request: dict) -> dict:
+        return getattr(self, request["op"])(request)
+
+    def setup(self, r: dict) -> dict:
+        from benchmarks.timing import synthetic_batch
+
+        code = import_published(os.getcwd())
+        torch.set_num_threads(r["threads"])
+        self.device = torch.device(r["device"])
+        torch.manual_seed(r["seed"])
+        tile = 128 if PUBLISHED[r["model"]].tiles else 64  # the crop only sets IDT's img_size
+        self.runner = PublishedRunner(r["model"], code, 1, tile, self.device)
+        self.runner.model.eval()
+        self.runner.moco.eval()
+        torch.save({"model": self.runner.model.state_dict(), "encoder": self.runner.moco.state_dict()},
+                   r["state_path"])
+        self.overlap = r["overlap"]
+        generator = torch.Generator().manual_seed(r["seed"])
+        self.x = synthetic_batch(1, r["size"], generator)[0].to(self.device)
+        self.x_check = synthetic_batch(1, r["check_size"], generator)[0].to(self.device)
+        return {"ok": True}
+
+    def run(self, r: dict) -> dict:
+        from benchmarks.timing import time_restorations
+
+        return time_restorations(lambda: self.runner.infer(self.x, r["mode"] == "coic", self.overlap), r["n"],
+                                 self.device)
+
+    @torch.no_grad()
+    def output(self, r: dict) -> dict:
+        z = self.runner.moco.encoder_k(self.runner.resize(self.x_check))[0] if r["mode"] == "coic" else None
+        torch.save(self.runner._forward_image(self.x_check, z).float().cpu(), r["path"])
+        return {"ok": True}
+
+
 def main(argv: Optional[list] = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(description="Worker of benchmarks.benchmark --published: times the published "
                                 "CoIC code for one backbone (run it through benchmarks/benchmark.py).")
-    p.add_argument("--worker_params", required=True, help="JSON file with the case")
-    p.add_argument("--worker_out", required=True, help="JSON file the result is written to")
+    p.add_argument("--worker_params", help="JSON file with the case")
+    p.add_argument("--worker_out", help="JSON file the result is written to")
+    p.add_argument("--serve", action="store_true", help="answer benchmarks.inference's requests on stdin")
     args = p.parse_args(argv)
     # The helpers of benchmarks.timing are needed, but the repository must come after the
     # published checkout on sys.path so that ``models`` is the published package.
     sys.path.append(REPO_ROOT)
+    if args.serve:
+        from benchmarks.serve import serve
+
+        return serve(PublishedServer())
+    if not (args.worker_params and args.worker_out):
+        p.error("--worker_params and --worker_out are required (or --serve)")
     from benchmarks.timing import worker_main
 
     return worker_main(args.worker_params, args.worker_out, measure_published)

@@ -61,6 +61,19 @@ def time_calls(fn: Callable[[int], object], warmup: int, iters: int, device: tor
     return times
 
 
+def time_restorations(fn, n: int, device: torch.device) -> dict:
+    """Wall and CPU seconds of each of ``n`` calls of ``fn``."""
+    wall, cpu = [], []
+    for _ in range(n):
+        synchronize(device)
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        synchronize(device)
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return {"wall": wall, "cpu": cpu}
+
+
 def _proc_status_kib(field: str) -> Optional[int]:
     try:
         with open("/proc/self/status") as f:

@@ -158,8 +158,11 @@ class _SubspaceMerge(nn.Module):
         flat = previous.flatten(2)                                                    # (B,C,N)
         # Least-squares coefficients of every channel in the basis: (V V^T)^-1 V f. solve_ex does not
         # check for singularity (a host-device sync per call on GPUs); a singular Gram matrix gives a
-        # non-finite loss, which the Trainer skips.
-        coeffs = torch.linalg.solve_ex(gram, basis @ flat.transpose(1, 2))[0]      # (B,K,C)
+        # non-finite loss, which the Trainer skips. The solve runs in float32 under autocast (no bf16
+        # or fp16 LU kernel exists, on CPUs or GPUs); in float32 the casts are no-ops.
+        rhs = basis @ flat.transpose(1, 2)
+        with torch.autocast(gram.device.type, enabled=False):
+            coeffs = torch.linalg.solve_ex(gram.float(), rhs.float())[0].to(rhs.dtype)  # (B,K,C)
         projected = (coeffs.transpose(1, 2) @ basis).view_as(previous)
         return x + self.conv_block(torch.cat([x, projected], dim=1), z)
 

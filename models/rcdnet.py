@@ -158,7 +158,9 @@ class _ResidualUnit(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
 
     def forward(self, x: Tensor, z: Optional[Tensor] = None) -> Tensor:
-        hidden = F.relu(self.bn1(self.conv1(x, z)))
+        # In-place activations on fresh results (autograd keeps what it needs): one map less to
+        # allocate and fill per layer, as in the reference.
+        hidden = F.relu(self.bn1(self.conv1(x, z)), inplace=True)
         return self.bn2(self.conv2(hidden, z))
 
 
@@ -176,9 +178,9 @@ class _ProxNet(nn.Module):
 
     def forward(self, x: Tensor, z: Optional[Tensor] = None) -> Tensor:
         for unit in self.units:
-            x = F.relu(x + unit(x, z))
+            x = F.relu(x + unit(x, z), inplace=True)
         if self.tau is not None:
-            x = F.relu(x - self.tau)
+            x = F.relu(x - self.tau, inplace=True)
         return x
 
 

@@ -16,7 +16,7 @@ from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, rem
 from utils.dataset_specs import dataset_spec, find_dataset_folder, split_folder
 from utils.errors import DataError
 from utils.images import list_images, read_image, read_pair, save_image
-from utils.inference import image_code, restore
+from utils.inference import image_code, restore, restore_planned
 from utils.layouts import claims_pairs, find_images, find_pairs
 from utils.metrics import score
 from utils.niqe import NIQEUndefined, niqe
@@ -148,13 +148,13 @@ def _read_item(rain_path: str, clean_path: Optional[str]) -> tuple[torch.Tensor,
     return read_image(rain_path), None
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_path: Optional[str],
              device: torch.device, tile: Optional[int] = None, overlap: int = 32,
              progress: bool = True, protocol: str = "coic", skip_existing: bool = False,
              table_path: Optional[str] = None, desc: str = "test", amp: Optional[torch.dtype] = None,
              memory_format: torch.memory_format = torch.contiguous_format, metrics: Optional[Sequence[str]] = None,
-             niqe_channel: str = "y") -> list[dict]:
+             niqe_channel: str = "y", max_memory: Optional[int] = None) -> list[dict]:
     """Derain each (rain, clean or None) item, save it under ``save_path`` and score it.
 
     ``metrics``: names of ``utils.metrics.METRICS``; PSNR/SSIM are computed where there is a
@@ -167,7 +167,13 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
     whose PNG already exists is not derained again; its scores come from the rows of
     ``table_path`` scored with the same protocol, else from the saved PNG. ``table_path`` is
     also rewritten (atomically) every 50 images, so an interrupted run loses little.
+    ``max_memory`` (bytes; only without ``tile``): each image is restored whole or in the tiles
+    that ``utils.memory.MemoryPlanner`` fits into that budget.
     """
+    from utils.memory import MemoryPlanner
+
+    planner = (MemoryPlanner(model, device, max_memory, overlap, amp, memory_format)
+               if max_memory is not None and tile is None else None)
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
@@ -208,7 +214,10 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
                 xb = x.unsqueeze(0).to(device).contiguous(memory_format=memory_format)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     z = image_code(encoder, xb) if encoder is not None else None
-                    y = restore(model, xb, z, tile=tile, overlap=overlap)
+                    if planner is not None:
+                        y = restore_planned(model, xb, z, planner, overlap, scored=clean is not None)
+                    else:
+                        y = restore(model, xb, z, tile=tile, overlap=overlap)
                 y = y[0].float().cpu()
                 _score(row, wanted, x, y, clean, protocol, niqe_channel, undefined, (rain_path, clean_path))
                 if out_path:

@@ -1,6 +1,7 @@
 """Restoring whole images with any backbone: z once per image, padding, tiling."""
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -9,6 +10,7 @@ from torch import Tensor
 
 from utils.errors import UserError
 from utils.images import resize_square
+from utils.speed import default_tile_batch
 from utils.tiling import pad_to_multiple, tiled_apply
 
 # --amp choices of training and evaluation: the autocast dtype (None: float32).
@@ -16,7 +18,7 @@ AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENCODER_SIZE = 128  # z is computed from the whole image resized to 128 x 128, as the reference test
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def image_code(encoder: nn.Module, x: Tensor) -> Tensor:
     """z (1,dim) of x (1,3,H,W) in [0,1] from the key encoder, on the image resized to 128 x 128."""
     return encoder(resize_square(x, ENCODER_SIZE))
@@ -35,16 +37,19 @@ def effective_tile(model: nn.Module, tile: Optional[int]) -> Optional[int]:
     return own
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def restore(model: nn.Module, x: Tensor, z: Optional[Tensor] = None, tile: Optional[int] = None,
-            overlap: int = 32, tile_batch: int = 4) -> Tensor:
+            overlap: int = 32, tile_batch: Optional[int] = None) -> Tensor:
     """Derain x (1,3,H,W) in [0,1]; returns (1,3,H,W) clamped to [0,1].
 
     The image is padded to the backbone's ``size_multiple``; when it is larger than ``tile``
-    (or the backbone has a fixed ``tile_size``) it is processed in overlapping tiles.
+    (or the backbone has a fixed ``tile_size``) it is processed in overlapping tiles,
+    ``tile_batch`` per forward (default: one on a CPU, four on a GPU).
     """
     multiple = getattr(model, "size_multiple", 1)
     tile = effective_tile(model, tile)
+    if tile_batch is None:
+        tile_batch = default_tile_batch(x.device)
 
     def run(t: Tensor) -> Tensor:
         zz = None if z is None else z.expand(t.shape[0], -1)
@@ -55,4 +60,33 @@ def restore(model: nn.Module, x: Tensor, z: Optional[Tensor] = None, tile: Optio
         y = tiled_apply(run, x, tile, overlap=overlap, batch=tile_batch)
     else:
         y = run(pad_to_multiple(x, multiple))[..., :h, :w]
-    return y.clamp(0, 1)
+    if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        return y.clamp(0, 1)  # a backbone that hands back its input: never overwrite the caller's image
+    return y.clamp_(0, 1)
+
+
+def restore_planned(model: nn.Module, x: Tensor, z: Optional[Tensor], planner, overlap: int = 32,
+                    scored: bool = False) -> Tensor:
+    """``restore`` with the tiles ``planner`` (a ``utils.memory.MemoryPlanner``) chooses for x.
+
+    Running out of GPU memory retries with half the tile batch, then tiles of half the side,
+    and makes the planner's later plans smaller; at the smallest tile the error becomes a
+    ``UserError`` saying what to do.
+    """
+    h, w = x.shape[-2:]
+    plan = planner.plan(h, w, z, scored)
+    planner.announce(plan, h, w)
+    while True:
+        try:
+            return restore(model, x, z, tile=plan.tile, overlap=overlap, tile_batch=plan.batch)
+        except torch.OutOfMemoryError:
+            if x.device.type == "cuda":
+                torch.cuda.empty_cache()
+            smaller = planner.smaller(plan, h, w)
+            if smaller is None:
+                raise UserError(f"out of {x.device.type.upper()} memory even with {plan.describe()}; lower "
+                                "--max_memory, free the device, or run on the CPU") from None
+            planner.shrink *= 0.8
+            logging.getLogger("coic.memory").warning("out of memory with %s; retrying with %s", plan.describe(),
+                                                     smaller.describe())
+            plan = smaller

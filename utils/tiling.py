@@ -62,4 +62,4 @@ def tiled_apply(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: i
         for (i, j), yt in zip(chunk, y):
             out[0, :, i:i + tile, j:j + tile] += yt * weight
             acc[0, :, i:i + tile, j:j + tile] += weight
-    return (out / acc)[..., :h, :w]
+    return out.div_(acc)[..., :h, :w]  # in place: a 12-megapixel output is 144 MB per copy

@@ -1,0 +1,153 @@
+"""The fastest inference setting this machine supports: precision and memory layout.
+
+``recommended_setting(device)`` is what ``test_model.py --recommended`` and the benchmarks use:
+
+- CUDA: bf16 autocast + channels-last (tensor cores);
+- a CPU that computes bf16 natively (AMX or AVX-512 BF16: ``amx_bf16`` / ``avx512_bf16`` in
+  ``/proc/cpuinfo``): bf16 autocast + channels-last, the layout oneDNN's bf16 kernels work in;
+- any other CPU: float32 (without native bf16 instructions autocast converts every operand and
+  computes in float32 anyway), in the memory layout that is faster for the model at hand:
+  channels-last speeds up the dense convolutions of BRN, RCDNet and DGUNet on this project's
+  CPU and slows down the depthwise ones of IDT and DRSformer, so ``faster_layout`` times both.
+
+Every setting runs under ``torch.inference_mode`` (``utils.inference.restore``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+__all__ = ["Setting", "cpu_flags", "native_bf16", "recommended_setting", "cpu_model_name", "inference_setting",
+           "default_tile_batch", "faster_layout"]
+
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """An inference setting: autocast dtype name (None: float32) and memory layout, with the reason."""
+    amp: Optional[str]
+    channels_last: bool
+    reason: str = ""
+
+    @property
+    def label(self) -> str:
+        parts = [self.amp or "fp32"] + (["channels_last"] if self.channels_last else [])
+        return " + ".join(parts)
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The instruction-set flags of the first CPU in ``cpuinfo`` (empty when unreadable)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU model from ``cpuinfo`` (``model name``), else the platform's processor name."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def native_bf16(flags: Optional[set[str]] = None) -> bool:
+    """Whether the CPU has bf16 arithmetic instructions (AMX or AVX-512 BF16)."""
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in NATIVE_BF16_FLAGS)
+
+
+def recommended_setting(device: torch.device, flags: Optional[set[str]] = None, model: Optional[nn.Module] = None,
+                        z: Optional[Tensor] = None) -> Setting:
+    """The inference setting for ``device`` (see the module docstring); ``flags``: CPU flags for tests.
+
+    On a CPU without native bf16, a ``model`` (with the code ``z`` it will run with, or None) is
+    timed in both memory layouts and the faster one is recommended (``faster_layout``).
+    """
+    if device.type == "cuda":
+        return Setting("bf16", True, "CUDA: bf16 autocast on tensor cores, channels-last convolutions")
+    if device.type == "cpu":
+        flags = cpu_flags() if flags is None else flags
+        found = [f for f in NATIVE_BF16_FLAGS if f in flags]
+        if found:
+            return Setting("bf16", True, f"the CPU computes bf16 natively ({', '.join(found)}): bf16 autocast, "
+                                         "channels-last for oneDNN's bf16 kernels")
+        reason = "no native bf16 on this CPU (no amx_bf16/avx512_bf16 flag): float32"
+        if model is None:
+            return Setting(None, False, reason + ", default layout")
+        channels_last, times = faster_layout(model, device, z)
+        return Setting(None, channels_last, reason + f"; {'channels-last' if channels_last else 'default'} layout, "
+                       f"the faster for this model here ({times['contiguous']:.0f} ms default, "
+                       f"{times['channels_last']:.0f} ms channels-last, CPU time of a small input)")
+    return Setting(None, False, f"{device.type}: float32, default layout")
+
+
+def faster_layout(model: nn.Module, device: torch.device, z: Optional[Tensor] = None, side: int = 96,
+                  repeats: int = 3, margin: float = 0.97) -> tuple[bool, dict[str, float]]:
+    """Whether ``model`` runs faster in channels-last than in the default layout on ``device``.
+
+    Times ``model(x, z)`` on a (1,3,side,side) input (the backbone's fixed tile, if it has one),
+    each layout after one warm-up, alternating, best of ``repeats`` (CPU time of the process);
+    channels-last only when it takes less than ``margin`` of the default layout's time.
+    On this project's CPU channels-last is faster for BRN, RCDNet and DGUNet and slower for the
+    depthwise convolutions of IDT and DRSformer (README, Speed), so it is measured, not assumed.
+    Returns (channels_last, ms per layout); the model is left in the default layout.
+    """
+    import time
+
+    multiple = getattr(model, "size_multiple", 1)
+    side = getattr(model, "tile_size", None) or max(multiple, side // multiple * multiple)
+    x = torch.rand(1, 3, side, side, device=device)
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    best = {name: float("inf") for name in formats}
+    with torch.inference_mode():
+        for attempt in range(repeats + 1):
+            for name, fmt in formats.items():
+                model.to(memory_format=fmt)
+                xf = x.contiguous(memory_format=fmt)
+                start = time.process_time()
+                model(xf, z)
+                if attempt:  # the first round is the warm-up
+                    best[name] = min(best[name], 1000 * (time.process_time() - start))
+    model.to(memory_format=torch.contiguous_format)
+    return best["channels_last"] < margin * best["contiguous"], best
+
+
+def inference_setting(amp: str, channels_last: bool, use_recommended: bool, device: torch.device,
+                      model: Optional[nn.Module] = None, z: Optional[Tensor] = None) -> Setting:
+    """The setting a command runs with (``--amp``, ``--channels_last`` or ``--recommended``), logged
+    with this machine's recommendation when the command does not use it (the layout is timed on
+    ``model`` only for ``--recommended``)."""
+    import logging
+
+    rec = recommended_setting(device, model=model if use_recommended else None, z=z)
+    chosen = rec if use_recommended else Setting(None if amp in (None, "off") else amp, channels_last)
+    name = cpu_model_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    message = f"inference setting: {chosen.label} on {name}"
+    if use_recommended or (chosen.amp, chosen.channels_last) == (rec.amp, rec.channels_last):
+        message += f" (the recommended one: {rec.reason})"
+    else:
+        message += f"; recommended here: {rec.label} (--recommended; {rec.reason})"
+    logging.getLogger("coic.speed").info(message)
+    return chosen
+
+
+def default_tile_batch(device: torch.device) -> int:
+    """Tiles per forward: batching fills a GPU, but on a CPU one tile at a time is fastest (IDT at
+    512x512, CPU time: 25 s with 1 tile per forward, 33 s with 4, 64 s with all 25)."""
+    return 1 if device.type == "cpu" else 4
