@@ -33,7 +33,6 @@ import csv
 import datetime
 import functools
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -120,14 +119,9 @@ def device_name(device: torch.device) -> str:
     """The CUDA device's name, or the CPU model from /proc/cpuinfo."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "CPU"
+    from utils.speed import cpu_model_name
+
+    return cpu_model_name()
 
 
 def header_line(device: torch.device, threads: int, warmup: int, iters: int, rounds: int = 1) -> str:
