@@ -203,10 +203,27 @@ def small_demo(tmp_path_factory) -> str:
                            train_size=32, test_size=24)
 
 
-def test_demo_end_to_end_then_killed_and_rerun(tmp_path, small_demo, capsys):
+def _in_process(command) -> int:
+    """Run a printed ``python train_X.py ...`` / ``python test_model.py ...`` step in this process (no
+    interpreter start, no torch import: the first demo run is 8 steps); the rerun below uses subprocesses."""
+    from utils import run
+
+    assert command[0] == "python", command
+    name = os.path.basename(command[1])[:-3]
+    if name.startswith("train_"):
+        return run.main(name[len("train_"):], list(command[2:]))
+    assert name == "test_model", command
+    return test_model.main(list(command[2:]))
+
+
+def test_demo_end_to_end_then_killed_and_rerun(tmp_path, small_demo, capsys, monkeypatch):
+    import utils.reproduce
+
     argv = ["--demo", "--tiny", "--data_root", small_demo, "--runs_root", str(tmp_path / "runs"),
             "--results_root", str(tmp_path / "res")]
-    assert reproduce.main(argv) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(utils.reproduce, "_run_command", _in_process)
+        assert reproduce.main(argv) == 0
     out = capsys.readouterr().out
     runs = [f"BRN_{v}_seed{s}" for v in ("plain", "coic") for s in (0, 1)]
     assert _ran(out) == [t for r in runs for t in (
@@ -226,6 +243,7 @@ def test_demo_end_to_end_then_killed_and_rerun(tmp_path, small_demo, capsys):
     assert "spread (max − min)" in md and "seed-to-seed spread" in md
 
     # Kill: one training lost its final checkpoint (it stopped at iteration 4), one evaluation never finished.
+    # The rerun runs its steps as the real commands, in subprocesses.
     coic1 = tmp_path / "runs" / "demo" / "BRN_coic_seed1"
     os.remove(coic1 / "ckpt_0000006.pth")
     assert (coic1 / "ckpt_0000004.pth").is_file()

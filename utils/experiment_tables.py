@@ -186,10 +186,12 @@ def _seeds_table(exp: Experiment, runs, summaries: dict[str, str]) -> _Table:
                              testset=s, psnr=_fmt(g, 4))
             known = [(g, n) for g, n in zip(gains[:-1], noise[:-1]) if g is not None and n is not None]
             if known:
-                above = sum(abs(g) > n for g, n in known)
-                t.md += ["", f"{backbone}: the mean CoIC gain is larger than the seed-to-seed spread (the larger of "
-                         f"the two models') on {above} of {len(known)} test sets; where it is not, the comparison "
-                         "says nothing at this training length."]
+                better = sum(g > n for g, n in known)
+                worse = sum(-g > n for g, n in known)
+                t.md += ["", f"{backbone}: the difference of the means exceeds the seed-to-seed spread (the larger "
+                         f"of the two models') on {better + worse} of {len(known)} test sets (CoIC better on {better}, "
+                         f"worse on {worse}); elsewhere the two seeds disagree by more than CoIC changes, and the "
+                         "comparison says nothing at this training length."]
     return t
 
 
