@@ -104,7 +104,7 @@ def benchmark_argv(args: argparse.Namespace, save_path: str, data_dir: Optional[
     if args.dry_run:
         argv += ["--tiny", "--iters", "1", "--warmup", "0", "--infer_size", "32", "--device", "cpu", "--threads", "1"]
     else:
-        argv += ["--iters", str(args.iters), "--warmup", str(args.warmup), "--infer_size", "512"]
+        argv += ["--iters", str(args.iters), "--warmup", str(args.warmup), "--infer_size", "512", "--case_timeout", "150"]
     if args.published:
         argv += ["--published", args.published]
     if data_dir:

@@ -7,8 +7,9 @@
     python -m benchmarks.benchmark --tiny --iters 1 --warmup 0 --infer_size 64   # smoke run, tiny models
 
 For each backbone of the registry (``models.available_models()``; reference hyper-parameters;
-batch/crop from its recipe, ``--small``, or ``--batch_size/--crop_size``) and each precision setting (``fp32``; ``recommended`` = bf16
-autocast + channels_last on CUDA, which is plain fp32 on a CPU and then measured once):
+batch/crop from its recipe, ``--small``, or ``--batch_size/--crop_size``) and each precision setting (``fp32``;
+``recommended`` = ``utils.speed.recommended_setting``: bf16 autocast + channels_last on CUDA and on
+CPUs with native bf16, plain fp32 on other CPUs, then measured once):
 
 - training images/s of the real ``Trainer.train_step`` in stage 1 (no z) and in the CoIC stage
   (negatives, MoCo, modulated backbone, two optimizers), fed random in-memory batches: the
@@ -82,17 +83,17 @@ class Precision:
 
 
 def resolve_setting(name: str, device: torch.device) -> Precision:
-    """``fp32``, or ``recommended``: bf16 autocast + channels_last on CUDA, fp32 on a CPU.
+    """``fp32``, or ``recommended``: ``utils.speed.recommended_setting`` (bf16 autocast + channels_last
+    on CUDA and on CPUs with native bf16; fp32 on other CPUs, measured once with fp32)."""
+    from utils.speed import recommended_setting
 
-    On the CPU bf16 autocast and channels_last are slower than fp32 for these networks (see
-    README), so the recommendation there is plain fp32.
-    """
     if name == "fp32":
         return Precision("fp32", None, False)
     if name == "recommended":
-        if device.type == "cuda":
-            return Precision("recommended (bf16 + channels_last)", "bf16", True)
-        return Precision("recommended (= fp32 on CPU)", None, False)
+        rec = recommended_setting(device)
+        if rec.amp is None and not rec.channels_last:
+            return Precision(f"recommended (= fp32 on {device.type.upper()})", None, False)
+        return Precision(f"recommended ({rec.label})", rec.amp, rec.channels_last)
     raise BenchmarkError(f"unknown setting {name!r}; choose fp32 or recommended")
 
 
@@ -117,11 +118,9 @@ def _measure_ours_params(params: dict) -> dict:
 # --------------------------------------------------------------------------- report
 def device_name(device: torch.device) -> str:
     """The CUDA device's name, or the CPU model from /proc/cpuinfo."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
     from utils.speed import cpu_model_name
 
-    return cpu_model_name()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name()
 
 
 def header_line(device: torch.device, threads: int, warmup: int, iters: int, rounds: int = 1) -> str:
@@ -230,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=available_models(), metavar="NAME",
                    help=f"backbones to measure ({', '.join(available_models())})")
     p.add_argument("--settings", nargs="+", default=["fp32", "recommended"], choices=["fp32", "recommended"],
-                   help="precision settings; recommended = bf16 autocast + channels_last on CUDA, fp32 on a CPU")
+                   help="precision settings; recommended = bf16 autocast + channels_last on CUDA and on CPUs with "
+                        "native bf16, fp32 on other CPUs")
     p.add_argument("--batch_size", type=int, default=None,
                    help="training batch size for every backbone (default: each recipe's, or 2 with --small)")
     p.add_argument("--crop_size", type=int, default=None,

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from utils import memory
 from utils.errors import UserError
-from utils.inference import restore, restore_planned
+from utils.inference import restore
 from utils.memory import (GiB, MiB, LiveTensorBytes, MemoryPlanner, TilePlan, forward_peak_bytes, parse_size)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,7 +163,7 @@ def test_out_of_memory_retries_with_smaller_tiles(fixed_usage, caplog):
     x = torch.rand(1, 3, 96, 128)
     planner = _planner(4 * GiB, model)
     with caplog.at_level(logging.WARNING, logger="coic.memory"):
-        y = restore_planned(model, x, None, planner, overlap=8)
+        y = restore(model, x, None, overlap=8, planner=planner)
     # (after the planner's 64x64 probe) the whole image fails, then tiles of half its longer side fit
     restored = model.sizes[model.sizes.index((96, 128)):]
     assert restored[0] == (96, 128) and set(restored[1:]) == {(64, 64)} and len(restored) == 1 + 2 * 3
@@ -173,7 +173,7 @@ def test_out_of_memory_retries_with_smaller_tiles(fixed_usage, caplog):
     assert "out of memory with whole image" in caplog.text and "retrying with tiles of 64x64" in caplog.text
     assert planner.shrink < 1.0  # later images are planned smaller
     with pytest.raises(UserError, match="out of CPU memory even with tiles of 64x64"):
-        restore_planned(OutOfMemoryAbove(limit=10).eval(), x, None, _planner(4 * GiB), overlap=8)
+        restore(OutOfMemoryAbove(limit=10).eval(), x, None, overlap=8, planner=_planner(4 * GiB))
 
 
 def test_evaluate_plans_per_image_and_says_so(tmp_path, fixed_usage, monkeypatch, caplog):
@@ -234,3 +234,19 @@ def test_test_model_peak_rss_stays_within_the_budget(tmp_path):
     assert result["rc"] == 0 and "600x450 image: tiles of" in proc.stderr, proc.stderr[-2000:]
     assert result["peak"] <= result["budget"], (result, proc.stderr[-1000:])
     assert os.path.isfile(tmp_path / "out" / "p.png")
+
+
+@pytest.mark.parametrize("strip", [1, 37, 10 ** 6])
+def test_matlab_ssim_in_strips_matches_scikit_image(monkeypatch, strip):
+    """Scoring a large pair in bounded memory: the SSIM map in strips of rows (one row, 37 pixels
+    rounded to rows, all at once) is scikit-image's SSIM of the same Y images."""
+    import numpy as np
+
+    from test_protocols import _skimage_ssim, _uint8_image, _y8_numpy
+    from utils import metrics
+
+    monkeypatch.setattr(metrics, "SSIM_STRIP_PIXELS", strip)
+    rng = np.random.default_rng(3)
+    x = _uint8_image(rng, 45, 52)
+    y = (x + 0.08 * torch.from_numpy(rng.standard_normal(x.shape)).float()).clamp(0, 1)
+    assert metrics.matlab_ssim(x, y) == pytest.approx(_skimage_ssim(_y8_numpy(x), _y8_numpy(y)), abs=1e-10)

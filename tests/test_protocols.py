@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import test_model
-from utils import evaluation, inference
+from utils import evaluation
 from datasets import dataset_spec, find_pairs, read_image, read_pair, save_image
 from models import build_encoder, build_model
 from test_real_datasets import build_real_tree
@@ -210,7 +210,6 @@ def test_skip_existing_reuses_images_and_scores(setup, tmp_path, monkeypatch):
         raise AssertionError("an existing image was derained again")
 
     monkeypatch.setattr(evaluation, "restore", no_model)
-    monkeypatch.setattr(inference, "restore", no_model)
     assert _run(ckpt, root, out, "--metric_protocol", "matlab", "--skip_existing") == 0
     assert _csv(os.path.join(out, "summary.csv")) == first
     # without a results file the scores come from the saved PNGs: identical under the matlab protocol
@@ -224,7 +223,6 @@ def test_skip_existing_reuses_images_and_scores(setup, tmp_path, monkeypatch):
     real_restore = evaluation.restore
     counting = lambda *a, **k: calls.append(1) or real_restore(*a, **k)  # noqa: E731
     monkeypatch.setattr(evaluation, "restore", counting)
-    monkeypatch.setattr(inference, "restore", counting)  # what the memory-budget tiling calls
     assert _run(ckpt, root, out, "--metric_protocol", "matlab", "--skip_existing") == 0
     assert len(calls) == 1 and os.path.isfile(os.path.join(out, "SPA", "000.png"))
     assert _csv(os.path.join(out, "summary.csv")) == first

@@ -39,17 +39,14 @@ def setup(tmp_path_factory):
     return str(root), ckpt
 
 
-def _smooth(model, x, z=None, tile=None, overlap=32, tile_batch=4):
+def _smooth(model, x, z=None, **tiling):
     """A stand-in derainer (3 x 3 box blur): outputs with texture, whatever the untrained model does."""
     return torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
 
 
 @pytest.fixture
 def derain_by_blur(monkeypatch):
-    import utils.inference
-
     monkeypatch.setattr(evaluation, "restore", _smooth)
-    monkeypatch.setattr(utils.inference, "restore", _smooth)  # what the memory-budget tiling calls
 
 
 def _csv(path):

@@ -16,7 +16,7 @@ from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, rem
 from utils.dataset_specs import dataset_spec, find_dataset_folder, split_folder
 from utils.errors import DataError
 from utils.images import list_images, read_image, read_pair, save_image
-from utils.inference import image_code, restore, restore_planned
+from utils.inference import image_code, restore
 from utils.layouts import claims_pairs, find_images, find_pairs
 from utils.metrics import score
 from utils.niqe import NIQEUndefined, niqe
@@ -214,10 +214,7 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
                 xb = x.unsqueeze(0).to(device).contiguous(memory_format=memory_format)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     z = image_code(encoder, xb) if encoder is not None else None
-                    if planner is not None:
-                        y = restore_planned(model, xb, z, planner, overlap, scored=clean is not None)
-                    else:
-                        y = restore(model, xb, z, tile=tile, overlap=overlap)
+                    y = restore(model, xb, z, tile=tile, overlap=overlap, planner=planner, scored=clean is not None)
                 y = y[0].float().cpu()
                 _score(row, wanted, x, y, clean, protocol, niqe_channel, undefined, (rain_path, clean_path))
                 if out_path:

@@ -39,13 +39,41 @@ def effective_tile(model: nn.Module, tile: Optional[int]) -> Optional[int]:
 
 @torch.inference_mode()
 def restore(model: nn.Module, x: Tensor, z: Optional[Tensor] = None, tile: Optional[int] = None,
-            overlap: int = 32, tile_batch: Optional[int] = None) -> Tensor:
+            overlap: int = 32, tile_batch: Optional[int] = None, planner=None, scored: bool = False) -> Tensor:
     """Derain x (1,3,H,W) in [0,1]; returns (1,3,H,W) clamped to [0,1].
 
     The image is padded to the backbone's ``size_multiple``; when it is larger than ``tile``
     (or the backbone has a fixed ``tile_size``) it is processed in overlapping tiles,
     ``tile_batch`` per forward (default: one on a CPU, four on a GPU).
+
+    ``planner`` (a ``utils.memory.MemoryPlanner``, used when ``tile`` is None) chooses the tiles
+    and batch for x (``scored``: ground truth will be scored too). Running out of GPU memory then
+    retries with half the tile batch, then tiles of half the side, and makes the planner's later
+    plans smaller; at the smallest tile the error becomes a ``UserError`` saying what to do.
     """
+    if planner is None or tile is not None:
+        return _restore(model, x, z, tile, overlap, tile_batch)
+    h, w = x.shape[-2:]
+    plan = planner.plan(h, w, z, scored)
+    planner.announce(plan, h, w)
+    while True:
+        try:
+            return _restore(model, x, z, plan.tile, overlap, plan.batch)
+        except torch.OutOfMemoryError:
+            if x.device.type == "cuda":
+                torch.cuda.empty_cache()
+            smaller = planner.smaller(plan, h, w)
+            if smaller is None:
+                raise UserError(f"out of {x.device.type.upper()} memory even with {plan.describe()}; lower "
+                                "--max_memory, free the device, or run on the CPU") from None
+            planner.shrink *= 0.8
+            logging.getLogger("coic.memory").warning("out of memory with %s; retrying with %s", plan.describe(),
+                                                     smaller.describe())
+            plan = smaller
+
+
+def _restore(model: nn.Module, x: Tensor, z: Optional[Tensor], tile: Optional[int], overlap: int,
+             tile_batch: Optional[int]) -> Tensor:
     multiple = getattr(model, "size_multiple", 1)
     tile = effective_tile(model, tile)
     if tile_batch is None:
@@ -63,30 +91,3 @@ def restore(model: nn.Module, x: Tensor, z: Optional[Tensor] = None, tile: Optio
     if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
         return y.clamp(0, 1)  # a backbone that hands back its input: never overwrite the caller's image
     return y.clamp_(0, 1)
-
-
-def restore_planned(model: nn.Module, x: Tensor, z: Optional[Tensor], planner, overlap: int = 32,
-                    scored: bool = False) -> Tensor:
-    """``restore`` with the tiles ``planner`` (a ``utils.memory.MemoryPlanner``) chooses for x.
-
-    Running out of GPU memory retries with half the tile batch, then tiles of half the side,
-    and makes the planner's later plans smaller; at the smallest tile the error becomes a
-    ``UserError`` saying what to do.
-    """
-    h, w = x.shape[-2:]
-    plan = planner.plan(h, w, z, scored)
-    planner.announce(plan, h, w)
-    while True:
-        try:
-            return restore(model, x, z, tile=plan.tile, overlap=overlap, tile_batch=plan.batch)
-        except torch.OutOfMemoryError:
-            if x.device.type == "cuda":
-                torch.cuda.empty_cache()
-            smaller = planner.smaller(plan, h, w)
-            if smaller is None:
-                raise UserError(f"out of {x.device.type.upper()} memory even with {plan.describe()}; lower "
-                                "--max_memory, free the device, or run on the CPU") from None
-            planner.shrink *= 0.8
-            logging.getLogger("coic.memory").warning("out of memory with %s; retrying with %s", plan.describe(),
-                                                     smaller.describe())
-            plan = smaller

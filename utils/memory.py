@@ -49,7 +49,7 @@ RESERVE = 64 * MiB   # heap growth between images
 # be written; scoring against ground truth adds the clean image and float64 metric maps. GPU:
 # the input, a padded copy, the output and weights.
 IMAGE_BYTES_PER_PIXEL = {"cpu": 100, "cuda": 40}
-SCORING_BYTES_PER_PIXEL = 100
+SCORING_BYTES_PER_PIXEL = 130
 MAX_TILE_BATCH = 16
 PROBE_SIDES = (64, 192)
 

@@ -142,17 +142,31 @@ def matlab_y_double(img: Tensor) -> Tensor:
     return _matlab_y(quantize_uint8(_check_batch(img)) / 255.0, 16.0 / 255.0)
 
 
+# Output pixels of the SSIM map computed at once: the float64 11x11 filters run through im2col
+# (121 values per pixel), ~1 KB per pixel in one go, 12 GB for a 12-megapixel pair.
+SSIM_STRIP_PIXELS = 2 ** 18
+
+
 def _ssim_valid(x: Tensor, y: Tensor, c1: float, c2: float) -> Tensor:
-    """(B,) mean SSIM map of (B,1,H,W) images: 11x11 Gaussian σ=1.5, 'valid' filtering."""
+    """(B,) mean SSIM map of (B,1,H,W) images: 11x11 Gaussian σ=1.5, 'valid' filtering.
+
+    The map is computed in strips of whole rows (each output pixel sees the same 11x11 inputs
+    as in one pass), so a large image needs memory for a strip, not for the whole filter bank.
+    """
     if min(x.shape[-2:]) < 11:
         raise ValueError(f"SSIM needs images of at least 11x11 pixels after downsampling, got {tuple(x.shape[-2:])}")
     w = gaussian_window(11, 1.5, torch.float64).to(x.device)[None, None]
-    mu_x, mu_y = F.conv2d(x, w), F.conv2d(y, w)
-    var_x = F.conv2d(x * x, w) - mu_x ** 2
-    var_y = F.conv2d(y * y, w) - mu_y ** 2
-    cov = F.conv2d(x * y, w) - mu_x * mu_y
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return s.flatten(1).mean(1)
+    rows = x.shape[-2] - 10
+    step = max(1, SSIM_STRIP_PIXELS // x.shape[-1])
+    strips = []
+    for top in range(0, rows, step):
+        xs, ys = x[..., top:top + step + 10, :], y[..., top:top + step + 10, :]
+        mu_x, mu_y = F.conv2d(xs, w), F.conv2d(ys, w)
+        var_x = F.conv2d(xs * xs, w) - mu_x ** 2
+        var_y = F.conv2d(ys * ys, w) - mu_y ** 2
+        cov = F.conv2d(xs * ys, w) - mu_x * mu_y
+        strips.append(((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2)))
+    return torch.cat(strips, dim=-2).flatten(1).mean(1)
 
 
 def _psnr_from(x: Tensor, y: Tensor, peak: float) -> Tensor:

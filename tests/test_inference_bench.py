@@ -1,0 +1,79 @@
+"""benchmarks/inference.py: settings, the table's ratios, the layout timing, and a tiny end-to-end run."""
+import json
+import time
+
+import torch
+import torch.nn as nn
+
+from benchmarks import inference
+from utils.speed import faster_layout
+
+
+def test_settings_measured_once(monkeypatch):
+    import utils.speed
+
+    monkeypatch.setattr(utils.speed, "cpu_flags", lambda cpuinfo="": {"avx2"})
+    measured, aliases = inference.resolve_settings(["fp32", "recommended", "channels_last"], torch.device("cpu"))
+    # no native bf16: the recommended layout is timed per backbone (auto)
+    assert measured == [("fp32", None, False, False), ("recommended", None, False, True),
+                        ("channels_last", None, True, False)] and aliases == {}
+    monkeypatch.setattr(utils.speed, "cpu_flags", lambda cpuinfo="": {"amx_bf16"})
+    measured, aliases = inference.resolve_settings(["fp32", "recommended", "bf16_channels_last"], torch.device("cpu"))
+    assert measured == [("fp32", None, False, False), ("recommended", "bf16", True, False)]
+    assert aliases == {"bf16_channels_last": "recommended"}
+
+
+def test_table_ratios_by_hand():
+    ms = {"published": {"plain": {"wall": 100.0, "cpu": 80.0}, "coic": {"wall": 120.0, "cpu": 100.0}},
+          "fp32": {"plain": {"wall": 90.0, "cpu": 72.0}, "coic": {"wall": 130.0, "cpu": 110.0}},
+          "recommended": {"plain": {"wall": 50.0, "cpu": 40.0}, "coic": {"wall": 60.0, "cpu": 50.0}}}
+    results = {"X": {"ms": ms, "diffs": {"published_plain": 1e-7, "published_coic": 2e-7}, "aliases": {},
+                     "recommended": {"label": "bf16 + channels_last", "reason": "r"}}}
+    plain, coic = inference.table_rows(results, ["fp32", "recommended"], {}, published=True)
+    assert plain["recommended_setting"] == "bf16 + channels_last"
+    assert (plain["fp32_ratio_wall"], plain["fp32_ratio_cpu"]) == (0.9, 0.9)
+    assert (plain["recommended_speedup"], plain["recommended_speedup_cpu"]) == (2.0, 2.0)
+    assert coic["fp32_ratio_wall"] == 130.0 / 120.0 and coic["recommended_speedup"] == 2.0
+    assert coic["max_diff_published"] == 2e-7 and coic["ours_recommended_ms"] == 60.0
+    # the recommended setting measured as fp32 (an alias): its numbers are fp32's
+    results["X"]["aliases"] = {"recommended": "fp32"}
+    plain, _ = inference.table_rows(results, ["fp32", "recommended"], {}, published=True)
+    assert plain["ours_recommended_ms"] == 90.0 and plain["recommended_speedup"] == 100.0 / 90.0
+
+
+class _Burner(nn.Module):
+    """Burns more CPU time in the layout it dislikes."""
+
+    def __init__(self, slow_channels_last: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.slow_channels_last = slow_channels_last
+
+    def forward(self, x, z=None):
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        end = time.process_time() + (0.03 if cl == self.slow_channels_last else 0.005)
+        while time.process_time() < end:
+            pass
+        return self.conv(x)
+
+
+def test_faster_layout_times_both_and_restores_the_default():
+    for slow_cl in (True, False):
+        model = _Burner(slow_cl)
+        channels_last, ms = faster_layout(model, torch.device("cpu"), side=16, repeats=2)
+        assert channels_last is (not slow_cl)
+        assert ms["channels_last" if slow_cl else "contiguous"] > 25 > 10 > ms["contiguous" if slow_cl else
+                                                                              "channels_last"]
+        assert model.conv.weight.is_contiguous()
+
+
+def test_tiny_run_writes_the_table(tmp_path):
+    out = tmp_path / "res"
+    assert inference.main(["--models", "BRN", "--size", "32", "--rounds", "1", "--warmup", "0", "--settings",
+                           "fp32", "--conv_size", "16", "--save_path", str(out)]) == 0
+    report = json.loads((out / "inference.json").read_text())
+    assert [(r["backbone"], r["mode"]) for r in report["rows"]] == [("BRN", "plain"), ("BRN", "CoIC")]
+    assert all(r["ours_fp32_ms"] > 0 for r in report["rows"])
+    assert report["conv"][0]["backbone"] == "BRN" and report["conv"][0]["ratio"] > 0
+    md = (out / "inference.md").read_text()
+    assert "| BRN | plain |" in md and "modulated ÷ plain" in md
