@@ -1,6 +1,5 @@
 """benchmarks/large_photo.py: the real test_model.py run it measures, its stop after K forwards, and
 the extrapolation and table it reports (checked against arithmetic done by hand)."""
-import os
 
 import pytest
 import torch
