@@ -2,7 +2,7 @@
 
 Each backbone, in the reference configuration with CoIC (model + encoder; random weights, since
 memory and time do not depend on the values), is saved to a checkpoint and run through an
-ordinary ``test_model.main(["--load_mode", "tran", "--max_memory", BUDGET, ...])`` on one
+ordinary ``test_model.py --load_mode tran --max_memory BUDGET ...`` run (the script, in-process) on one
 synthetic rainy photo, in a fresh process per backbone, so that the kernel's high-water mark of
 resident memory (``VmHWM``) is that run's own peak. The report gives the tile plan
 ``test_model.py`` chose with its estimate, the measured peak against the budget, and the seconds.
@@ -81,9 +81,10 @@ def prepare(model_name: str, path: str, seed: int) -> None:
 
 def measure(request: dict) -> dict:
     """Run ``test_model.main`` on the photo folder in this process, timing each backbone forward."""
+    import runpy
+
     import torch
 
-    import test_model
     import utils.inference
     from utils import memory
     from utils.tiling import _starts
@@ -120,13 +121,16 @@ def measure(request: dict) -> dict:
         return real_tiled(timed, x, tile, overlap=overlap, batch=batch)
 
     memory.MemoryPlanner.plan, utils.inference.tiled_apply = plan, tiled
-    stopped = False
-    try:
-        rc = test_model.main(["--test_model", request["checkpoint"], "--model_name", request["model"],
-                              "--load_mode", "tran", "--test_dir", request["photos"],
-                              "--save_path", request["out"], "--max_memory", request["max_memory"]])
+    stopped, rc = False, 0
+    sys.argv = ["test_model.py", "--test_model", request["checkpoint"], "--model_name", request["model"],
+                "--load_mode", "tran", "--test_dir", request["photos"], "--save_path", request["out"],
+                "--max_memory", request["max_memory"]]
+    try:  # the script itself, as `python test_model.py ...` runs it (with the two hooks above)
+        runpy.run_path(os.path.join(ROOT, "test_model.py"), run_name="__main__")
+    except SystemExit as done:
+        rc = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except _Enough:
-        rc, stopped = 0, True
+        stopped = True
     return {"model": request["model"], "rc": rc, "stopped": stopped, "seconds": time.perf_counter() - started,
             "forwards": forwards, "cpu_forwards": cpu, "total_forwards": counts[0] if counts else 1, "plans": plans,
             "to_first_forward": first_forward[0] if first_forward else None, "peak_mib": peak_rss_mib()}
