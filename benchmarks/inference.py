@@ -104,23 +104,33 @@ class OursServer:
         generator = torch.Generator().manual_seed(r["seed"])
         self.x = synthetic_batch(1, r["size"], generator)[0]
         self.x_check = synthetic_batch(1, r["check_size"], generator)[0]
-        amp, channels_last, reason = r["amp"], r["channels_last"], ""
-        if r.get("auto"):  # the recommended setting, its layout timed on this model (modulated)
+        amp, layouts, reasons = r["amp"], {m: r["channels_last"] for m in MODES}, {m: "" for m in MODES}
+        if r.get("auto"):  # the recommended setting, its layout timed on this model in each mode
             from utils.inference import image_code
             from utils.speed import recommended_setting
 
-            rec = recommended_setting(self.device, model=model, z=image_code(encoder, self.x_check.to(self.device)))
-            amp, channels_last, reason = rec.amp, rec.channels_last, rec.reason
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.to(memory_format=self.memory_format)
-        self.encoder = encoder.to(memory_format=self.memory_format)
+            code = image_code(encoder, self.x_check.to(self.device))
+            for mode in MODES:  # the faster layout can differ: IDT's modulated convs prefer channels-last
+                rec = recommended_setting(self.device, model=model, z=code if mode == "coic" else None)
+                amp, layouts[mode], reasons[mode] = rec.amp, rec.channels_last, rec.reason
+        self.formats = {m: torch.channels_last if cl else torch.contiguous_format for m, cl in layouts.items()}
+        self.model, self.encoder, self.layout = model, encoder, None
         self.amp, self.overlap = amp, r["overlap"]
-        return {"amp": amp, "channels_last": channels_last, "reason": reason}
+        return {"amp": amp, "channels_last": [layouts[m] for m in MODES], "reason": [reasons[m] for m in MODES]}
+
+    def _layout(self, mode: str):
+        """Put the model and encoder in ``mode``'s layout (a no-op when they are in it already)."""
+        fmt = self.formats[mode]
+        if self.layout is not fmt:
+            self.model.to(memory_format=fmt)
+            self.encoder.to(memory_format=fmt)
+            self.layout = fmt
+        return fmt
 
     def _restore(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         from utils.inference import image_code, restore
 
-        x = x.to(self.device).contiguous(memory_format=self.memory_format)
+        x = x.to(self.device).contiguous(memory_format=self._layout(mode))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp == "bf16"):
             z = image_code(self.encoder, x) if mode == "coic" else None
             return restore(self.model, x, z, overlap=self.overlap).float()
@@ -128,12 +138,13 @@ class OursServer:
     def run(self, r: dict) -> dict:
         from benchmarks.timing import time_restorations
 
+        self._layout(r["mode"])  # outside the timed restorations
         return time_restorations(lambda: self._restore(self.x, r["mode"]), r["n"], self.device)
 
     def output(self, r: dict) -> dict:
         from utils.inference import image_code
 
-        x = self.x_check.to(self.device).contiguous(memory_format=self.memory_format)
+        x = self.x_check.to(self.device).contiguous(memory_format=self._layout(r["mode"]))
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                     enabled=self.amp == "bf16"):
             z = image_code(self.encoder, x) if r["mode"] == "coic" else None
@@ -162,11 +173,12 @@ def measure_backbone(name: str, args: argparse.Namespace, settings: list, device
             w = Worker(f"ours {label}", [os.path.abspath(__file__), "--serve"], cwd=REPO_ROOT)
             workers[label] = w
             got = w.call("setup", amp=amp, channels_last=channels_last, auto=auto, state_path=state_path, **common)
-            key = (got["amp"], got["channels_last"])
+            key = (got["amp"], tuple(got["channels_last"]))
             if auto:
                 from utils.speed import Setting
 
-                recommended = {"label": Setting(*key).label, "reason": got["reason"]}
+                recommended = {m: {"label": Setting(got["amp"], cl).label, "reason": why}
+                               for m, cl, why in zip(MODES, got["channels_last"], got["reason"])}
             if key in chosen:  # the same setting as one measured already: measure it once
                 aliases[label] = chosen[key]
                 workers.pop(label).close()
@@ -261,7 +273,7 @@ def table_rows(results: dict, labels: Sequence[str], aliases: dict, published: b
             ms = res["ms"]
             row = {"backbone": name, "mode": "CoIC" if mode == "coic" else "plain"}
             if res.get("recommended"):
-                row["recommended_setting"] = res["recommended"]["label"]
+                row["recommended_setting"] = res["recommended"][mode]["label"]
             for label in labels:
                 row[f"ours_{label}_ms"] = ms[same.get(label, label)][mode]["wall"]
             ours = ms["fp32"][mode]
@@ -401,8 +413,8 @@ def run(args: argparse.Namespace) -> dict:
               f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} | {args.size}x{args.size} image, median of "
               f"{args.rounds} alternating rounds after {args.warmup} warm-up")
     notes = [f"recommended here: {rec.label} ({rec.reason})" if not any(a for *_, a in settings) else
-             "recommended here: " + "; ".join(f"{n}: {r['recommended']['label']} ({r['recommended']['reason']})"
-                                                for n, r in results.items() if r.get("recommended")),
+             "recommended here: " + "; ".join(f"{n} {m}: {r['recommended'][m]['label']} ({r['recommended'][m]['reason']})"
+                                                for n, r in results.items() if r.get("recommended") for m in MODES),
              "ms: wall clock per image (z from the key encoder included in CoIC mode); the CPU-time ratio leaves "
              "out the time a process waited for a core on a shared machine",
              "max abs diff: backbone outputs (not clamped) on the same tile-sized input and weights"]

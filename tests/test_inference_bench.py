@@ -28,9 +28,10 @@ def test_table_ratios_by_hand():
           "fp32": {"plain": {"wall": 90.0, "cpu": 72.0}, "coic": {"wall": 130.0, "cpu": 110.0}},
           "recommended": {"plain": {"wall": 50.0, "cpu": 40.0}, "coic": {"wall": 60.0, "cpu": 50.0}}}
     results = {"X": {"ms": ms, "diffs": {"published_plain": 1e-7, "published_coic": 2e-7}, "aliases": {},
-                     "recommended": {"label": "bf16 + channels_last", "reason": "r"}}}
+                     "recommended": {"plain": {"label": "bf16 + channels_last", "reason": "r"},
+                                     "coic": {"label": "bf16", "reason": "r"}}}}
     plain, coic = inference.table_rows(results, ["fp32", "recommended"], {}, published=True)
-    assert plain["recommended_setting"] == "bf16 + channels_last"
+    assert plain["recommended_setting"] == "bf16 + channels_last" and coic["recommended_setting"] == "bf16"
     assert (plain["fp32_ratio_wall"], plain["fp32_ratio_cpu"]) == (0.9, 0.9)
     assert (plain["recommended_speedup"], plain["recommended_speedup_cpu"]) == (2.0, 2.0)
     assert coic["fp32_ratio_wall"] == 130.0 / 120.0 and coic["recommended_speedup"] == 2.0
@@ -77,3 +78,28 @@ def test_tiny_run_writes_the_table(tmp_path):
     assert report["conv"][0]["backbone"] == "BRN" and report["conv"][0]["ratio"] > 0
     md = (out / "inference.md").read_text()
     assert "| BRN | plain |" in md and "modulated ÷ plain" in md
+
+
+def test_recommended_layout_is_chosen_per_mode(monkeypatch):
+    """IDT's modulated convolutions prefer channels-last where its plain ones do not: the worker of the
+    recommended setting times (here: is told) each mode's layout and runs each mode in its own."""
+    import utils.speed
+    from utils.speed import Setting
+
+    asked = []
+
+    def fake(device, model=None, z=None, flags=None):
+        asked.append(z is not None)
+        return Setting(None, z is not None, "coic prefers channels-last" if z is not None else "plain: default")
+
+    monkeypatch.setattr(utils.speed, "recommended_setting", fake)
+    server = inference.OursServer()
+    got = server.setup({"model": "BRN", "size": 24, "threads": 1, "device": "cpu", "seed": 0, "overlap": 8,
+                        "check_size": 24, "amp": None, "channels_last": False, "auto": True})
+    assert sorted(asked) == [False, True]
+    assert got["channels_last"] == [False, True] and got["reason"] == ["plain: default", "coic prefers channels-last"]
+    conv = next(m for m in server.model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.dim() == 4)
+    for mode, cl in (("coic", True), ("plain", False), ("coic", True)):
+        server.run({"mode": mode, "n": 1})
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) is cl
+        assert conv.weight.is_contiguous() is (not cl)
