@@ -87,7 +87,7 @@ def measure(request: dict) -> dict:
 
     import utils.inference
     from utils import memory
-    from utils.tiling import _starts
+    from utils.tiling import tile_boxes
 
     torch.set_num_threads(request["threads"])
     limit, forwards, cpu, plans, counts = request["max_forwards"], [], [], [], []
@@ -102,10 +102,7 @@ def measure(request: dict) -> dict:
         return p
 
     def tiled(fn, x, tile, overlap=32, batch=4):
-        stride = tile - overlap
-        h, w = x.shape[-2:]
-        tiles = len(_starts(max(h, tile), tile, stride)) * len(_starts(max(w, tile), tile, stride))
-        counts.append(-(-tiles // batch))
+        counts.append(-(-len(tile_boxes(*x.shape[-2:], tile, overlap)) // batch))
 
         def timed(t):
             if not first_forward:

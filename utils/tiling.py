@@ -25,6 +25,12 @@ def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     return pad_to(x, math.ceil(h / multiple) * multiple, math.ceil(w / multiple) * multiple)
 
 
+def tile_boxes(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """(top, left) of every tile ``tiled_apply`` runs on a (height, width) input, in its order."""
+    h, w, stride = max(height, tile), max(width, tile), tile - overlap
+    return [(i, j) for i in _starts(h, tile, stride) for j in _starts(w, tile, stride)]
+
+
 def _starts(size: int, tile: int, stride: int) -> list[int]:
     if size <= tile:
         return [0]
@@ -49,8 +55,7 @@ def tiled_apply(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: i
     h, w = x.shape[-2:]
     xp = pad_to(x, max(h, tile), max(w, tile))
     H, W = xp.shape[-2:]
-    stride = tile - overlap
-    boxes = [(i, j) for i in _starts(H, tile, stride) for j in _starts(W, tile, stride)]
+    boxes = tile_boxes(H, W, tile, overlap)
     weight = blend_weights(tile, x.device, x.dtype)
     out = acc = None
     for k in range(0, len(boxes), batch):
