@@ -101,7 +101,7 @@ def measure(request: dict) -> dict:
                       "budget_mib": self.budget / 2 ** 20})
         return p
 
-    def tiled(fn, x, tile, overlap=32, batch=4):
+    def tiled(fn, x, tile, overlap=32, batch=4, **options):
         counts.append(-(-len(tile_boxes(*x.shape[-2:], tile, overlap)) // batch))
 
         def timed(t):
@@ -115,7 +115,7 @@ def measure(request: dict) -> dict:
                 raise _Enough
             return y
 
-        return real_tiled(timed, x, tile, overlap=overlap, batch=batch)
+        return real_tiled(timed, x, tile, overlap=overlap, batch=batch, **options)
 
     memory.MemoryPlanner.plan, utils.inference.tiled_apply = plan, tiled
     stopped, rc = False, 0

@@ -59,3 +59,14 @@ def test_window_is_centre_heavy_and_positive():
     assert float(wts[3:5, 3:5].min()) > float(wts[0].max())
     with pytest.raises(UserError, match="--tile_overlap"):
         tiled_apply(_tile_constant, _position_image(40, 40), tile=16, overlap=16)
+
+
+def test_bar_of_tiles_only_for_many_forwards(capsys):
+    from utils.tiling import PROGRESS_MIN_FORWARDS
+
+    x = torch.rand(1, 3, 16, 16 * PROGRESS_MIN_FORWARDS)  # tiles of 16 without overlap: one per forward
+    tiled_apply(lambda t: t, x, tile=16, overlap=0, batch=1, progress=True)
+    assert f"/{PROGRESS_MIN_FORWARDS}" in capsys.readouterr().err  # "n/16 forward" on the bar
+    tiled_apply(lambda t: t, x, tile=16, overlap=0, batch=2, progress=True)  # half as many forwards: no bar
+    tiled_apply(lambda t: t, x, tile=16, overlap=0, batch=1)  # not asked
+    assert "tiles" not in capsys.readouterr().err

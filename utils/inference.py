@@ -39,7 +39,8 @@ def effective_tile(model: nn.Module, tile: Optional[int]) -> Optional[int]:
 
 @torch.inference_mode()
 def restore(model: nn.Module, x: Tensor, z: Optional[Tensor] = None, tile: Optional[int] = None,
-            overlap: int = 32, tile_batch: Optional[int] = None, planner=None, scored: bool = False) -> Tensor:
+            overlap: int = 32, tile_batch: Optional[int] = None, planner=None, scored: bool = False,
+            progress: bool = False) -> Tensor:
     """Derain x (1,3,H,W) in [0,1]; returns (1,3,H,W) clamped to [0,1].
 
     The image is padded to the backbone's ``size_multiple``; when it is larger than ``tile``
@@ -50,15 +51,16 @@ def restore(model: nn.Module, x: Tensor, z: Optional[Tensor] = None, tile: Optio
     and batch for x (``scored``: ground truth will be scored too). Running out of GPU memory then
     retries with half the tile batch, then tiles of half the side, and makes the planner's later
     plans smaller; at the smallest tile the error becomes a ``UserError`` saying what to do.
+    ``progress``: a bar of the tiles while an image of many tiles is restored.
     """
     if planner is None or tile is not None:
-        return _restore(model, x, z, tile, overlap, tile_batch)
+        return _restore(model, x, z, tile, overlap, tile_batch, progress)
     h, w = x.shape[-2:]
     plan = planner.plan(h, w, z, scored)
     planner.announce(plan, h, w)
     while True:
         try:
-            return _restore(model, x, z, plan.tile, overlap, plan.batch)
+            return _restore(model, x, z, plan.tile, overlap, plan.batch, progress)
         except torch.OutOfMemoryError:
             if x.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -73,7 +75,7 @@ def restore(model: nn.Module, x: Tensor, z: Optional[Tensor] = None, tile: Optio
 
 
 def _restore(model: nn.Module, x: Tensor, z: Optional[Tensor], tile: Optional[int], overlap: int,
-             tile_batch: Optional[int]) -> Tensor:
+             tile_batch: Optional[int], progress: bool = False) -> Tensor:
     multiple = getattr(model, "size_multiple", 1)
     tile = effective_tile(model, tile)
     if tile_batch is None:
@@ -85,7 +87,7 @@ def _restore(model: nn.Module, x: Tensor, z: Optional[Tensor], tile: Optional[in
 
     h, w = x.shape[-2:]
     if tile is not None and (max(h, w) > tile or getattr(model, "tile_size", None) is not None):
-        y = tiled_apply(run, x, tile, overlap=overlap, batch=tile_batch)
+        y = tiled_apply(run, x, tile, overlap=overlap, batch=tile_batch, progress=progress)
     else:
         y = run(pad_to_multiple(x, multiple))[..., :h, :w]
     if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():

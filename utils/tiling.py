@@ -44,12 +44,18 @@ def blend_weights(tile: int, device=None, dtype=torch.float32) -> Tensor:
     return torch.outer(t, t)
 
 
+PROGRESS_MIN_FORWARDS = 16  # fewer forwards than this: no bar of tiles (a photo of a few tiles is quick)
+
+
 def tiled_apply(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int = 32,
-                batch: int = 4) -> Tensor:
+                batch: int = 4, progress: bool = False) -> Tensor:
     """Apply ``fn`` to overlapping ``tile`` x ``tile`` crops of x (1,C,H,W) and blend the outputs.
 
     ``fn`` maps (N,C,tile,tile) to (N,C',tile,tile). Inputs smaller than a tile are padded.
+    ``progress``: a bar of tiles (which then disappears) when there are many forwards.
     """
+    from tqdm import tqdm
+
     if overlap >= tile:
         raise UserError(f"--tile_overlap ({overlap}) must be smaller than --tile ({tile})")
     h, w = x.shape[-2:]
@@ -58,7 +64,9 @@ def tiled_apply(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: i
     boxes = tile_boxes(H, W, tile, overlap)
     weight = blend_weights(tile, x.device, x.dtype)
     out = acc = None
-    for k in range(0, len(boxes), batch):
+    forwards = range(0, len(boxes), batch)
+    for k in tqdm(forwards, desc="tiles", unit="forward", leave=False, dynamic_ncols=True,
+                  disable=not progress or len(forwards) < PROGRESS_MIN_FORWARDS):
         chunk = boxes[k:k + batch]
         y = fn(torch.cat([xp[..., i:i + tile, j:j + tile] for i, j in chunk], dim=0))
         if out is None:
