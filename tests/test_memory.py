@@ -184,8 +184,9 @@ def test_evaluate_plans_per_image_and_says_so(tmp_path, fixed_usage, monkeypatch
     monkeypatch.setattr(memory, "measured_peak", lambda fn, device: None)
     torch.manual_seed(0)
     save_image(torch.rand(3, 120, 160), str(tmp_path / "a.png"))
-    # room for an 80x80 tile, not for the whole image
-    budget = int(_fixed(120, 160) + memory.KERNEL_FACTOR * _needed(80))
+    # room for an 80x80 tile, not for the whole image; no ground truth: NIQE scores the output
+    per_pixel = memory.IMAGE_BYTES_PER_PIXEL["cpu"] + memory.SCORING_BYTES_PER_PIXEL
+    budget = int(_fixed(120, 160, per_pixel) + memory.KERNEL_FACTOR * _needed(80))
     with caplog.at_level(logging.INFO, logger="coic.memory"):
         evaluate(TinyNet().eval(), None, [(str(tmp_path / "a.png"), None)], str(tmp_path / "out"),
                  torch.device("cpu"), progress=False, max_memory=budget)

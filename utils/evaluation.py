@@ -214,7 +214,7 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
                 xb = x.unsqueeze(0).to(device).contiguous(memory_format=memory_format)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     z = image_code(encoder, xb) if encoder is not None else None
-                    y = restore(model, xb, z, tile=tile, overlap=overlap, planner=planner, scored=clean is not None,
+                    y = restore(model, xb, z, tile=tile, overlap=overlap, planner=planner, scored=bool(wanted),
                                 progress=progress)
                 y = y[0].float().cpu()
                 _score(row, wanted, x, y, clean, protocol, niqe_channel, undefined, (rain_path, clean_path))

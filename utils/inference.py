@@ -48,7 +48,7 @@ def restore(model: nn.Module, x: Tensor, z: Optional[Tensor] = None, tile: Optio
     ``tile_batch`` per forward (default: one on a CPU, four on a GPU).
 
     ``planner`` (a ``utils.memory.MemoryPlanner``, used when ``tile`` is None) chooses the tiles
-    and batch for x (``scored``: ground truth will be scored too). Running out of GPU memory then
+    and batch for x (``scored``: the output will be scored too, against ground truth or by NIQE). Running out of GPU memory then
     retries with half the tile batch, then tiles of half the side, and makes the planner's later
     plans smaller; at the smallest tile the error becomes a ``UserError`` saying what to do.
     ``progress``: a bar of the tiles while an image of many tiles is restored.
