@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from models import available_models
+from utils.checkpoint import trusted_checkpoints
 from utils.dataset_specs import DATASET_SPECS
 from utils.distributed import add_device_args, resolve_device
 from utils.errors import DataError, UserError, cli_main
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feat_ext", default=None,
                    help="encoder checkpoint for --load_mode tran (default: the encoder inside --test_model, or the "
                         "published name's)")
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="load a --test_model/--feat_ext file that holds objects beyond tensors with the full unpickler, "
+                        "which runs any code it names: only for files from a source you trust")
     p.add_argument("--model_name", default=None,
                    help=f"backbone: {', '.join(available_models())} (default: a published name's, else BRN)")
     p.add_argument("--load_mode", default=None, choices=["normal", "base", "tran"],
@@ -101,7 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.list_models:
         print(describe_published(args.weights_dir))
         return 0
-    return cli_main(lambda: run(args))
+    with trusted_checkpoints(args.trust_checkpoint):
+        return cli_main(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils.checkpoint import read_checkpoint
+from utils.checkpoint import read_checkpoint, trusted_checkpoints
 from utils.distributed import resolve_device
 from utils.errors import UserError, cli_main
 from utils.evaluation import encoder_from_checkpoint
@@ -52,6 +52,9 @@ def add_output_args(p: argparse.ArgumentParser, default_save: str) -> None:
                    help="torch device (cpu, cuda, cuda:1); default: cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; on a small, shared CPU 1 can be much faster)")
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="load checkpoints that hold objects beyond tensors with the full unpickler, which runs any "
+                        "code they name: only for files from a source you trust")
 
 
 def add_restore_args(p, model_help: str = "backbone of checkpoints that do not name it (published files)") -> None:
@@ -365,4 +368,5 @@ def run_tool(build_parser: Callable[[], argparse.ArgumentParser],
             return 0
         return result
 
-    return cli_main(work)
+    with trusted_checkpoints(getattr(args, "trust_checkpoint", False)):
+        return cli_main(work)

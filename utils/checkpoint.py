@@ -9,10 +9,12 @@ Accepted by ``load_weights``:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import pickle
 import re
-from typing import Any, Collection, Mapping, Union
+from typing import Any, Collection, Iterator, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -22,11 +24,16 @@ from utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "load_weights", "remap_published_keys", "save_atomic", "read_checkpoint"]
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "load_weights", "remap_published_keys", "save_atomic",
+           "read_checkpoint", "trusted_checkpoints"]
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holding objects the safe loader refuses (they could run code when unpickled)."""
 
 
 # Published CoI-M layers wrap the plain conv twice (TConv.base_conv.conv) and call the
@@ -50,16 +57,77 @@ def remap_published_keys(state: Mapping[str, Any]) -> dict:
     return out
 
 
-def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
-    """``torch.load`` on CPU with a one-line error for missing or unreadable files."""
+# Besides tensors and plain containers, checkpoints written before the NumPy random state was stored
+# as a tensor hold one NumPy array (``np.random.get_state()``). These are exactly the classes that
+# array needs; nothing callable beyond NumPy's array rebuild is admitted.
+def _numpy_array_globals() -> list:
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core  # NumPy 2 renamed np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+_trust_all = False
+
+
+@contextlib.contextmanager
+def trusted_checkpoints(trust: bool) -> Iterator[None]:
+    """``--trust_checkpoint`` of a command: inside, ``read_checkpoint`` loads files with the full
+    (code-running) unpickler when ``trust``. Never the default; each such load warns, naming the file.
+    """
+    global _trust_all
+    before, _trust_all = _trust_all, bool(trust)
+    try:
+        yield
+    finally:
+        _trust_all = before
+
+
+def read_checkpoint(path: Union[str, os.PathLike], trust: Optional[bool] = None) -> Any:
+    """``torch.load`` on CPU with the safe unpickler and a one-line error for missing, unreadable and
+    unsafe files.
+
+    A ``.pth`` file is a pickle: loading it with the full unpickler can run any code it names. Only
+    tensors, numbers, strings and containers (plus NumPy arrays, for checkpoints of earlier versions)
+    are read; a file holding anything else raises ``UnsafeCheckpointError`` unless ``trust`` (default:
+    ``trusted_checkpoints``) is set, which loads it with the full unpickler and a warning.
+    """
     path = os.fspath(path)
+    trust = _trust_all if trust is None else trust
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if trust:
+        logger.warning("--trust_checkpoint: loading %s with the full unpickler, which runs any code the file "
+                       "names; do this only for files from a source you trust", path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False)  # the opt-out, never the default
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+            raise UnsafeCheckpointError(
+                f"{path} holds objects beyond tensors ({_unsafe_names(path)}), which can run code when loaded; "
+                "it was not loaded. Load it only if you trust its source: pass --trust_checkpoint") from None
+        raise _unreadable(path, exc) from None
     except Exception as exc:  # truncated zip, pickle garbage, ...
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); "
-                              "the file is truncated or not a PyTorch checkpoint") from None
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: str, exc: BaseException) -> CheckpointError:
+    return CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}: {one_line(exc)[:200]}); "
+                           "the file is truncated or not a PyTorch checkpoint")
+
+
+def _unsafe_names(path: str) -> str:
+    """The classes and functions a checkpoint names beyond what the safe loader admits (read, not run)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # an unusual container: the refusal itself is what matters
+        return "unknown objects"
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _numpy_array_globals()}
+    names = [n for n in names if n not in allowed] or names
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def _extract_state(obj: Any, part: str) -> Mapping[str, Any]:
@@ -76,15 +144,17 @@ def _extract_state(obj: Any, part: str) -> Mapping[str, Any]:
 
 
 def load_weights(module: nn.Module, source: Union[str, os.PathLike, Mapping[str, Any]],
-                 part: str = "model", strict: bool = True, may_miss: Collection[str] = ()) -> nn.Module:
+                 part: str = "model", strict: bool = True, may_miss: Collection[str] = (),
+                 trust: Optional[bool] = None) -> nn.Module:
     """Load ``source`` (a path or a state_dict, in any accepted layout) into ``module``.
 
     ``part`` picks the sub-dict of one of our training checkpoints ("model" or "encoder").
     ``may_miss``: keys of ``module`` that ``source`` may lack (they keep their values).
+    ``trust``: as for ``read_checkpoint``.
     Raises ``CheckpointError`` naming the missing and unexpected keys on a mismatch.
     """
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "state_dict"
-    obj = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    obj = read_checkpoint(source, trust) if isinstance(source, (str, os.PathLike)) else source
     state = remap_published_keys(_extract_state(obj, part))
     remap = getattr(module, "remap_legacy_keys", None)
     if callable(remap):

@@ -63,6 +63,7 @@ class TrainConfig:
     demo: bool = False
     tiny: bool = False
     weights_dir: Optional[str] = None  # offline folder of published files (--pretrained NAME)
+    trust_checkpoint: bool = False  # load checkpoints with the full (code-running) unpickler
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "TrainConfig":

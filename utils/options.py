@@ -52,6 +52,9 @@ def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
     g.add_argument("--weights_dir", default=None,
                    help=f"offline: take a published --pretrained's files from this folder (else ${WEIGHTS_DIR_ENV}), "
                         "never download")
+    g.add_argument("--trust_checkpoint", action="store_true",
+                   help="load --pretrained and resumed checkpoints that hold objects beyond tensors with the full "
+                        "unpickler, which runs any code they name: only for files from a source you trust")
     g.add_argument("--max_bad_steps", type=int, default=5,
                    help="consecutive skipped (non-finite/exploding) steps before rolling back with the LR halved")
     g.add_argument("--check_every", type=int, default=20,

@@ -15,7 +15,8 @@ import torch
 
 from utils import distributed as dist_utils
 from models.coim import context_embedding_parameters, modulation_parameters
-from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, remap_published_keys, save_atomic
+from utils.checkpoint import (CheckpointError, UnsafeCheckpointError, load_weights, read_checkpoint, remap_published_keys,
+                              save_atomic)
 from utils.pretrained import fetch_model, published_or_path
 from utils.rng import rng_state, set_rng_state
 
@@ -49,17 +50,18 @@ class CheckpointedRun:
         if published is not None:
             path, encoder_path = fetch_model(published, self.args.weights_dir,
                                              encoder=self.args.pretrained_encoder is None)
-        ckpt = read_checkpoint(path)
+        trust = self.args.trust_checkpoint
+        ckpt = read_checkpoint(path, trust)
         coic_ids = {id(p) for p in modulation_parameters(self.model) + context_embedding_parameters(self.model)}
         coic_names = [name for name, p in self.model.named_parameters() if id(p) in coic_ids]
         state = remap_published_keys(ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {})
         fresh = bool(coic_names) and not any(k in state for k in coic_names)  # all CoIC parts absent, or none
-        load_weights(self.model, ckpt, part="model", may_miss=coic_names if fresh else ())
+        load_weights(self.model, ckpt, part="model", may_miss=coic_names if fresh else (), trust=trust)
         parts = ["backbone" + (" (trained without CoIC: fresh CoI-M generators)" if fresh else "")]
         encoder_source = self.args.pretrained_encoder or encoder_path or (
             ckpt if isinstance(ckpt, dict) and "encoder" in ckpt else None)
         if encoder_source is not None:
-            load_weights(self.encoder, encoder_source, part="encoder")
+            load_weights(self.encoder, encoder_source, part="encoder", trust=trust)
             parts.append("encoder")
         logger.info("initialised %s from %s%s", " and ".join(parts), path,
                     f" (encoder from {encoder_source})" if isinstance(encoder_source, str) else "")
@@ -116,7 +118,9 @@ class CheckpointedRun:
         unreadable = []
         for path in reversed(list_checkpoints(self.args.save_path)):
             try:
-                state = read_checkpoint(path)
+                state = read_checkpoint(path, self.args.trust_checkpoint)
+            except UnsafeCheckpointError:
+                raise  # never fall back past a refused file: the user must see it and decide
             except CheckpointError as exc:
                 logger.warning("%s", exc)
                 unreadable.append(path)

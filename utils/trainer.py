@@ -307,7 +307,7 @@ class Trainer(CheckpointedRun):
             raise TrainingDiverged("bad steps before any checkpoint was written; check the data or lower --lr")
         rollbacks, scale, total = self.rollbacks + 1, self.lr_scale * 0.5, self.bad_steps
         failed_at = self.iteration
-        self.load_state_dict(read_checkpoint(checkpoints[-1]))
+        self.load_state_dict(read_checkpoint(checkpoints[-1], self.args.trust_checkpoint))
         self.rollbacks, self.lr_scale, self.bad_steps = rollbacks, scale, total
         self.consecutive_bad = 0
         self.monitor.reset()
