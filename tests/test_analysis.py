@@ -2,6 +2,7 @@
 import csv
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -34,6 +35,45 @@ def _read_csv(path):
         return list(csv.reader(f))
 
 
+def _psnr_by_hand(restored: torch.Tensor, clean: torch.Tensor) -> float:
+    """PSNR on BT.601 luma (0-255 scale, the offset cancels), peak 255, written out."""
+    weights = torch.tensor([65.481, 128.553, 24.966], dtype=torch.float64).view(1, 3, 1, 1)
+    luma = [(t.double() * weights).sum(1) for t in (restored, clean)]
+    mse = float(((luma[0] - luma[1]) ** 2).mean())
+    return 10 * math.log10(255.0 ** 2 / mse)
+
+
+def _blur_by_hand(x: torch.Tensor, sigma: float, size: int = 11) -> torch.Tensor:
+    """One 2-D Gaussian kernel (outer product of the 1-D one), reflect padding, per channel."""
+    r = size // 2
+    taps = [math.exp(-0.5 * (t / sigma) ** 2) for t in range(-r, r + 1)]
+    k1 = torch.tensor(taps, dtype=torch.float64) / sum(taps)
+    k2 = torch.outer(k1, k1).to(x.dtype)
+    padded = torch.nn.functional.pad(x, (r, r, r, r), mode="reflect")
+    return torch.nn.functional.conv2d(padded, k2.expand(3, 1, size, size).contiguous(), groups=3)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(sum(a * b)) / math.sqrt(float(sum(a * a)) * float(sum(b * b)))
+
+
+def _correlation(x, y) -> float:
+    """Pearson r from the raw sums: (n Σxy - Σx Σy) / sqrt((n Σx² - (Σx)²)(n Σy² - (Σy)²))."""
+    n = len(x)
+    sx, sy = sum(x), sum(y)
+    sxy, sxx, syy = sum(a * b for a, b in zip(x, y)), sum(a * a for a in x), sum(b * b for b in y)
+    return (n * sxy - sx * sy) / math.sqrt((n * sxx - sx * sx) * (n * syy - sy * sy))
+
+
+def _brn_from(path: str) -> nn.Module:
+    """The tiny BRN of one of the checkpoints below, built and loaded here (not by the tools)."""
+    ckpt = torch.load(path, weights_only=False)
+    model = build_model("BRN", **ckpt["model_hparams"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
 # ---------------------------------------------------------------------------- planted inputs
 def test_relationship_matrix_equals_hand_computed():
     # A = {e1, e2}; B = {2·e1, (3, 3)} (not unit: normalised inside); C = one image.
@@ -51,20 +91,30 @@ def test_relationship_matrix_equals_hand_computed():
 
 
 def test_relationships_cli_on_planted_embeddings(tmp_path, capsys):
-    emb = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    r = 1 / math.sqrt(2)
+    # x = {e1, e3}, y = {e2, (e1+e2) (normalised inside)}, w = {e1}: one image, so no diagonal.
+    emb = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]],
+                       dtype=torch.float64)
     planted = str(tmp_path / "planted.csv")
-    write_embeddings(planted, emb, ["x", "y", "x", "y"], ["a.png", "b.png", "c.png", "d.png"])
+    write_embeddings(planted, emb, ["x", "y", "x", "y", "w"], ["a.png", "b.png", "c.png", "d.png", "e.png"])
     out = str(tmp_path / "rel")
     assert dataset_relationships.main(["--embeddings", planted, "--save_path", out]) == 0
     rows = _read_csv(os.path.join(out, "relationships.csv"))
-    assert rows[0] == ["dataset", "x", "y"] and [r[0] for r in rows[1:]] == ["x", "y"]
+    assert rows[0] == ["dataset", "x", "y", "w"] and [r[0] for r in rows[1:]] == ["x", "y", "w"]
     got = torch.tensor([[float(v) for v in r[1:]] for r in rows[1:]], dtype=torch.float64)
-    r = 1 / math.sqrt(2)
-    # x = {e1, e3}, y = {e2, (e1+e2)/√2}
-    expected = torch.tensor([[0.0, (0 + r + 0 + 0) / 4], [(0 + r + 0 + 0) / 4, r]], dtype=torch.float64)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)
+    # cross cosines by hand: x-y: cos(e1,e2)=0, cos(e1,(1,1)/√2)=r, cos(e3,·)=0; x-w: 1, 0; y-w: 0, r
+    expected = torch.tensor([[0.0, (0 + r + 0 + 0) / 4, (1 + 0) / 2],
+                             [(0 + r + 0 + 0) / 4, r, (0 + r) / 2],
+                             [(1 + 0) / 2, (0 + r) / 2, math.nan]], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-15, equal_nan=True)
     assert os.path.getsize(os.path.join(out, "relationships.png")) > 0
-    assert "closest other" in open(os.path.join(out, "relationships.md")).read()
+    # The Markdown table: image counts, the matrix to 3 decimals, each row's most similar other dataset.
+    md = [line for line in open(os.path.join(out, "relationships.md")).read().splitlines() if line.startswith("| ")]
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in md]
+    assert table[0] == ["dataset", "images", "x", "y", "w", "closest other"]
+    assert table[1:] == [["x", "2", "0.000", "0.177", "0.500", "w"],   # 0.5 > r/4
+                         ["y", "2", "0.177", "0.707", "0.354", "w"],   # r/2 > r/4
+                         ["w", "1", "0.500", "0.354", "nan", "x"]]     # 0.5 > r/2
 
 
 def test_z_shift_and_pearson_hand_values():
@@ -222,6 +272,28 @@ def test_published_moco_state_dict_and_missing_projection_package(tmp_path, chec
         assert "pip install scikit-learn" in capsys.readouterr().err
 
 
+def test_representation_map_cli_pca_of_planted_embeddings(tmp_path):
+    # Four points c ± 5u, c ± 2v with orthonormal u = (3,4,0)/5, v = (0,0,1): the mean is c, the widest
+    # axis is u (spread 5), the next v (spread 2); both have a positive largest loading, so no sign flip.
+    c = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
+    u = torch.tensor([0.6, 0.8, 0.0], dtype=torch.float64)
+    v = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    emb = torch.stack([c + 5 * u, c - 2 * v, c - 5 * u, c + 2 * v])
+    planted = str(tmp_path / "planted.csv")
+    write_embeddings(planted, emb, ["p", "p", "q", "q"], ["0", "1", "2", "3"])
+    out = str(tmp_path / "rep")
+    assert representation_map.main(["--embeddings", planted, "--save_path", out]) == 0
+    rows = _read_csv(os.path.join(out, "projection_pca.csv"))
+    assert rows[0] == ["dataset", "image", "x", "y"]
+    assert [r[:2] for r in rows[1:]] == [["p", "0"], ["p", "1"], ["q", "2"], ["q", "3"]]
+    got = torch.tensor([[float(v) for v in r[2:]] for r in rows[1:]], dtype=torch.float64)
+    expected = torch.tensor([[5.0, 0.0], [0.0, -2.0], [-5.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    back, labels, _ = read_embeddings(os.path.join(out, "embeddings.csv"))
+    assert torch.equal(back, emb) and labels == ["p", "p", "q", "q"]
+    assert os.path.getsize(os.path.join(out, "representation_pca.png")) > 0
+
+
 def test_representation_map_and_relationships_cli(tmp_path, checkpoints, tiny_demo):
     data = _splits(tiny_demo) + [os.path.join(tiny_demo, "heavy", "test", "norain")]
     out = str(tmp_path / "rep")
@@ -245,7 +317,13 @@ def test_representation_map_and_relationships_cli(tmp_path, checkpoints, tiny_de
     matrix = _read_csv(os.path.join(rel, "relationships.csv"))
     assert len(matrix) == 6 and all(len(r) == 6 for r in matrix)
     emb, labels, _ = read_embeddings(os.path.join(out, "embeddings.csv"))
-    _, expected, _ = relationship_matrix(emb, labels)
+    names = list(dict.fromkeys(labels))
+    expected = torch.zeros(len(names), len(names), dtype=torch.float64)
+    for a, name_a in enumerate(names):  # mean cosine over pairs of distinct images, one pair at a time
+        for b, name_b in enumerate(names):
+            cosines = [_cosine(emb[i], emb[j]) for i in range(len(labels)) for j in range(len(labels))
+                       if labels[i] == name_a and labels[j] == name_b and i != j]
+            expected[a, b] = sum(cosines) / len(cosines)
     got = torch.tensor([[float(v) for v in r[1:]] for r in matrix[1:]], dtype=torch.float64)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
@@ -265,6 +343,43 @@ def test_rain_detail_cli(tmp_path, checkpoints, tiny_demo):
     assert summary[0][-2:] == ["r_gain_rain", "r_gain_detail"]
     assert os.path.getsize(os.path.join(out, "rain_detail.png")) > 0
 
+    # Every number again, by hand: z from the test-time path, cosines as sums, our own blur and PSNR.
+    from analysis.common import load_encoder_file
+    from utils.images import resize_square
+
+    encoder, _ = load_encoder_file(checkpoints[0.5], torch.device("cpu"))
+    coic, base = _brn_from(checkpoints[0.5]), _brn_from(checkpoints["base"])
+    by_hand = {}
+    with torch.no_grad():
+        for label, folder in zip(["light/test", "heavy/test"], data):
+            for name in sorted(os.listdir(os.path.join(folder, "rain"))):
+                rainy = read_image(os.path.join(folder, "rain", name))[None]
+                clean = read_image(os.path.join(folder, "norain", name))[None]
+                small = resize_square(clean, 128)
+                z_rain, z_clean, z_blur = encoder(resize_square(rainy, 128)), encoder(small), encoder(
+                    _blur_by_hand(small, 1.5))
+                psnr_coic = _psnr_by_hand(restore(coic, rainy, z_rain), clean)
+                psnr_base = _psnr_by_hand(restore(base, rainy), clean)
+                by_hand[(label, name)] = [1 - _cosine(z_rain, z_clean), 1 - _cosine(z_clean, z_blur),
+                                          psnr_base, psnr_coic, psnr_coic - psnr_base]
+    assert sorted(by_hand) == sorted((r[0], r[1]) for r in pairs[1:])
+    for r in pairs[1:]:
+        # The shifts are small (about 1e-4) for a random encoder: compare them tightly.
+        assert [float(v) for v in r[2:4]] == pytest.approx(by_hand[(r[0], r[1])][:2], rel=1e-3, abs=1e-7), r[:2]
+        assert [float(v) for v in r[4:]] == pytest.approx(by_hand[(r[0], r[1])][2:], abs=1e-4), r[:2]
+    for row in summary[1:]:
+        s = dict(zip(summary[0], row))
+        group = [v for (label, _), v in by_hand.items() if s["dataset"] in (label, "all")]
+        rain, detail, gain = ([g[i] for g in group] for i in (0, 1, 4))
+        assert int(s["n"]) == len(group) == (8 if s["dataset"] == "all" else 4)
+        assert float(s["rain_shift_mean"]) == pytest.approx(statistics.mean(rain), rel=1e-3, abs=1e-7)
+        assert float(s["rain_shift_std"]) == pytest.approx(statistics.stdev(rain), rel=1e-3, abs=1e-7)
+        assert float(s["detail_shift_mean"]) == pytest.approx(statistics.mean(detail), rel=1e-3, abs=1e-7)
+        assert float(s["psnr_gain"]) == pytest.approx(statistics.mean(gain), abs=2e-4)
+        assert float(s["psnr_coic"]) == pytest.approx(statistics.mean(g[3] for g in group), abs=2e-4)
+        assert float(s["r_gain_rain"]) == pytest.approx(_correlation(gain, rain), abs=1e-4)
+        assert float(s["r_gain_detail"]) == pytest.approx(_correlation(gain, detail), abs=1e-4)
+
     # Without models: shifts only, from an explicit encoder.
     out2 = str(tmp_path / "rd2")
     assert rain_detail.main(["--encoder", checkpoints[0.5], "--data_paths", data[0], "--num_images", "2",
@@ -275,18 +390,48 @@ def test_rain_detail_cli(tmp_path, checkpoints, tiny_demo):
     assert all(r[2:] == first[r[1]] for r in pairs2[1:])  # same encoder, same shifts
 
 
+def _brn_convs(width: int) -> list:
+    """(in, out) channels of every 3x3 conv of BRN (bias on all): image branch, then rain branch."""
+    image = [(9, width)] + [(3 * width, width)] * 4 + [(width, width)] * 2 * 5 + [(width, 3)]
+    rain = [(6, width)] + [(3 * width, width)] * 4 + [(width, width)] * 2 * 3 + [(width, 3)]
+    return image + rain
+
+
+def _encoder_layers(width: int = 32) -> list:
+    """(in, out, kernel, output side, bias) of the query/key encoder's convs on a 128x128 input."""
+    layers = [(3, width, 3, 128, True)]
+    for level, side in enumerate((64, 32, 16)):
+        cin, cout = width * 2 ** level, width * 2 ** (level + 1)
+        layers += [(cin, cout, 3, side, False), (cout, cout, 3, side, True), (cin, cout, 1, side, False)]
+    return layers
+
+
 def test_model_cost_cli(tmp_path):
     out = str(tmp_path / "cost")
-    assert model_cost.main(["--models", "BRN", "--size", "32", "--hparams", "BRN.inter_iter=1", "BRN.width=8",
-                            "--dim_in", str(DIM), "--warmup", "0", "--reps", "1", "--save_path", out,
-                            "--device", "cpu"]) == 0
+    size, width, width_enc = 32, 8, 32
+    assert model_cost.main(["--models", "BRN", "--size", str(size), "--hparams", "BRN.inter_iter=1",
+                            f"BRN.width={width}", "--dim_in", str(DIM), "--warmup", "0", "--reps", "1",
+                            "--save_path", out, "--device", "cpu"]) == 0
     rows = _read_csv(os.path.join(out, "cost.csv"))
     assert rows[0] == model_cost.COLUMNS and len(rows) == 2
     row = dict(zip(rows[0], rows[1]))
-    expected = count_parameters(build_model("BRN", dim_in=DIM, **TINY_BRN), build_encoder(dim=DIM))
-    assert {k: int(row[k]) for k in expected} == expected
-    enc = float(row["macs_encoder_G"])
-    assert float(row["macs_modulated_G"]) > float(row["macs_normal_G"]) + enc * 0.999 > 0
+    convs = _brn_convs(width)
+    # Each conv's generator: Linear(DIM + in, out), Linear(out, 16), Linear(16, in + out + 9), with biases.
+    gen_params = [(DIM + i) * o + o + o * 16 + 16 + 16 * (i + o + 9) + (i + o + 9) for i, o in convs]
+    gen_macs = [(DIM + i) * o + o * 16 + 16 * (i + o + 9) for i, o in convs]
+    # Encoder: convs, two BatchNorm parameters per channel after each conv but the first, MLP 8w -> DIM -> DIM.
+    enc = _encoder_layers(width_enc)
+    enc_params = (sum(i * o * k * k + (o if b else 0) for i, o, k, _, b in enc) + sum(2 * o for _, o, _, _, _ in enc[1:])
+                  + 8 * width_enc * DIM + DIM + DIM * DIM + DIM)
+    enc_macs = sum(i * o * k * k * side * side for i, o, k, side, _ in enc) + 8 * width_enc * DIM + DIM * DIM
+    plain_macs = sum(i * o * 9 for i, o in convs) * size * size  # inter_iter=1: every conv once per pixel
+    assert {k: int(row[k]) for k in ("backbone_params", "coim_generator_params", "context_embedding_params",
+                                     "encoder_params")} == {
+        "backbone_params": sum(i * o * 9 + o for i, o in convs), "coim_generator_params": sum(gen_params),
+        "context_embedding_params": 0, "encoder_params": enc_params}
+    assert float(row["macs_normal_G"]) == pytest.approx(plain_macs / 1e9, rel=1e-12)
+    assert float(row["macs_encoder_G"]) == pytest.approx(enc_macs / 1e9, rel=1e-12)
+    assert float(row["macs_modulated_G"]) == pytest.approx((plain_macs + sum(gen_macs) + enc_macs) / 1e9, rel=1e-12)
     assert float(row["latency_normal_ms"]) > 0 and float(row["latency_modulated_ms"]) > 0
     assert os.path.isfile(os.path.join(out, "cost.md")) and os.path.getsize(os.path.join(out, "cost.png")) > 0
 
@@ -306,6 +451,52 @@ def test_temperature_sweep_cli(tmp_path, checkpoints, tiny_demo):
     assert 0 <= float(low["contrastive_acc"]) <= 1
     assert float(low["contrastive_loss"]) != float(high["contrastive_loss"])
     assert os.path.getsize(os.path.join(out, "temperature.png")) > 0
+
+
+def test_temperature_sweep_cli_with_a_planted_encoder(tmp_path, checkpoints, tiny_demo):
+    # The last encoder block's BatchNorms (eval mode) are planted to output e0 everywhere, whatever the
+    # image: every feature map is e0 at each position, so every logit is exactly 1/T. The positive wins
+    # the ties (accuracies 1) and the InfoNCE loss is log(1 + 1 rain-aware + n_neg detail-aware) at any T;
+    # z = normalise(mlp(e0)) for every image.
+    ckpt = torch.load(checkpoints[0.5], weights_only=False)
+    state = dict(ckpt["encoder"])
+    for branch in ("encoder_q", "encoder_k"):
+        last = f"{branch}.resblock.2"
+        for key in (f"{last}.block.4", f"{last}.short_cut.1"):
+            state[f"{key}.weight"] = torch.zeros_like(state[f"{key}.weight"])
+            state[f"{key}.bias"] = torch.zeros_like(state[f"{key}.bias"])
+        state[f"{last}.block.4.bias"][0] = 1.0
+    paths = []
+    for t in (2.0, 0.5):
+        paths.append(str(tmp_path / f"planted_t{t}.pth"))
+        torch.save({**ckpt, "encoder": state, "encoder_hparams": {"dim": DIM, "temperature": t},
+                    "args": {**ckpt["args"], "temperature": t}}, paths[-1])
+    n_neg = ckpt["args"]["n_neg"]
+    data = os.path.join(tiny_demo, "hazy", "test")
+    out = str(tmp_path / "temp")
+    assert temperature_sweep.main(["--checkpoints", *paths, "--data_paths", data, "--batch_size", "4",
+                                   "--save_path", out, "--device", "cpu"]) == 0
+
+    w1, b1 = state["encoder_k.mlp.0.weight"].double(), state["encoder_k.mlp.0.bias"].double()
+    w2, b2 = state["encoder_k.mlp.2.weight"].double(), state["encoder_k.mlp.2.bias"].double()
+    hidden = w1[:, 0] + b1
+    hidden = torch.where(hidden > 0, hidden, 0.1 * hidden)
+    z = w2 @ hidden + b2
+    z = (z / z.norm()).float()[None]
+    model = _brn_from(checkpoints[0.5])
+    names = sorted(os.listdir(os.path.join(data, "rain")))
+    with torch.no_grad():
+        scores = [_psnr_by_hand(restore(model, read_image(os.path.join(data, "rain", n))[None], z),
+                                read_image(os.path.join(data, "norain", n))[None]) for n in names]
+
+    rows = _read_csv(os.path.join(out, "temperature.csv"))
+    assert rows[0] == temperature_sweep.COLUMNS and len(rows) == 3
+    for row, t in zip(rows[1:], (0.5, 2.0)):  # sorted by temperature
+        r = dict(zip(rows[0], row))
+        assert float(r["temperature"]) == t
+        assert [float(r[k]) for k in ("contrastive_acc", "acc_vs_rain_negative", "acc_vs_detail_negatives")] == [1, 1, 1]
+        assert float(r["contrastive_loss"]) == pytest.approx(math.log(2 + n_neg), abs=1e-6)
+        assert float(r["psnr"]) == pytest.approx(sum(scores) / len(scores), abs=1e-4)
 
 
 def test_one_line_errors(tmp_path, checkpoints, tiny_demo, capsys):

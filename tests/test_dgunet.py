@@ -14,7 +14,7 @@ import torch
 from contract import tiny_args, tiny_image, tiny_model as _tiny_model, unit_codes
 from conftest import scramble_generators
 from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, modulation_parameters
-from models.dgunet import DGUNet, _gradient_step
+from models.dgunet import DGUNet
 from utils.checkpoint import load_weights
 
 TINY = tiny_args("DGUNet").model_hparams  # the recipe's tiny configuration
@@ -33,39 +33,118 @@ def test_declares_size_multiple():
     assert DGUNet.size_multiple == 8
 
 
-def stages_by_hand(model: DGUNet, x: torch.Tensor, z=None) -> list[torch.Tensor]:
-    """The stage images in stage order (first stage first), assembled from the sub-modules."""
-    image = _gradient_step(model.phi_0, model.phit_0, model.r0, x, x, z)
-    skips, bottom = model.stage1_encoder(model.shallow_feat1(image, z), z)
-    decoded = model.stage1_decoder(bottom, skips, z)
-    sam_feats, image = model.sam12(decoded[-1], image, z)
-    stages = [image]
-    for _ in range(model.depth):
-        sam_feats, image, skips, decoded = model.basic(x, image, skips, decoded, sam_feats, z)
-        stages.append(image)
-    image = _gradient_step(model.phi_6, model.phit_6, model.r6, image, x, z)
-    feats = model.concat67(torch.cat([model.shallow_feat7(image, z), sam_feats], dim=1), z)
-    stages.append(x + model.tail(feats, z))
-    return stages
+# ---- stage composition, against a closed form -------------------------------------
+#
+# With planted weights every stage image is a fixed 3x3 colour matrix applied to every pixel
+# of the rainy input x, and the matrices follow from the published stage formulas alone:
+#   phi(u) = (I + A) u,  phi^T(u) = (I + B) u        (centre-tap 1x1 maps, PReLU slope 1)
+#   gradient step   y -> y - r * phi^T(phi(y) - x)   (every stage's observation is x)
+#   stage image     = the stage's GDM output          (SAM conv2 zeroed)
+#   final image     = x + GDM output of the last stage (head convs pass the first 3 channels)
 
 
-def test_stage_outputs_final_first():
+def _centre_identity(conv: torch.nn.Conv2d, channels: int = 3) -> None:
+    """Make ``conv`` copy its first ``channels`` input channels to its first output channels."""
+    conv.weight.zero_()
+    if conv.bias is not None:
+        conv.bias.zero_()
+    c = conv.kernel_size[0] // 2
+    for i in range(channels):
+        conv.weight[i, i, c, c] = 1.0
+
+
+def _zero(conv: torch.nn.Conv2d) -> None:
+    conv.weight.zero_()
+    if conv.bias is not None:
+        conv.bias.zero_()
+
+
+def _plant_operator(operator, matrix: torch.Tensor) -> None:
+    """Make an image operator compute ``u + matrix @ u`` per pixel."""
+    squeeze, act, expand = operator.body
+    _centre_identity(squeeze)
+    act.weight.fill_(1.0)  # PReLU with slope 1 is the identity
+    _zero(expand)
+    c = expand.kernel_size[0] // 2
+    expand.weight[:, :3, c, c] = matrix
+
+
+def _planted_model(depth: int) -> tuple[DGUNet, dict]:
+    model = tiny_model(seed=7, depth=depth).eval()
+    gen = torch.Generator().manual_seed(11)
+    mats = {name: 0.4 * torch.randn(3, 3, generator=gen, dtype=torch.float64)
+            for name in ("A0", "B0", "A1", "B1", "A6", "B6")}
+    steps = {"r0": 0.3, "r1": 0.7, "r6": 0.45}
+    with torch.no_grad():
+        _plant_operator(model.phi_0, mats["A0"].float())
+        _plant_operator(model.phit_0, mats["B0"].float())
+        _plant_operator(model.basic.phi_1, mats["A1"].float())
+        _plant_operator(model.basic.phit_1, mats["B1"].float())
+        _plant_operator(model.phi_6, mats["A6"].float())
+        _plant_operator(model.phit_6, mats["B6"].float())
+        model.r0.fill_(steps["r0"])
+        model.basic.r1.fill_(steps["r1"])
+        model.r6.fill_(steps["r6"])
+        _zero(model.sam12.conv2)
+        _zero(model.basic.sam23.conv2)
+        # Last stage head: shallow conv copies the image, the attention block's residual branch is
+        # zero, concat67 keeps only the image channels (drops the SAM features), tail copies them.
+        _centre_identity(model.shallow_feat7[0])
+        _zero(model.shallow_feat7[1].body[2])
+        _centre_identity(model.concat67)
+        _centre_identity(model.tail)
+    return model, {**mats, **steps}
+
+
+def _stage_matrices(depth: int, p: dict) -> list[torch.Tensor]:
+    """The colour matrices of the stages in stage order (first stage first), float64."""
+    eye = torch.eye(3, dtype=torch.float64)
+
+    def step(current, a, b, r):
+        # current maps x to the estimate; phi(estimate) - x = ((I + a) current - I) x.
+        return current - r * (eye + b) @ ((eye + a) @ current - eye)
+
+    current = step(eye, p["A0"], p["B0"], p["r0"])
+    mats = [current]
+    for _ in range(depth):
+        current = step(current, p["A1"], p["B1"], p["r1"])
+        mats.append(current)
+    mats.append(eye + step(current, p["A6"], p["B6"], p["r6"]))
+    return mats
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_stages_follow_the_gradient_steps_final_first(depth):
+    model, planted = _planted_model(depth)
+    x = image()
+    with torch.no_grad():
+        stages = model.forward_stages(x)
+        final = model(x)
+    expected = [torch.einsum("ij,bjhw->bihw", m, x.double()).float()
+                for m in _stage_matrices(depth, planted)]
+    assert len(stages) == depth + 2  # first stage, depth middle stages, last stage
+    for k, (got, want) in enumerate(zip(stages, expected[::-1])):  # forward_stages is final first
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5,
+                                   msg=lambda m, k=k: f"stage {k} (final first): {m}")
+    torch.testing.assert_close(final, expected[-1], rtol=0, atol=2e-5)
+    for i in range(len(stages)):  # the stages do differ
+        for j in range(i):
+            assert not torch.allclose(stages[i], stages[j], atol=1e-3), (i, j)
+
+
+def test_stage_outputs_final_first_with_random_weights():
     model = tiny_model(depth=2).eval()
     x = image()
     z = unit_codes(2, TINY["dim_in"], 0)
     with torch.no_grad():
         for code in (None, z):
             stages = model.forward_stages(x, code)
-            final = model(x, code)
-            by_hand = stages_by_hand(model, x, code)
-            assert len(stages) == 2 + 2  # first stage, depth middle stages, last stage
+            assert len(stages) == 2 + 2
             assert all(s.shape == x.shape and torch.isfinite(s).all() for s in stages)
-            # forward is the LAST stage (the residual of the last stage's tail on the rainy input),
-            # and forward_stages lists the stages final first.
-            torch.testing.assert_close(final, by_hand[-1], rtol=0, atol=0)
-            for got, expected in zip(stages, by_hand[::-1]):
-                torch.testing.assert_close(got, expected, rtol=0, atol=0)
-            assert not torch.allclose(final, by_hand[0], atol=1e-4)  # the stages do differ
+            torch.testing.assert_close(model(x, code), stages[0], rtol=0, atol=0)
+            for i in range(len(stages)):
+                for j in range(i):
+                    assert not torch.allclose(stages[i], stages[j], atol=1e-4), (i, j)
 
 
 @pytest.mark.parametrize("with_code", [False, True])
