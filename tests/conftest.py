@@ -13,6 +13,12 @@ torch.set_num_threads(1)
 # No test reaches the internet: downloads of published models (utils.pretrained) go to a port nobody
 # listens on, unless a test starts its own 127.0.0.1 server (tests/test_pretrained.py).
 os.environ["COIC_WEIGHTS_URL"] = "http://127.0.0.1:9/no-downloads-in-tests"
+# No test depends on the host's CPU: the suite (and every command it starts) sees a CPU without native
+# bf16 (utils.speed.cpu_flags reads $COIC_CPU_FLAGS before /proc/cpuinfo). Tests of the other answer
+# set the variable themselves (tests/test_host_independence.py).
+NO_NATIVE_BF16_FLAGS = "fpu sse2 avx avx2 fma"
+NATIVE_BF16_FLAGS = NO_NATIVE_BF16_FLAGS + " avx512f avx512_bf16"
+os.environ["COIC_CPU_FLAGS"] = NO_NATIVE_BF16_FLAGS
 
 
 REFERENCE_SKIP = "published reference folder absent"

@@ -32,20 +32,26 @@ def test_cuda_recommends_bf16_channels_last():
     assert (setting.amp, setting.channels_last, setting.label) == ("bf16", True, "bf16 + channels_last")
 
 
-def test_test_model_logs_the_setting_and_the_recommendation(caplog):
+@pytest.mark.parametrize("flags,recommended", [
+    # written out by hand per flag set: what the log line must say is recommended
+    ("fpu sse2 avx2 fma", "fp32"),
+    ("fpu avx2 avx512f avx512_bf16", "bf16 + channels_last"),
+    ("fpu avx2 amx_bf16 amx_tile", "bf16 + channels_last"),
+])
+def test_test_model_logs_the_setting_and_the_recommendation(caplog, monkeypatch, flags, recommended):
     from utils.speed import inference_setting
 
+    monkeypatch.setenv("COIC_CPU_FLAGS", flags)
     with caplog.at_level(logging.INFO, logger="coic.speed"):
         chosen = inference_setting("bf16", False, False, torch.device("cpu"))
     assert (chosen.amp, chosen.channels_last) == ("bf16", False)
     line = caplog.records[-1].getMessage()
-    rec = recommended_setting(torch.device("cpu"))
     assert line.startswith("inference setting: bf16 on ")
-    assert (f"recommended here: {rec.label}" in line) == (rec.amp != "bf16" or rec.channels_last)
+    assert f"; recommended here: {recommended} (--recommended; " in line, line
     with caplog.at_level(logging.INFO, logger="coic.speed"):
         chosen = inference_setting("off", False, True, torch.device("cpu"))
     assert "(the recommended one: " in caplog.records[-1].getMessage()
-    assert (chosen.amp, chosen.channels_last) == (rec.amp, rec.channels_last)
+    assert chosen.label == recommended
 
 
 @pytest.mark.parametrize("name", available_models())

@@ -14,6 +14,7 @@ Every setting runs under ``torch.inference_mode`` (``utils.inference.restore``).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -40,8 +41,18 @@ class Setting:
         return " + ".join(parts)
 
 
+CPU_FLAGS_ENV = "COIC_CPU_FLAGS"
+
+
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
-    """The instruction-set flags of the first CPU in ``cpuinfo`` (empty when unreadable)."""
+    """The instruction-set flags of the first CPU in ``cpuinfo`` (empty when unreadable).
+
+    ``$COIC_CPU_FLAGS`` (space-separated), when set, replaces what ``/proc/cpuinfo`` says: the test
+    suite fixes it so that no test depends on the host's CPU, and a container that hides the flags
+    can state them.
+    """
+    if cpuinfo == "/proc/cpuinfo" and os.environ.get(CPU_FLAGS_ENV) is not None:
+        return set(os.environ[CPU_FLAGS_ENV].split())
     try:
         with open(cpuinfo) as f:
             for line in f:
