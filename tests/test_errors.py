@@ -3,6 +3,7 @@ import errno
 import os
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 import test_model
 from conftest import ROOT, train_flags
 from utils import checkpoint
-from utils.checkpoint import CheckpointError, save_atomic
+from utils.checkpoint import save_atomic
 from utils.errors import UserError, cli_main, one_line
 from utils.io import atomic_path, atomic_write, atomic_write_text
 from utils.run import main as train_main
@@ -102,20 +103,43 @@ def test_atomic_write_replaces_or_keeps(tmp_path):
     assert (tmp_path / "pic.png").exists()
 
 
-def test_save_atomic_turns_a_full_disk_into_a_checkpoint_error(tmp_path, monkeypatch):
-    def full(obj, f, *a, **k):
-        with open(f, "wb") as out:
-            out.write(b"partial")
-        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
-                           "data/0: file write failed")
-
-    monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(CheckpointError, match="free some disk space"):
+def test_save_atomic_keeps_a_serializer_bug(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a serializer bug")))
+    with pytest.raises(RuntimeError, match="serializer bug"):  # not a refused write: not hidden
         save_atomic({"a": 1}, tmp_path / "ckpt.pth")
     assert os.listdir(tmp_path) == []
-    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a serializer bug")))
-    with pytest.raises(RuntimeError, match="serializer bug"):  # not a write failure: not hidden
-        save_atomic({"a": 1}, tmp_path / "ckpt.pth")
+
+
+def _train_under_file_size_limit(save: str, data: str, tot_iters: int, limit: Optional[int]):
+    import resource
+
+    def limited() -> None:  # the path a full disk or a quota takes: the kernel refuses the write
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    flags = train_flags(save, data, tot_iters=tot_iters, save_freq=2, image_freq=100, log_freq=100)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train_BRN.py"), *flags, "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limited if limit else None)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as Linux applies it")
+def test_a_checkpoint_write_over_the_file_size_limit_is_one_line(tmp_path, tiny_demo):
+    """torch's writer reports the refused write as ``unexpected pos ...``; the user reads one line."""
+    data = os.path.join(tiny_demo, "light", "train")
+    save = str(tmp_path / "run")
+    assert _train_under_file_size_limit(save, data, 2, None).returncode == 0
+    before = sorted(os.listdir(save))
+    size = os.path.getsize(list_checkpoints(save)[-1])
+    done = _train_under_file_size_limit(save, data, 4, size // 2)
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot write checkpoint " + save), errors
+    assert "File too large" in errors[0] and "--save_path" in errors[0] and "ulimit" in errors[0]
+    assert sorted(f for f in os.listdir(save) if f.endswith(".pth") or f.startswith(".")) == \
+        [f for f in before if f.endswith(".pth") or f.startswith(".")]  # old checkpoints stay, no temporary file
+    rerun = _train_under_file_size_limit(save, data, 4, None)
+    assert rerun.returncode == 0 and "resumed from" in rerun.stderr and "iteration 2" in rerun.stderr
+    assert os.path.basename(list_checkpoints(save)[-1]) == "ckpt_0000004.pth"
 
 
 def test_enospc_during_training_checkpoint_is_one_line(tmp_path, tiny_demo, monkeypatch, capsys):

@@ -181,23 +181,58 @@ def _preview(keys: list, n: int = 4) -> str:
     return f"[{shown}{', ...' if len(keys) > n else ''}]"
 
 
+class _WriteRecorder:
+    """A file that remembers the OS error of a failed write: torch's zip writer reports one in a
+    message of its own (``unexpected pos ...``, ``file write failed``), or not at all."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "wb")
+        self.error: Optional[OSError] = None
+
+    def _recorded(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def write(self, data) -> int:
+        return self._recorded(self._file.write, data)
+
+    def flush(self) -> None:
+        self._recorded(self._file.flush)
+
+    def __enter__(self) -> "_WriteRecorder":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._recorded(self._file.close)
+
+
 def save_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
     """Write ``obj`` to a temporary file beside ``path`` and rename it into place.
 
-    A write that fails for lack of space or permission raises ``CheckpointError`` (one line,
-    what to do); the previous checkpoints stay and no temporary file is left.
+    A write the system refuses (a full disk, a quota, the file size limit, a read-only folder)
+    raises ``CheckpointError``: one line naming the file and what to do, whatever torch's writer
+    said. The previous checkpoints stay and no temporary file is left. Any other error (a bug in
+    what is saved) keeps its traceback.
     """
     path = os.fspath(path)
+    recorder: list[_WriteRecorder] = []
+
+    def write(tmp: str) -> None:
+        f = _WriteRecorder(tmp)
+        recorder.append(f)
+        with f:
+            torch.save(obj, f)
+
     try:
-        atomic_write(path, lambda tmp: torch.save(obj, tmp), fsync=True)
-    except OSError as exc:
-        if not is_user_facing(exc):
+        atomic_write(path, write, fsync=True)
+    except (OSError, RuntimeError) as exc:
+        refused = recorder[0].error if recorder else None  # the OS refused a write, whatever torch says
+        if refused is None and not (isinstance(exc, OSError) and is_user_facing(exc)):
             raise
-        raise CheckpointError(f"cannot write checkpoint {path} ({exc.strerror or exc}); "
-                              "free some disk space or pick another --save_path") from exc
-    except RuntimeError as exc:
-        # torch's zip writer reports a failed write (a full disk) as a RuntimeError of its own.
-        if "write" not in str(exc).lower():
-            raise
-        raise CheckpointError(f"cannot write checkpoint {path} ({one_line(exc)}); "
-                              "free some disk space or pick another --save_path") from exc
+        failed = refused or exc
+        reason = getattr(failed, "strerror", None) or one_line(failed)
+        raise CheckpointError(f"cannot write checkpoint {path} ({reason}); free disk space (or quota, or raise "
+                              "the file size limit: ulimit -f) or pick another --save_path") from exc

@@ -17,8 +17,8 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 # OS errors the user fixes (space, permissions, a path that is not there), not the code.
-USER_FACING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT,
-                                errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
+USER_FACING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS,
+                                errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
 
 
 class UserError(Exception):
