@@ -30,20 +30,21 @@ from utils.checkpoint import trusted_checkpoints
 from utils.dataset_specs import DATASET_SPECS
 from utils.distributed import add_device_args, resolve_device
 from utils.errors import DataError, UserError, cli_main
-from utils.evaluation import (collect_inputs, collect_testset, evaluate, load_encoder, load_model,  # noqa: F401
-                              output_name)
+from utils.evaluation import (collect_inputs, collect_test_inputs, collect_testset, evaluate, load_encoder,  # noqa: F401
+                              load_model, output_name)
 from utils.inference import AMP_DTYPES, image_code
 from utils.memory import default_budget, format_size, parse_size
 from utils.metrics import METRICS, PROTOCOLS, parse_metrics
 from utils.pretrained import WEIGHTS_DIR_ENV, choose_checkpoint, describe_published, published_names
-from utils.report import ReportColumn, ReportSet, write_report
+from utils.report import ReportColumn, ReportSet, run_description, write_report
 from utils.results import format_markdown, protocol_notes, summarize, with_mean, write_summary
 from utils.speed import inference_setting
+from utils.cli import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Derain a folder with a (CoIC) checkpoint and report PSNR/SSIM.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--test_model", default=None,
                    help="backbone checkpoint (ours, or a published state_dict), or a published name, downloaded once: "
                    + ", ".join(published_names()) + " (--list_models)")
@@ -61,8 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load_mode", default=None, choices=["normal", "base", "tran"],
                    help="normal/base: no modulation; tran: modulate with z from the encoder "
                         "(default: tran for a coic-* name, else normal)")
-    p.add_argument("--test_dir", default="datasets/Rain200H/test",
-                   help="folder with rain/ and norain/, or a folder of rainy images only")
+    p.add_argument("--test_dir", nargs="+", default=["datasets/Rain200H/test"], metavar="PATH",
+                   help="folder with rain/ and norain/, a folder of rainy images, or rainy photos and glob patterns "
+                        "('photos/*.jpg')")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image (default: derain the others, list it at the end and in "
+                        "results.csv, exit 2)")
     p.add_argument("--testset", default=None,
                    help="comma-separated test sets under --data_root (" + ", ".join(s.name for s in DATASET_SPECS)
                    + "); replaces --test_dir")
@@ -130,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
             raise DataError("--testset is empty; pass names such as Rain200L,Rain200H,SPA")
         sets = [collect_testset(n, args.data_root) for n in names]
     else:
-        sets = [(None, args.test_dir, collect_inputs(args.test_dir))]
+        sets = [(None, *collect_test_inputs(args.test_dir))]
     model_path, feat_ext = choice.files(args.feat_ext, args.weights_dir)  # published files: downloaded, verified
     model, ckpt = load_model(args.model_name, model_path, args.load_mode, device, {"inter_iter": args.inter_iter})
     encoder = load_encoder(feat_ext, ckpt, model_path, device) if args.load_mode == "tran" else None
@@ -145,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     if max_memory is not None:
         logging.getLogger("coic.memory").info("memory budget: %s%s", format_size(max_memory),
                                               "" if args.max_memory else " (default)")
-    summary, report_sets = [], []
+    summary, report_sets, unreadable = [], [], []
     for name, folder, items in sets:
         out = os.path.join(args.save_path, name) if name else args.save_path
         os.makedirs(out, exist_ok=True)
@@ -153,11 +158,14 @@ def run(args: argparse.Namespace) -> int:
                         protocol=args.metric_protocol, skip_existing=args.skip_existing,
                         table_path=os.path.join(out, "results.csv"), desc=name or "test", amp=amp,
                         memory_format=memory_format, max_memory=max_memory, metrics=metrics,
-                        niqe_channel=args.niqe_channel)
+                        niqe_channel=args.niqe_channel, strict=args.strict)
         summary.append(summarize(name or folder, rows))
-        outputs = [os.path.join(out, output_name(rain)) for rain, _ in items]
-        report_sets.append(ReportSet(name or folder, items, outputs, rows))
-        print(f"{len(rows)} images from {folder} -> {out}")
+        derained = [(item, row) for item, row in zip(items, rows) if not row.get("error")]
+        unreadable += [f"{rain}" for (rain, _), row in zip(items, rows) if row.get("error")]
+        report_sets.append(ReportSet(name or folder, [i for i, _ in derained],
+                                     [os.path.join(out, output_name(rain)) for (rain, _), _ in derained],
+                                     [r for _, r in derained]))
+        print(f"{len(derained)} images from {folder} -> {out}")
     if args.testset:
         table = with_mean(summary)
         write_summary(table, args.save_path, args.metric_protocol, args.niqe_channel)
@@ -166,10 +174,17 @@ def run(args: argparse.Namespace) -> int:
         table = summary
         _print_averages(summary[0], args.metric_protocol, args.niqe_channel)
     has_niqe = any(s["niqe_out"] is not None for s in summary)
+    made_by = run_description(args.test_model, args.model_name, args.load_mode, setting, args.tile, args.tile_overlap,
+                              max_memory)
     page = write_report(args.save_path, report_sets, _report_columns(summary), table,
-                        notes=[n.replace("`", "") for n in
-                               protocol_notes(args.metric_protocol, args.niqe_channel if has_niqe else None)])
+                        title=f"CoIC deraining report: {os.path.basename(args.test_model)}",
+                        notes=made_by + [n.replace("`", "") for n in
+                                         protocol_notes(args.metric_protocol, args.niqe_channel if has_niqe else None)])
     print(f"report page: {page}")
+    if unreadable:
+        shown = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
+        raise DataError(f"{len(unreadable)} image(s) could not be read and were not derained: {shown} (reasons in "
+                        f"results.csv); the other images were derained; --strict stops at the first")
     return 0
 
 

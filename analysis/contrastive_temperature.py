@@ -40,6 +40,7 @@ from utils.images import read_image
 from utils.contrastive import RainArchive, build_negatives
 from utils.inference import image_code, restore
 from utils.metrics import psnr, ssim
+from utils.cli import HelpFormatter
 
 COLUMNS = ["checkpoint", "temperature", "contrastive_acc", "acc_vs_rain_negative", "acc_vs_detail_negatives",
            "contrastive_loss", "psnr", "ssim"]
@@ -138,7 +139,7 @@ def plot(rows: Sequence[dict], path: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Contrastive accuracy and PSNR of checkpoints trained with different "
                                             "temperatures, in one table.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoints", nargs="+", required=True,
                    help="our ckpt_*.pth files (or published MoCo encoder state_dicts, with --temperatures)")
     p.add_argument("--temperatures", nargs="+", type=float, default=None,

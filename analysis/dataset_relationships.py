@@ -31,6 +31,7 @@ from torch import Tensor
 
 from analysis.common import (add_embedding_args, add_output_args, gather_embeddings, logger, markdown_table,
                              new_figure, run_tool, save_figure, write_csv, write_text)
+from utils.cli import HelpFormatter
 
 
 def relationship_matrix(embeddings: Tensor, labels: Sequence[str]) -> tuple[list[str], Tensor, list[int]]:
@@ -95,7 +96,7 @@ def plot_heatmap(names: Sequence[str], matrix: Tensor, path: str, title: str) ->
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Mean cosine similarity of the encoder's codes between and within "
                                             "datasets (CSV, Markdown, heat-map).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_embedding_args(p)
     add_output_args(p, "analysis_results/relationships")
     return p

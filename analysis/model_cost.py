@@ -47,6 +47,7 @@ from analysis.common import (AnalysisError, add_output_args, logger, markdown_ta
 from models import available_models, build_encoder, build_model
 from models.coim import context_embedding_parameters, modulation_parameters
 from utils.inference import ENCODER_SIZE, image_code, restore
+from utils.cli import HelpFormatter
 
 COLUMNS = ["model", "hparams", "backbone_params", "coim_generator_params", "context_embedding_params",
            "encoder_params", "macs_normal_G", "macs_modulated_G", "macs_encoder_G", "latency_normal_ms",
@@ -215,7 +216,7 @@ def plot(rows: Sequence[dict], path: str, size: int, device: torch.device) -> No
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Parameters, MACs and latency of each backbone, without and with CoIC.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--models", nargs="+", default=available_models(), help="backbones to measure")
     p.add_argument("--size", type=int, default=512, help="input height and width")
     p.add_argument("--hparams", nargs="*", default=[],

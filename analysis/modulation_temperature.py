@@ -32,6 +32,7 @@ from analysis.common import (AnalysisError, add_output_args, add_restore_args, c
                              dataset_images, markdown_table, new_figure, run_tool, sample, save_figure,
                              split_paths, write_csv, write_text)
 from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, log_temperature
+from utils.cli import HelpFormatter
 
 COLUMNS = ["dataset", "layer", "module", "mean", "std", "n"]
 
@@ -135,7 +136,7 @@ def plot(rows: list[dict], path: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="CoI-M kernel temperature per modulated layer and dataset "
                                             "(CSV, Markdown, plot).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a CoIC checkpoint (ours, or the published model file)")
     p.add_argument("--feat_ext", default=None, help="encoder file when it is not inside --checkpoint")
     p.add_argument("--data_paths", nargs="+", required=True,

@@ -43,6 +43,7 @@ from utils.checkpoint import read_checkpoint
 from utils.contrastive import gaussian_blur
 from utils.inference import ENCODER_SIZE, image_code, restore
 from utils.metrics import psnr
+from utils.cli import HelpFormatter
 
 PAIR_COLUMNS = ["dataset", "image", "rain_shift", "detail_shift", "psnr_base", "psnr_coic", "psnr_gain"]
 
@@ -141,7 +142,7 @@ def _load_models(args: argparse.Namespace, device: torch.device):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="How far the code z moves when rain or detail is removed, per dataset, "
                                             "and how that relates to CoIC's PSNR gain.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--encoder", default=None,
                    help="encoder checkpoint (ours or a published MoCo state_dict); default: the one in --coic_model")
     p.add_argument("--data_paths", nargs="+", required=True,

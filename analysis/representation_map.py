@@ -29,6 +29,7 @@ from torch import Tensor
 from analysis.common import (AnalysisError, add_embedding_args, add_output_args, atomic_dir, dataset_colours,
                              gather_embeddings, logger, new_figure, run_tool, save_figure, write_csv,
                              write_embeddings)
+from utils.cli import HelpFormatter
 
 PROJECTIONS = ("pca", "tsne", "umap", "sphere")
 
@@ -165,7 +166,7 @@ def plot_map(points: Tensor, labels: Sequence[str], path: str, title: str, axis_
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Encode images of several datasets and map their codes in 2-D "
                                             "(TensorBoard projector + PNG scatter).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_embedding_args(p)
     p.add_argument("--projection", choices=PROJECTIONS, default="pca",
                    help="2-D projection of the scatter (tsne: scikit-learn, umap: umap-learn); sphere: UMAP onto "

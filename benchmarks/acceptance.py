@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from typing import Optional, Sequence
+from utils.cli import HelpFormatter
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):
@@ -210,7 +211,7 @@ def markdown(report: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="GPU acceptance: CUDA-marked tests, then the benchmark against the "
                                 "published code; JSON + Markdown report.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--published", default=None, metavar="DIR", help="checkout of github Schizophreni/CoIC")
     p.add_argument("--dry_run", action="store_true", help="the same sequence at tiny sizes on the CPU")
     p.add_argument("--save_path", default=os.path.join("benchmarks", "results"),

@@ -53,6 +53,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/benchmark.py``: find
 from benchmarks.published import PUBLISHED  # noqa: E402
 from benchmarks.timing import (Case, measure_ours, run_worker, synthetic_batch, time_calls,  # noqa: E402,F401
                                worker_main)
+from utils.cli import HelpFormatter  # noqa: E402
 
 SMALL_BATCH, SMALL_CROP = 2, 64  # --small: fits every backbone (IDT needs 64 or a multiple of 128)
 RESULT_NAME = "benchmark"
@@ -223,7 +224,7 @@ def write_results(rows: list[dict], header: str, notes: Sequence[str], save_path
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Training and inference speed of each backbone (ours, and optionally "
                                 "the published code side by side).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     from models import available_models  # the registry: any registered backbone can be measured
 
     p.add_argument("--models", nargs="+", default=available_models(), metavar="NAME",

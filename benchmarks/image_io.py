@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from utils import images
+from utils.cli import HelpFormatter
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -126,7 +127,7 @@ def report(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--demo_root", default="demo_data", help="demo data to time when present (heavy/train)")
     p.add_argument("--repeats", type=int, default=15, help="timed repetitions per measurement (median)")
     p.add_argument("--save_path", default="benchmarks/results/image_io", help="where image_io.md is written")

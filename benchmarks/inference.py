@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as a script (the workers are): find the rep
     sys.path.insert(0, REPO_ROOT)
 
 from benchmarks.serve import Worker, WorkerError, serve  # noqa: E402
+from utils.cli import HelpFormatter  # noqa: E402
 
 MODES = ("plain", "coic")
 RESULT_NAME = "inference"
@@ -340,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description="Inference ms per image, ours (fp32 and the recommended setting) "
                                 "and the published code side by side, same weights.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--models", nargs="+", default=available_models(), metavar="NAME")
     p.add_argument("--settings", nargs="+", default=["fp32", "recommended"],
                    help="fp32, recommended, bf16, channels_last, bf16_channels_last (fp32 always runs)")

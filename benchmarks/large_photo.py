@@ -33,6 +33,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from models import available_models  # noqa: E402
+from utils.cli import HelpFormatter  # noqa: E402
 
 
 class _Enough(Exception):
@@ -189,7 +190,7 @@ def _call(flag: str, request: dict) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--models", nargs="+", default=available_models(), choices=available_models(), metavar="NAME")
     p.add_argument("--size", default="4000x3000", help="WIDTHxHEIGHT of the photo")
     p.add_argument("--max_memory", default="4G", help="test_model.py's --max_memory")

@@ -143,3 +143,83 @@ def test_read_ahead_keeps_order_and_reads_each_image_once(tmp_path, trained, tin
     assert [r["name"] for r in again] == [r["name"] for r in first]
     assert [r["psnr"] for r in again] == pytest.approx([r["psnr"] for r in first], abs=0.05)
     assert [p.name for p in sorted(out.iterdir())] == sorted(r["name"] for r in first)
+
+
+def _photos(tmp_path, tiny_demo, names=("a.png", "b.png", "c.png")):
+    """Three rainy photos (copies of the demo's), a folder of them."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    src = sorted(os.listdir(os.path.join(tiny_demo, "light", "test", "rain")))
+    for name, s in zip(names, src):
+        shutil.copy(os.path.join(tiny_demo, "light", "test", "rain", s), folder / name)
+    return folder
+
+
+def test_a_single_photo_a_list_and_a_glob(tmp_path, trained, tiny_demo):
+    folder = _photos(tmp_path, tiny_demo)
+    (folder / "notes.txt").write_text("not an image")
+    runs = {"one": [str(folder / "b.png")], "list": [str(folder / "c.png"), str(folder / "a.png")],
+            "glob": [str(folder / "*.png")]}
+    expected = {"one": ["b.png"], "list": ["c.png", "a.png"], "glob": ["a.png", "b.png", "c.png"]}
+    for key, entries in runs.items():
+        out = tmp_path / key
+        assert test_model.main(["--test_model", trained, "--test_dir", *entries, "--save_path", str(out)]) == 0
+        assert [r["name"] for r in _rows(out)] == expected[key]
+        assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == sorted(expected[key])
+        assert (out / "index.html").is_file()
+
+
+def test_photo_inputs_that_cannot_be_used_are_one_line(tmp_path, trained, tiny_demo, capsys):
+    folder = _photos(tmp_path, tiny_demo)
+    (folder / "notes.txt").write_text("not an image")
+    other = _photos(tmp_path / "x", tiny_demo) if (tmp_path / "x").mkdir() is None else None
+    cases = [([str(folder / "*.jpg")], "matches no file"), ([str(folder / "notes.txt")], "not an image"),
+             ([str(folder / "a.png"), str(other / "a.png")], "would both be saved as a.png"),
+             ([str(folder / "nope.png")], "does not exist")]
+    for entries, message in cases:
+        assert test_model.main(["--test_model", trained, "--test_dir", *entries, "--save_path",
+                                str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: --test_dir") and message in err[-1], err
+
+
+def test_unreadable_photos_are_listed_and_the_others_derained(tmp_path, trained, tiny_demo, capsys):
+    folder = _photos(tmp_path, tiny_demo, names=("a.png", "c.png", "e.png"))
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "d.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    assert test_model.main(["--test_model", trained, "--test_dir", str(folder), "--save_path", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: 2 image(s) could not be read") and "b.png" in err[-1] and "d.jpg" in err[-1]
+    rows = {r["name"]: r for r in _rows(out)}
+    assert list(rows) == ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    assert [n for n, r in rows.items() if r["error"]] == ["b.png", "d.png"]
+    assert "cannot read image" in rows["b.png"]["error"] and not rows["a.png"]["error"]
+    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == ["a.png", "c.png", "e.png"]
+    assert "b.png" not in (out / "index.html").read_text()
+    # --strict stops at the first
+    strict = tmp_path / "strict"
+    assert test_model.main(["--test_model", trained, "--test_dir", str(folder), "--save_path", str(strict),
+                            "--strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "b.png" in err[-1] and "d.jpg" not in err[-1]
+    assert not (strict / "c.png").exists()
+
+
+def test_the_report_says_which_model_made_it(tmp_path, trained, tiny_demo):
+    from utils.report import project_commit
+
+    folder = _photos(tmp_path, tiny_demo)
+    pages = {}
+    for mode, extra in (("normal", ["--tile", "32", "--tile_overlap", "8"]), ("tran", [])):
+        out = tmp_path / mode
+        assert test_model.main(["--test_model", trained, "--load_mode", mode, "--test_dir", str(folder),
+                                "--save_path", str(out), *extra]) == 0
+        pages[mode] = (out / "index.html").read_text()
+    commit = project_commit()
+    assert commit != "" and f"project commit {commit}" in pages["normal"]
+    assert f"Model: {trained} (BRN, plain (no modulation))" in pages["normal"]
+    assert "(BRN, CoIC (modulated by the encoder&#x27;s z))" in pages["tran"]
+    assert "Setting: fp32; tiles of 32 px, overlap 8 px" in pages["normal"]
+    assert "Setting: fp32; whole images, or the largest tiles that fit" in pages["tran"]
+    assert f"<title>CoIC deraining report: {os.path.basename(trained)}" in pages["normal"]

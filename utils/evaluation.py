@@ -4,6 +4,7 @@ the demo report (``utils.run``) and the analysis tools use it too. Result tables
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from typing import Any, Optional, Sequence
@@ -14,8 +15,8 @@ import torch.nn as nn
 from models import build_encoder, build_model, model_class
 from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, remap_published_keys
 from utils.dataset_specs import dataset_spec, find_dataset_folder, split_folder
-from utils.errors import DataError
-from utils.images import list_images, read_image, read_pair, save_image
+from utils.errors import DataError, one_line
+from utils.images import IMAGE_EXTENSIONS, UnreadableImageError, is_image, list_images, read_image, read_pair, save_image
 from utils.inference import image_code, restore
 from utils.layouts import claims_pairs, find_images, find_pairs
 from utils.metrics import score
@@ -24,7 +25,7 @@ from utils.results import read_table, write_table
 
 logger = logging.getLogger("coic.test")
 
-__all__ = ["load_model", "encoder_dim", "encoder_from_checkpoint", "load_encoder", "collect_inputs",
+__all__ = ["load_model", "encoder_dim", "encoder_from_checkpoint", "load_encoder", "collect_inputs", "collect_test_inputs",
            "collect_testset", "output_name", "evaluate"]
 
 DEFAULT_ENCODER_DIM = 128  # the paper's z
@@ -102,6 +103,10 @@ def collect_inputs(test_dir: str, stacked_rain_half: Optional[str] = None) -> li
     side-by-side images is paired when ``stacked_rain_half`` names its rainy half; otherwise
     the images of ``utils.layouts.find_images`` are derained without ground truth.
     """
+    if os.path.isfile(test_dir):
+        if not is_image(os.path.basename(test_dir)):
+            raise DataError(f"--test_dir {test_dir} is a file but not an image ({', '.join(IMAGE_EXTENSIONS)})")
+        return [(test_dir, None)]
     if not os.path.isdir(test_dir):
         raise DataError(f"--test_dir {test_dir} does not exist")
     stacked = stacked_rain_half and not os.path.isdir(os.path.join(test_dir, "rain")) and list_images(test_dir)
@@ -111,6 +116,33 @@ def collect_inputs(test_dir: str, stacked_rain_half: Optional[str] = None) -> li
     if not images:
         raise DataError(f"--test_dir {test_dir} holds no images (and no rain/ + norain/ folders)")
     return [(path, None) for path in images]
+
+
+def collect_test_inputs(entries: Sequence[str]) -> tuple[str, list[tuple[str, Optional[str]]]]:
+    """(label, items) of ``--test_dir``'s entries: one folder (``collect_inputs``), or any mix of
+    photos, folders and glob patterns (``'photos/*.jpg'``), in the order given."""
+    if len(entries) == 1 and not glob.has_magic(entries[0]):
+        return entries[0], collect_inputs(entries[0])
+    items: list[tuple[str, Optional[str]]] = []
+    for entry in entries:
+        matches = sorted(glob.glob(entry)) if glob.has_magic(entry) and not os.path.exists(entry) else [entry]
+        if not matches:
+            raise DataError(f"--test_dir {entry} matches no file")
+        for path in matches:
+            if os.path.isdir(path) or not glob.has_magic(entry):
+                items.extend(collect_inputs(path))
+            elif is_image(os.path.basename(path)):
+                items.append((path, None))
+    if not items:
+        raise DataError(f"--test_dir {' '.join(entries)} holds no images")
+    seen: dict[str, str] = {}
+    for rain, _ in items:
+        other = seen.setdefault(output_name(rain), str(rain))
+        if other != str(rain):
+            raise DataError(f"--test_dir: {other} and {rain} would both be saved as {output_name(rain)}; "
+                            "derain them in separate runs (another --save_path)")
+    label = " ".join(entries) if len(entries) <= 3 else f"{len(entries)} inputs ({entries[0]}, ...)"
+    return label, items
 
 
 def collect_testset(name: str, data_root: str) -> tuple[str, str, list[tuple[str, Optional[str]]]]:
@@ -154,7 +186,7 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
              progress: bool = True, protocol: str = "coic", skip_existing: bool = False,
              table_path: Optional[str] = None, desc: str = "test", amp: Optional[torch.dtype] = None,
              memory_format: torch.memory_format = torch.contiguous_format, metrics: Optional[Sequence[str]] = None,
-             niqe_channel: str = "y", max_memory: Optional[int] = None) -> list[dict]:
+             niqe_channel: str = "y", max_memory: Optional[int] = None, strict: bool = True) -> list[dict]:
     """Derain each (rain, clean or None) item, save it under ``save_path`` and score it.
 
     ``metrics``: names of ``utils.metrics.METRICS``; PSNR/SSIM are computed where there is a
@@ -168,7 +200,9 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
     ``table_path`` scored with the same protocol, else from the saved PNG. ``table_path`` is
     also rewritten (atomically) every 50 images, so an interrupted run loses little.
     ``max_memory`` (bytes; only without ``tile``): each image is restored whole or in the tiles
-    that ``utils.memory.MemoryPlanner`` fits into that budget.
+    that ``utils.memory.MemoryPlanner`` fits into that budget. ``strict``: an unreadable image
+    stops the run (``UnreadableImageError``); otherwise its row gets an ``error`` (the reason), it
+    is left out of the scores, and the other images are derained.
     """
     from utils.memory import MemoryPlanner
 
@@ -207,10 +241,18 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
                     _score(row, wanted, x, read_image(out_path), clean, protocol, niqe_channel, undefined,
                            (out_path, clean_path))
             else:
-                x, clean = reads.pop(k).result()
+                pending = reads.pop(k)
                 following = next_todo.get(k)
                 if following is not None:  # decode the next image while this one is derained
                     reads[following] = io_pool.submit(_read_item, *items[following])
+                try:
+                    x, clean = pending.result()
+                except UnreadableImageError as exc:
+                    if strict:
+                        raise
+                    logger.warning("%s", exc)
+                    rows.append({**row, "error": one_line(exc)})
+                    continue
                 xb = x.unsqueeze(0).to(device).contiguous(memory_format=memory_format)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     z = image_code(encoder, xb) if encoder is not None else None

@@ -18,6 +18,7 @@ from utils.images import read_image
 from utils.io import atomic_write_text
 from utils.layouts import find_images
 from utils.niqe import CHANNELS, MIN_SIDE, NIQEUndefined, niqe
+from utils.cli import HelpFormatter
 
 logger = logging.getLogger("coic.metrics")
 
@@ -26,10 +27,10 @@ __all__ = ["build_parser", "main", "score_folder"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m utils.metrics", description="No-reference scores of a folder.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="metric", required=True)
     q = sub.add_parser("niqe", help="NIQE of every image of a folder (lower is better)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     q.add_argument("folder", help="a folder of images (searched as test_model.py does: rain/ or the folder itself)")
     q.add_argument("--channel", default="y", choices=CHANNELS,
                    help="y: MATLAB rgb2ycbcr Y (niqe_release); gray: 0.299R+0.587G+0.114B (pyiqa's default)")

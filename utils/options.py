@@ -11,6 +11,7 @@ from utils.errors import UserError
 from utils.config import TrainConfig
 from utils.pretrained import WEIGHTS_DIR_ENV, published_names, published_or_path
 from utils.recipes import Recipe, get_recipe
+from utils.cli import HelpFormatter
 
 REFERENCE_DATA_PATHS = ("datasets/Rain200H/train,datasets/Rain200L/train,datasets/Rain800/train,"
                         "datasets/DID/train,datasets/DDN/train")
@@ -27,7 +28,7 @@ def str2bool(v: str) -> bool:
 def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=f"Train {recipe.model_name} on mixed rain datasets, with or without CoIC.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--model_name", default=recipe.model_name, help="backbone to train")
     g.add_argument("--demo", action="store_true",

@@ -34,7 +34,7 @@ from utils.io import atomic_write, atomic_write_text
 
 logger = logging.getLogger("coic.test")
 
-__all__ = ["ReportColumn", "ReportSet", "write_report", "PREVIEW_DIR", "PREVIEW_SIDE", "PAGE_SIZE"]
+__all__ = ["ReportColumn", "ReportSet", "write_report", "run_description", "project_commit", "PREVIEW_DIR", "PREVIEW_SIDE", "PAGE_SIZE"]
 
 PREVIEW_DIR = "report"
 PREVIEW_SIDE = 768
@@ -341,6 +341,38 @@ def _write_set(save_path: str, rs: ReportSet, slug: str, images: list[dict], col
             + _table(rows, columns, ("name", "Image"), ("#", "#"), links))
     atomic_write_text(list_file, _page(f"{rs.name} · {title}", body))
     return first_section
+
+
+def project_commit() -> str:
+    """The project's commit (``git describe --always --dirty``), or "unknown" outside a git checkout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
+def run_description(checkpoint: str, backbone: str, load_mode: str, setting, tile: Optional[int], overlap: int,
+                    max_memory: Optional[int], when: Optional[str] = None, commit: Optional[str] = None) -> list[str]:
+    """The report's lines saying what made it: checkpoint (or published name), backbone and mode,
+    precision and layout (``setting``: a ``utils.speed.Setting``), tile plan, date and commit, so two
+    reports opened side by side say which is which."""
+    import datetime
+
+    mode = "CoIC (modulated by the encoder's z)" if load_mode == "tran" else "plain (no modulation)"
+    if tile:
+        tiles = f"tiles of {tile} px, overlap {overlap} px"
+    elif max_memory is not None:
+        tiles = f"whole images, or the largest tiles that fit {max_memory / 2 ** 30:.1f} GiB (overlap {overlap} px)"
+    else:
+        tiles = "whole images"
+    when = when or datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return [f"Model: {checkpoint} ({backbone}, {mode})", f"Setting: {setting.label}; {tiles}",
+            f"Made: {when}, project commit {commit or project_commit()}"]
 
 
 def write_report(save_path: str, sets: list[ReportSet], columns: list[ReportColumn], summary: list[dict],

@@ -31,6 +31,7 @@ from utils.experiments import DEMO_ITERS, EXPERIMENTS, Experiment, Variant, expe
 from utils.metrics import PROTOCOLS
 from utils.recipes import get_recipe
 from utils.experiment_tables import read_summary, summary_name
+from utils.cli import HelpFormatter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -297,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Run one of the paper's experiments as ordinary train/test commands: resumable, with the "
                     "paper's numbers beside ours (results/<experiment>/table.md and .csv).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("experiment", nargs="?", choices=list(EXPERIMENTS),
                    help="; ".join(f"{e.name}: {e.title}" for e in EXPERIMENTS.values()))
     p.add_argument("--demo", action="store_true", help="the demo experiment: the same machinery in miniature on the "

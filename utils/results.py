@@ -33,6 +33,8 @@ def read_table(path: str) -> dict[str, dict]:
     try:
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
+                if row.get("error"):  # not derained: nothing to reuse
+                    continue
                 scores = {k: float(row[k]) if row.get(k) else None for k in SCORE_COLUMNS}
                 rows[row["name"]] = {"name": row["name"], **scores, "protocol": row.get("protocol") or "coic",
                                      "niqe_channel": row.get("niqe_channel") or "y"}
@@ -47,13 +49,15 @@ def _fmt(value: Optional[float], digits: int) -> str:
 
 
 def write_table(rows: list[dict], path: str) -> None:
-    """Per-image results as CSV (name, psnr, ssim, niqe_rain, niqe_out, protocol, niqe_channel), atomically."""
+    """Per-image results as CSV (name, psnr, ssim, niqe_rain, niqe_out, protocol, niqe_channel), atomically;
+    an ``error`` column (why the image was not derained) when some row has one."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["name", *SCORE_COLUMNS, "protocol", "niqe_channel"])
+    errors = any(r.get("error") for r in rows)
+    writer.writerow(["name", *SCORE_COLUMNS, "protocol", "niqe_channel"] + (["error"] if errors else []))
     for r in rows:
         writer.writerow([r["name"], *(_fmt(r.get(k), _DIGITS[k]) for k in SCORE_COLUMNS), r.get("protocol", "coic"),
-                         r.get("niqe_channel", "y")])
+                         r.get("niqe_channel", "y")] + ([r.get("error") or ""] if errors else []))
     atomic_write_text(path, buf.getvalue())
 
 
@@ -63,7 +67,9 @@ def _mean(values: list) -> Optional[float]:
 
 
 def summarize(name: str, rows: list[dict]) -> dict:
-    """One line of the summary table: the set's mean of each score over the images that have it."""
+    """One line of the summary table: the set's mean of each score over the images that have it (rows
+    with an ``error``, images that could not be read, are not counted)."""
+    rows = [r for r in rows if not r.get("error")]
     line = {"dataset": name, "images": len(rows), "scored": sum(r.get("psnr") is not None for r in rows),
             "niqe_scored": sum(r.get("niqe_out") is not None for r in rows)}
     line.update({k: _mean([r.get(k) for r in rows]) for k in SCORE_COLUMNS})
