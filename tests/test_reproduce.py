@@ -259,3 +259,39 @@ def test_demo_end_to_end_then_killed_and_rerun(tmp_path, small_demo, capsys, mon
     # A third run has nothing left to do.
     assert reproduce.main(argv) == 0
     assert _ran(capsys.readouterr().out) == []
+
+
+def _fake_dataset(root, name, split):
+    from utils.reproduce import dataset_folder
+
+    folder = dataset_folder(name, str(root), split)
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def test_a_real_run_checks_all_its_data_before_the_first_step(tmp_path, capsys, monkeypatch):
+    """Every training set and every test set of the chosen backbones, listed in one line, before step 1."""
+    from utils import reproduce as steps
+
+    started = []
+    monkeypatch.setattr(steps, "_run_command", lambda command: started.append(command) or 0)
+    data = tmp_path / "data"
+    for name in TRAIN_ORDER:
+        _fake_dataset(data, name, "train")
+    _fake_dataset(data, "Rain200L", "test")
+    argv = ["main", "--backbones", "BRN", "--data_root", str(data), "--runs_root", str(tmp_path / "runs"),
+            "--results_root", str(tmp_path / "res")]
+    assert reproduce.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert started == [] and len(err) == 1 and err[0].startswith("error: 4 dataset folder(s)")
+    for name in ("Rain200H", "Rain800", "DID", "DDN"):  # each missing test set is named
+        assert f"{os.sep}{name}" in err[0] or f"/{name}" in err[0], (name, err[0])
+    assert f"python datasets.py check {data}" in err[0]
+    # the training sets were all there: none is listed
+    assert all(f"{n}{os.sep}train" not in err[0] and f"{n}/train" not in err[0] for n in TRAIN_ORDER)
+    for name in ("Rain200H", "Rain800", "DID", "DDN"):
+        _fake_dataset(data, name, "test")
+    # all there: the check passes and the first step (a training) starts
+    monkeypatch.setattr(steps, "execute", lambda s, dry_run, only: started.append(s[0].kind) or [])
+    monkeypatch.setattr("utils.experiment_tables.write_tables", lambda *a, **k: "")
+    assert reproduce.main(argv) == 0 and started == ["train"]

@@ -79,6 +79,7 @@ class Step:
     is_done: Callable[[], bool]
     run: Optional[Run] = None
     needs: Optional[str] = None  # a file an earlier step makes (the checkpoint an evaluation scores)
+    data: tuple[str, ...] = ()  # the dataset folders it reads
 
     @property
     def phase(self) -> str:
@@ -219,15 +220,18 @@ def plan(opts: Options) -> list[Step]:
         steps.append(Step("data", "demo data", ("python", script("datasets.py"), "demo", root), root,
                           lambda: is_complete(root)))
     for run in plan_runs(opts):  # each run trained, then scored: the table fills as the experiment goes
+        train_data = tuple(dataset_folder(n, opts.data_root, "train") for n in exp.training.train_sets)
         steps.append(Step("train", f"train {run.backbone} {run.variant.label}" +
                           (f", seed {run.seed}" if run.name.endswith(f"seed{run.seed}") else ""),
                           tuple(train_command(run, opts)), run.checkpoint,
-                          lambda r=run: os.path.isfile(r.checkpoint), run))
+                          lambda r=run: os.path.isfile(r.checkpoint), run, data=train_data))
         if exp.evaluation is not None:
             what = "NIQE" if exp.evaluation.metrics == "niqe" else f"{opts.protocol} PSNR/SSIM"
             steps.append(Step("eval", f"evaluate {run.name} ({what} on {', '.join(exp.evaluation.test_sets)})",
                               tuple(eval_command(run, opts)), os.path.join(eval_folder(run, opts), "summary.csv"),
-                              lambda r=run: evaluation_done(r, opts), run, run.checkpoint))
+                              lambda r=run: evaluation_done(r, opts), run, run.checkpoint,
+                              data=tuple(dataset_folder(n, opts.data_root, "test")
+                                         for n in exp.evaluation.test_sets)))
         for tool in exp.analyses:
             out = analysis_folder(run, tool.tool, opts)
             data = [dataset_folder(n, opts.data_root, tool.split) for n in tool.data]
@@ -237,8 +241,22 @@ def plan(opts: Options) -> list[Step]:
                        "--save_path", out)
             outputs = [os.path.join(out, f) for f in tool.outputs]
             steps.append(Step("analysis", f"{tool.title} of {run.name}", command, out,
-                              lambda o=outputs, r=run: all(_newer(p, r.checkpoint) for p in o), run, run.checkpoint))
+                              lambda o=outputs, r=run: all(_newer(p, r.checkpoint) for p in o), run, run.checkpoint,
+                              data=tuple(data)))
     return steps
+
+
+def check_data(steps: Sequence[Step], only: Optional[str], data_root: str) -> None:
+    """Refuse, before the first step, when a dataset folder a step still to run reads is missing: a
+    run that trains for days must not find a test set missing at its end."""
+    # --only eval skips an evaluation whose training is not there yet (``execute``): it reads nothing
+    waiting = {id(s) for s in steps if only is not None and s.needs is not None and not os.path.isfile(s.needs)}
+    needed = dict.fromkeys(d for s in steps if only in (None, s.phase) and s.kind != "data" and not s.is_done()
+                           and id(s) not in waiting for d in s.data)
+    missing = [d for d in needed if not os.path.isdir(d)]
+    if missing:
+        raise DataError(f"{len(missing)} dataset folder(s) this run needs are missing: {', '.join(missing)}; "
+                        f"prepare them (docs: datasets) and check with: python datasets.py check {data_root}")
 
 
 # ------------------------------------------------------------------ running
@@ -362,6 +380,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         opts = options_from_args(args)
         steps = plan(opts)
+        if not args.dry_run and args.only != "table" and not opts.experiment.demo:
+            check_data(steps, args.only, opts.data_root)  # the demo's first step makes its data
         try:
             if args.only != "table":
                 execute(steps, args.dry_run, args.only)
