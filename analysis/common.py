@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils.allocator import keep_freed_memory
 from utils.checkpoint import read_checkpoint, trusted_checkpoints
 from utils.distributed import resolve_device
 from utils.errors import UserError, cli_main
@@ -357,6 +358,7 @@ def run_tool(build_parser: Callable[[], argparse.ArgumentParser],
     ``run`` returns an exit code, or the Markdown summary it wrote to ``--save_path``: that is
     printed, followed by where the results are, and the tool exits 0.
     """
+    keep_freed_memory()  # before any tensor: large activations reuse heap pages (utils/allocator.py)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
