@@ -1,0 +1,49 @@
+"""Every relative link of README.md and docs/*.md resolves to a file or folder of the tree (and an
+anchor of a Markdown target to one of its headings)."""
+import os
+import re
+
+import pytest
+
+from conftest import ROOT
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _pages() -> list[str]:
+    docs = os.path.join(ROOT, "docs")
+    return ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(docs) if f.endswith(".md"))
+
+
+def _anchors(path: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    out = set()
+    for line in open(path, encoding="utf-8"):
+        if line.startswith("#"):
+            text = line.lstrip("#").strip().lower()
+            out.add(re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", text)))
+    return out
+
+
+def _relative_links(page: str) -> list[str]:
+    text = re.sub(r"```.*?```", "", open(os.path.join(ROOT, page), encoding="utf-8").read(), flags=re.S)
+    return [t for t in LINK.findall(text) if not re.match(r"^[a-z]+:", t)]
+
+
+@pytest.mark.parametrize("page", _pages())
+def test_relative_links_resolve(page):
+    base = os.path.dirname(os.path.join(ROOT, page))
+    for target in _relative_links(page):
+        path, _, anchor = target.partition("#")
+        full = os.path.normpath(os.path.join(base, path)) if path else os.path.join(ROOT, page)
+        assert os.path.exists(full), f"{page}: broken link {target}"
+        if anchor and full.endswith(".md"):
+            assert anchor in _anchors(full), f"{page}: no heading for #{anchor} in {os.path.relpath(full, ROOT)}"
+
+
+def test_the_check_sees_a_broken_link(tmp_path):
+    page = tmp_path / "p.md"
+    page.write_text("[a](nowhere.md) [b](https://example.org) [c](#licence-and-citation)\n```\n[d](x.md)\n```\n")
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    assert [t for t in LINK.findall(text) if not re.match(r"^[a-z]+:", t)] == ["nowhere.md", "#licence-and-citation"]
+    assert "licence-and-citation" in _anchors(os.path.join(ROOT, "README.md"))
