@@ -18,6 +18,7 @@ from utils.images import read_image
 from utils.io import atomic_write_text
 from utils.layouts import find_images
 from utils.niqe import CHANNELS, MIN_SIDE, NIQEUndefined, niqe
+from utils.allocator import keep_freed_memory
 from utils.cli import HelpFormatter
 
 logger = logging.getLogger("coic.metrics")
@@ -63,6 +64,7 @@ def score_folder(folder: str, channel: str = "y", progress: bool = True) -> list
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     def run() -> int:

@@ -31,6 +31,7 @@ from utils.experiments import DEMO_ITERS, EXPERIMENTS, Experiment, Variant, expe
 from utils.metrics import PROTOCOLS
 from utils.recipes import get_recipe
 from utils.experiment_tables import read_summary, summary_name
+from utils.allocator import keep_freed_memory
 from utils.cli import HelpFormatter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -374,6 +375,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
 
     def work() -> int:
         from utils.experiment_tables import write_tables

@@ -10,6 +10,7 @@ import torch
 
 from utils.images import read_image, save_image
 from utils.layouts import find_pairs
+from utils.allocator import keep_freed_memory
 from utils.errors import UserError, cli_main
 from utils.options import parse_train_args
 
@@ -73,6 +74,7 @@ def _mean(values: list) -> Optional[float]:
 
 def main(model_name: str, argv: Optional[Sequence[str]] = None) -> int:
     args = parse_train_args(model_name, argv)
+    keep_freed_memory()  # activations and gradients reuse freed memory instead of fresh, kernel-zeroed pages
     from utils.trainer import Trainer, TrainingDiverged, TrainingInterrupted, setup_logging
 
     setup_logging()
