@@ -1,0 +1,64 @@
+"""Export a deraining checkpoint to ONNX: one graph from the rainy image to the derained one.
+
+    python export.py --test_model coic-brn --format onnx --out brn.onnx
+    python export.py --test_model MODEL.pth --model_name DRSformer --out drsformer.onnx --size 256 256
+
+``--test_model`` is resolved as ``test_model.py`` resolves it (a published name or a checkpoint
+file). A CoIC checkpoint exports with its encoder: the graph takes ``rain`` (1,3,H,W) float32
+in [0,1], any H and W, and returns ``derained`` (1,3,H,W) in [0,1]. See docs/deploy.md.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Optional, Sequence
+
+from models import available_models
+from utils.errors import cli_main
+from utils.export import DEFAULT_OPSET, DEFAULT_OVERLAP, check_writable, export_onnx, load_for_export
+from utils.pretrained import published_names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Export a (CoIC) deraining checkpoint to ONNX.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--test_model", required=True,
+                   help="backbone checkpoint (ours, or a published state_dict), or a published name: "
+                   + ", ".join(published_names()))
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
+    p.add_argument("--out", required=True, help="the ONNX file to write")
+    p.add_argument("--model_name", default=None,
+                   help=f"backbone: {', '.join(available_models())} (default: a published name's, else BRN)")
+    p.add_argument("--load_mode", default=None, choices=["normal", "base", "tran"],
+                   help="tran: the graph holds the encoder and modulates; normal/base: the plain backbone "
+                        "(default: tran for a coic-* name or a checkpoint holding an encoder)")
+    p.add_argument("--feat_ext", default=None, help="encoder checkpoint (default: the one inside --test_model)")
+    p.add_argument("--weights_dir", default=None, help="offline: take the published files from this folder")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (18+: Resize with antialias)")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="example input the graph is traced with (H and W stay dynamic; default: a few pixels "
+                        "above 64, or above the tile for IDT)")
+    p.add_argument("--tile_overlap", type=int, default=DEFAULT_OVERLAP,
+                   help="overlap of neighbouring tiles, for backbones that run in tiles (IDT)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the exporter logs every rewrite at INFO
+    return cli_main(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, export, print where the file went."""
+    check_writable(args.out)  # before the model is loaded: a wrong --out fails at once
+    model, encoder, mode = load_for_export(args.test_model, args.model_name, args.load_mode, args.feat_ext,
+                                           args.weights_dir)
+    export_onnx(model, encoder, args.out, size=args.size, opset=args.opset, overlap=args.tile_overlap)
+    print(f"{type(model).__name__} ({'with the CoIC encoder' if encoder is not None else 'plain'}, "
+          f"--load_mode {mode}) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
