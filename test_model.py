@@ -29,6 +29,7 @@ from models import available_models
 from utils.checkpoint import trusted_checkpoints
 from utils.dataset_specs import DATASET_SPECS
 from utils.distributed import add_device_args, resolve_device
+from utils.allocator import keep_freed_memory
 from utils.errors import DataError, UserError, cli_main
 from utils.evaluation import (collect_inputs, collect_test_inputs, collect_testset, evaluate, load_encoder,  # noqa: F401
                               load_model, output_name)
@@ -88,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tile images larger than this (default: whole images; IDT always tiles at 128)")
     p.add_argument("--tile_overlap", type=int, default=32, help="overlap of neighbouring tiles in pixels")
     add_device_args(p)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 + channels_last on a CPU with native bf16 where the backbone's mode is shown "
+                        "accurate in it (utils.speed.default_setting), float32 elsewhere; fp32 forces float32; "
+                        "bf16: bf16 autocast + channels_last")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
                    help="autocast the model and encoder to bf16/fp16 (faster on recent GPUs; scores use float32)")
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPUs)")
@@ -104,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()  # large activations reuse freed memory instead of fresh, kernel-zeroed pages
     if args.test_model is None and not args.list_models:
         parser.error("--test_model is required: a checkpoint file or a published name (see --list_models)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -142,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tile and args.max_memory:
         raise UserError("--max_memory chooses the tiles when --tile is not given; pass one of them")
     example_z = image_code(encoder, torch.rand(1, 3, 64, 64, device=device)) if encoder is not None else None
-    setting = inference_setting(args.amp, args.channels_last, args.recommended, device, model, example_z)
+    setting = inference_setting(args.amp, args.channels_last, args.recommended, device, model, example_z,
+                                args.precision)
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     amp = AMP_DTYPES[setting.amp or "off"]

@@ -3,7 +3,9 @@
 Every backbone follows one contract: ``model(x, z=None)`` maps x (B,3,H,W) in [0,1] to the
 restored image (same shape, [0,1] domain, not clamped); ``z`` (B,dim_in) switches CoI-M on.
 A backbone declares ``size_multiple`` (inputs are padded to it) and, when it only works at
-its training resolution, ``tile_size`` (inputs are tiled at it).
+its training resolution, ``tile_size`` (inputs are tiled at it). ``bf16_verified`` (default: none)
+names the modes ("plain", "coic") whose bf16 output is shown as accurate as float32: there
+``test_model.py`` runs bf16 by default on a CPU that computes it natively (``utils.speed``).
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from utils.errors import UserError
 from utils.config import TrainConfig
 from utils.pretrained import WEIGHTS_DIR_ENV, published_names, published_or_path
 from utils.recipes import Recipe, get_recipe
+from utils.speed import native_bf16
 from utils.cli import HelpFormatter
 
 REFERENCE_DATA_PATHS = ("datasets/Rain200H/train,datasets/Rain200L/train,datasets/Rain800/train,"
@@ -112,6 +113,8 @@ def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> T
         for key, value in recipe.demo.items():
             if key not in typed:
                 setattr(args, key, value)
+        if "amp" not in typed and not args.use_GPU and args.device in (None, "cpu") and native_bf16():
+            args.amp = "bf16"  # a CPU that computes bf16 natively: the demo trains in it (README, demo)
         if "save_path" not in typed:  # a fine-tune of published weights is a run of its own, never a resume
             args.save_path = f"runs/demo_{model_name}" + (f"_from_{os.path.basename(args.pretrained)}"
                                                           if args.pretrained else "")

@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 
 __all__ = ["Setting", "cpu_flags", "native_bf16", "recommended_setting", "cpu_model_name", "inference_setting",
+           "default_setting",
            "default_tile_batch", "faster_layout"]
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -51,7 +52,7 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
     suite fixes it so that no test depends on the host's CPU, and a container that hides the flags
     can state them.
     """
-    if cpuinfo == "/proc/cpuinfo" and os.environ.get(CPU_FLAGS_ENV) is not None:
+    if cpuinfo == "/proc/cpuinfo" and os.environ.get(CPU_FLAGS_ENV):
         return set(os.environ[CPU_FLAGS_ENV].split())
     try:
         with open(cpuinfo) as f:
@@ -139,21 +140,53 @@ def faster_layout(model: nn.Module, device: torch.device, z: Optional[Tensor] = 
     return best["channels_last"] < margin * best["contiguous"], best
 
 
+def default_setting(device: torch.device, model: Optional[nn.Module], coic: bool,
+                    flags: Optional[set[str]] = None) -> Setting:
+    """What ``test_model.py`` runs with when no precision flag is given.
+
+    bf16 autocast + channels-last on a CPU that computes bf16 natively, for the modes whose bf16
+    accuracy the backbone declares shown (``bf16_verified``: "plain", "coic"; measured by
+    ``benchmarks/bf16_accuracy.py``: PSNR within 0.05 dB and NIQE within 0.05 of fp32). float32 in
+    the default layout everywhere else (GPUs included, where it has not been measured).
+    """
+    mode = "coic" if coic else "plain"
+    name = type(model).__name__ if model is not None else "this model"
+    if device.type != "cpu" or not native_bf16(flags):
+        return Setting(None, False, "float32 (bf16 is the default only on a CPU that computes it natively)")
+    if mode not in getattr(model, "bf16_verified", ()):
+        return Setting(None, False, f"float32: bf16 accuracy of {name}'s {mode} mode is not shown yet")
+    return Setting("bf16", True, f"the CPU computes bf16 natively and {name}'s {mode} mode keeps PSNR within "
+                                 "0.05 dB of float32 in it (--precision fp32 forces float32)")
+
+
 def inference_setting(amp: str, channels_last: bool, use_recommended: bool, device: torch.device,
-                      model: Optional[nn.Module] = None, z: Optional[Tensor] = None) -> Setting:
-    """The setting a command runs with (``--amp``, ``--channels_last`` or ``--recommended``), logged
-    with this machine's recommendation when the command does not use it (the layout is timed on
-    ``model`` only for ``--recommended``)."""
+                      model: Optional[nn.Module] = None, z: Optional[Tensor] = None,
+                      precision: str = "auto") -> Setting:
+    """The setting a command runs with, logged with this machine's recommendation when the command
+    does not use it. ``--recommended`` (its layout timed on ``model``) wins; then an explicit
+    ``--amp``/``--channels_last``; then ``precision``: "fp32" forces float32, "bf16" is bf16 autocast +
+    channels-last, "auto" is ``default_setting``."""
     import logging
 
     rec = recommended_setting(device, model=model if use_recommended else None, z=z)
-    chosen = rec if use_recommended else Setting(None if amp in (None, "off") else amp, channels_last)
+    if use_recommended:
+        chosen = rec
+    elif amp not in (None, "off") or channels_last:
+        chosen = Setting(None if amp in (None, "off") else amp, channels_last, "as the flags say")
+    elif precision == "fp32":
+        chosen = Setting(None, False, "--precision fp32")
+    elif precision == "bf16":
+        chosen = Setting("bf16", True, "--precision bf16")
+    else:
+        chosen = default_setting(device, model, z is not None)
     name = cpu_model_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
     message = f"inference setting: {chosen.label} on {name}"
     if use_recommended or (chosen.amp, chosen.channels_last) == (rec.amp, rec.channels_last):
         message += f" (the recommended one: {rec.reason})"
     else:
         message += f"; recommended here: {rec.label} (--recommended; {rec.reason})"
+    if chosen.reason and not use_recommended:
+        message += f"; chosen: {chosen.reason}"
     logging.getLogger("coic.speed").info(message)
     return chosen
 
