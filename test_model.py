@@ -26,10 +26,11 @@ from typing import Optional, Sequence
 import torch
 
 from models import available_models
+from utils.allocator import keep_freed_memory
 from utils.checkpoint import trusted_checkpoints
+from utils.cli import HelpFormatter
 from utils.dataset_specs import DATASET_SPECS
 from utils.distributed import add_device_args, resolve_device
-from utils.allocator import keep_freed_memory
 from utils.errors import DataError, UserError, cli_main
 from utils.evaluation import (collect_inputs, collect_test_inputs, collect_testset, evaluate, load_encoder,  # noqa: F401
                               load_model, output_name)
@@ -40,7 +41,6 @@ from utils.pretrained import WEIGHTS_DIR_ENV, choose_checkpoint, describe_publis
 from utils.report import ReportColumn, ReportSet, run_description, write_report
 from utils.results import format_markdown, protocol_notes, summarize, with_mean, write_summary
 from utils.speed import inference_setting
-from utils.cli import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
