@@ -4,9 +4,11 @@
     python test_model.py --use_GPU --gpu_id 0 --test_model MODEL.pth --feat_ext ENC.pth --model_name BRN --load_mode tran
     python test_model.py --test_model MODEL.pth --load_mode tran --testset Rain200L,Rain200H,Rain800,DID,DDN,SPA
     python test_model.py --test_model coic-brn --test_dir DIR   # a published name (--list_models), downloaded once
+    python test_model.py --test_model coic-brn --test_dir photo.jpg 'more/*.png'
 
 ``--test_dir`` holds a pair layout of ``utils.layouts`` (rain/ + norain/, SPA's rain/ +
-gt/) and is scored, or just images (they are derained and saved). Results go to
+gt/) and is scored, or just images (they are derained and saved); it may also name photos and
+glob patterns. An unreadable image is listed, not fatal (``--strict`` stops at it). Results go to
 ``--save_path``: the derained PNGs, ``results.csv`` (name, psnr, ssim, protocol) and the
 report page ``index.html`` (``utils.report``: before/after sliders, previews under ``report/``).
 
