@@ -14,6 +14,9 @@ import logging
 from typing import Optional, Sequence
 
 from models import available_models
+from utils.allocator import keep_freed_memory
+from utils.checkpoint import trusted_checkpoints
+from utils.cli import HelpFormatter
 from utils.errors import cli_main
 from utils.export import DEFAULT_OPSET, DEFAULT_OVERLAP, check_writable, export_onnx, load_for_export
 from utils.pretrained import published_names
@@ -21,7 +24,7 @@ from utils.pretrained import published_names
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export a (CoIC) deraining checkpoint to ONNX.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--test_model", required=True,
                    help="backbone checkpoint (ours, or a published state_dict), or a published name: "
                    + ", ".join(published_names()))
@@ -34,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: tran for a coic-* name or a checkpoint holding an encoder)")
     p.add_argument("--feat_ext", default=None, help="encoder checkpoint (default: the one inside --test_model)")
     p.add_argument("--weights_dir", default=None, help="offline: take the published files from this folder")
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="load a checkpoint that holds objects beyond tensors with the full unpickler, which runs any "
+                        "code it names: only for files from a source you trust")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (18+: Resize with antialias)")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="example input the graph is traced with (H and W stay dynamic; default: a few pixels "
@@ -45,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the exporter logs every rewrite at INFO
-    return cli_main(lambda: run(args))
+    with trusted_checkpoints(args.trust_checkpoint):
+        return cli_main(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -68,7 +68,7 @@ def _correlation(x, y) -> float:
 
 def _brn_from(path: str) -> nn.Module:
     """The tiny BRN of one of the checkpoints below, built and loaded here (not by the tools)."""
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     model = build_model("BRN", **ckpt["model_hparams"])
     model.load_state_dict(ckpt["model"])
     return model.eval()
@@ -255,7 +255,7 @@ def test_encoding_matches_test_time_code(checkpoints, tiny_demo):
 
 def test_published_moco_state_dict_and_missing_projection_package(tmp_path, checkpoints, tiny_demo, capsys):
     # A published encoder file is a bare MoCo state_dict (DataParallel prefix, no hyper-parameters).
-    ours = torch.load(checkpoints[0.5], weights_only=False)["encoder"]
+    ours = torch.load(checkpoints[0.5], weights_only=True)["encoder"]
     published = str(tmp_path / "feat_epoch.pth")
     torch.save({f"module.{k}": v for k, v in ours.items()}, published)
     out = str(tmp_path / "rep")
@@ -458,7 +458,7 @@ def test_temperature_sweep_cli_with_a_planted_encoder(tmp_path, checkpoints, tin
     # image: every feature map is e0 at each position, so every logit is exactly 1/T. The positive wins
     # the ties (accuracies 1) and the InfoNCE loss is log(1 + 1 rain-aware + n_neg detail-aware) at any T;
     # z = normalise(mlp(e0)) for every image.
-    ckpt = torch.load(checkpoints[0.5], weights_only=False)
+    ckpt = torch.load(checkpoints[0.5], weights_only=True)
     state = dict(ckpt["encoder"])
     for branch in ("encoder_q", "encoder_k"):
         last = f"{branch}.resblock.2"

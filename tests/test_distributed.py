@@ -34,7 +34,7 @@ def _worker(rank: int, world: int, port: int, flags: list, out_dir: str) -> None
 
 def _run(flags, out_dir):
     mp.spawn(_worker, args=(2, _free_port(), flags, out_dir), nprocs=2, join=True)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(2)]
 
 
 def test_two_gloo_processes_stay_in_sync_and_resume(tmp_path, tiny_demo):
@@ -51,7 +51,7 @@ def test_two_gloo_processes_stay_in_sync_and_resume(tmp_path, tiny_demo):
     assert a["archive"][0].shape[0] == 4  # both ranks' rain layers (batch 2 each) in one archive entry
     ckpts = sorted(os.listdir(save))
     assert "ckpt_0000004.pth" in ckpts
-    saved = torch.load(os.path.join(save, "ckpt_0000004.pth"), weights_only=False)
+    saved = torch.load(os.path.join(save, "ckpt_0000004.pth"), weights_only=True)
     assert all(torch.equal(saved["model"][k], a["model"][k]) for k in a["model"])
     # the same command with more iterations resumes from iteration 4 on both ranks
     resumed = _run(train_flags(save, data, tot_iters=6, stage1_iters=2, save_freq=2), str(tmp_path))

@@ -23,7 +23,7 @@ def test_train_script_two_iterations_then_evaluate(name, tmp_path, tiny_demo, mo
     assert main(name, flags) == 0
     ckpt = os.path.join(save, "ckpt_0000002.pth")
     assert os.path.isfile(ckpt)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["model_name"] == name and state["iteration"] == 2
     test_dir = os.path.join(tiny_demo, "heavy", "test")
     for mode in ("normal", "tran"):

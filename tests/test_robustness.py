@@ -100,7 +100,7 @@ def test_run_of_bad_steps_rolls_back_with_half_lr(tmp_path, tiny_demo, caplog):
     assert trainer.rollbacks == 1 and trainer.lr_scale == 0.5 and trainer.iteration == 8
     assert trainer.base_opt.param_groups[0]["lr"] == pytest.approx(0.5 * 1e-3)
     assert "rolled back to" in caplog.text and "ckpt_0000004.pth" in caplog.text
-    state = torch.load(list_checkpoints(str(tmp_path))[-1], weights_only=False)
+    state = torch.load(list_checkpoints(str(tmp_path))[-1], weights_only=True)
     assert state["lr_scale"] == 0.5 and state["bad_steps"] == 3
 
 
@@ -142,7 +142,7 @@ def test_sigterm_saves_and_resumes(tmp_path, tiny_demo):
     assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
     assert "interrupted by SIGTERM" in out and "rerun the same command" in out
     latest = list_checkpoints(str(tmp_path))[-1]
-    stopped_at = torch.load(latest, weights_only=False)["iteration"]
+    stopped_at = torch.load(latest, weights_only=True)["iteration"]
     assert stopped_at > 0 and latest.endswith(f"ckpt_{stopped_at:07d}.pth")
     resumed = _trainer(tmp_path, data, tot_iters=stopped_at + 1, stage1_iters=2)
     assert resumed.iteration == stopped_at

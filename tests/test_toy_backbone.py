@@ -71,7 +71,7 @@ def test_train_both_stages_then_evaluate(toy, tmp_path, tiny_demo):
     assert trainer.iteration == 4 and os.path.isfile(last)
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     assert any(not torch.equal(g, p) for g, p in zip(generators, trainer.coic_params))  # the CoIC stage ran
-    state = torch.load(last, map_location="cpu", weights_only=False)
+    state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["model_name"] == toy and state["model_hparams"] == {"width": 4, "dim_in": 128}
 
     test_dir = os.path.join(tiny_demo, "heavy", "test")

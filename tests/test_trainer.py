@@ -92,7 +92,7 @@ def test_checkpoint_from_before_the_coic_rename_resumes(tmp_path, tiny_demo):
     data = os.path.join(tiny_demo, "heavy", "train")
     trainer = _trainer(tmp_path, data, tot_iters=3, stage1_iters=1, save_freq=100)
     last = trainer.train()
-    state = torch.load(last, weights_only=False)
+    state = torch.load(last, weights_only=True)
     state["tran_optim"] = state.pop("coic_optim")
     torch.save(state, last)
     resumed = _trainer(tmp_path, data, tot_iters=3, stage1_iters=1)
