@@ -39,7 +39,7 @@ def build_large_set(root: str, side: int, images: int = 4, seed: int = 0) -> dic
     longer edge (keeping its aspect), with the demo's rain of each type added."""
     import torch.nn.functional as F
 
-    from utils.demo_data import RAIN_TYPES, TEST_SOURCES, _source, add_rain
+    from utils.demo_data import RAIN_TYPES, TEST_SOURCES, add_rain, source_picture
     from utils.images import write_array
 
     folders = {}
@@ -49,7 +49,7 @@ def build_large_set(root: str, side: int, images: int = 4, seed: int = 0) -> dic
         for sub in ("rain", "norain"):
             os.makedirs(os.path.join(folder, sub), exist_ok=True)
         for i, name in enumerate(TEST_SOURCES[:images]):
-            img = torch.from_numpy(_source(name)).permute(2, 0, 1)[None]
+            img = torch.from_numpy(source_picture(name)).permute(2, 0, 1)[None]
             h, w = img.shape[-2:]
             scale = side / max(h, w)
             big = F.interpolate(img, size=(round(h * scale), round(w * scale)), mode="bicubic", align_corners=False,
@@ -146,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from utils.demo_data import build_demo_data, demo_splits
         from utils.evaluation import load_encoder, load_model
         from utils.pretrained import choose_checkpoint
-        from utils.speed import cpu_flags, cpu_model_name
+        from utils.speed import cpu_model_name, native_bf16
 
         keep_freed_memory()
         if args.threads:
@@ -163,7 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             large = build_large_set(tmp, args.large_side, args.large_images)
             rows = compare(model, encoder, demo, device, "demo test") + compare(model, encoder, large, device,
                                                                                  f"synthetic {args.large_side}")
-        native = "native bf16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "NO native bf16 (emulated)"
+        native = "native bf16" if native_bf16() else "NO native bf16 (emulated)"
         header = (f"# bf16 + channels-last vs float32: {args.test_model} ({choice.model_name}, "
                   f"{'CoIC' if choice.load_mode == 'tran' else 'plain'} mode)\n\n{cpu_model_name()}, {native}, "
                   f"{torch.get_num_threads()} threads, torch {torch.__version__}")

@@ -39,7 +39,7 @@ class DemoDataExists(UserError, FileExistsError):
     """The demo root exists but holds something other than complete demo data."""
 
 
-def _source(name: str) -> np.ndarray:
+def source_picture(name: str) -> np.ndarray:
     import skimage.data
 
     img = getattr(skimage.data, name)()
@@ -142,7 +142,7 @@ def build_demo_data(root: str = "demo_data", train_per_source: int = 6, train_si
         logger.info("demo data in %s is from an older release; rebuilding it with %s", root, settings)
     elif os.path.exists(root) and os.listdir(root):
         raise DemoDataExists(f"{root} exists but is not a complete demo data folder; remove it or pick another path")
-    sources = {name: _source(name) for name in TRAIN_SOURCES + TEST_SOURCES}
+    sources = {name: source_picture(name) for name in TRAIN_SOURCES + TEST_SOURCES}
     from tqdm import tqdm
 
     with atomic_dir(root) as tmp:
