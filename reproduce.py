@@ -1,4 +1,4 @@
-"""Run one of the paper's experiments by name, as ordinary train/test commands (see README, "Reproducing the paper").
+"""Run one of the paper's experiments by name, as ordinary train/test commands (see docs/reproducing.md).
 
     python reproduce.py main --dry_run        # every command, in order, and where each result lands
     python reproduce.py spa --gpus 4          # train, evaluate, tabulate; rerunning resumes

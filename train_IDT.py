@@ -1,4 +1,4 @@
-"""Train IDT on mixed rain datasets, with or without CoIC (see README)."""
+"""Train IDT on mixed rain datasets, with or without CoIC (see docs/training.md)."""
 from utils.run import main
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ class DatasetSpec:
     source: str = ""
 
 
-# Conventions checked against each dataset's page and its authors' code (see README, "Datasets").
+# Conventions checked against each dataset's page and its authors' code (see docs/datasets.md).
 DATASET_SPECS: tuple[DatasetSpec, ...] = (
     DatasetSpec("Rain200L", ("Rain200L",), ("rain200l", "rainlight"),
                 {"train": "train", "test": "test"}, {"train": 1800, "test": 200}, rule=RULE_X2,

@@ -114,7 +114,7 @@ def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> T
             if key not in typed:
                 setattr(args, key, value)
         if "amp" not in typed and not args.use_GPU and args.device in (None, "cpu") and native_bf16():
-            args.amp = "bf16"  # a CPU that computes bf16 natively: the demo trains in it (README, demo)
+            args.amp = "bf16"  # a CPU that computes bf16 natively: the demo trains in it (docs/demo.md)
         if "save_path" not in typed:  # a fine-tune of published weights is a run of its own, never a resume
             args.save_path = f"runs/demo_{model_name}" + (f"_from_{os.path.basename(args.pretrained)}"
                                                           if args.pretrained else "")

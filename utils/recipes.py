@@ -100,7 +100,7 @@ RECIPES: dict[str, Recipe] = {
             "milestone": Flag(int, [30, 50, 80], "epochs at which the learning rate is multiplied by 0.2",
                               model=False, nargs="+"),
         },
-        # Measured on 2 CPU cores: see README (demo).
+        # Measured on 2 CPU cores: see docs/demo.md.
         demo=dict(inter_iter=2, batch_size=4, crop_size=48, tot_iters=600, stage1_iters=250, save_freq=200),
         tiny=dict(inter_iter=1, batch_size=2, crop_size=16),
     ),

@@ -117,7 +117,7 @@ def faster_layout(model: nn.Module, device: torch.device, z: Optional[Tensor] = 
     each layout after one warm-up, alternating, best of ``repeats`` (CPU time of the process);
     channels-last only when it takes less than ``margin`` of the default layout's time.
     On this project's CPU channels-last is faster for BRN, RCDNet and DGUNet and slower for the
-    depthwise convolutions of IDT and DRSformer (README, Speed), so it is measured, not assumed.
+    depthwise convolutions of IDT and DRSformer (docs/speed.md), so it is measured, not assumed.
     Returns (channels_last, ms per layout); the model is left in the default layout.
     """
     import time
