@@ -34,3 +34,16 @@ def test_demo_command_trains_and_reports(tmp_path, tiny_demo, monkeypatch, capsy
     assert "mean" in out
     picture = read_image(os.path.join(save, "demo_heavy.png"))
     assert picture.shape == (3, 40, 120)  # rainy | derained | clean
+
+
+def test_demo_keeps_typed_data_paths(tmp_path, tiny_demo, monkeypatch):
+    """--demo fills in the demo's training splits only when --data_paths is not typed."""
+    monkeypatch.setenv("COIC_DEMO_ROOT", tiny_demo)
+    save = tmp_path / "light_only"
+    light = os.path.join(tiny_demo, "light", "train")
+    assert main("BRN", ["--demo", "--save_path", str(save), "--data_paths", light, "--tot_iters", "2",
+                        "--stage1_iters", "1", "--crop_size", "16", "--batch_size", "2", "--inter_iter", "1",
+                        "--num_workers", "0"]) == 0
+    log = (save / "train.log").read_text()
+    assert "BRN: 8 training pairs" in log  # light's 8, not the four types' 32
+    assert "heavy" not in log.split("training pairs")[0]

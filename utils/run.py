@@ -12,7 +12,7 @@ from utils.images import read_image, save_image
 from utils.layouts import find_pairs
 from utils.allocator import keep_freed_memory
 from utils.errors import UserError, cli_main
-from utils.options import parse_train_args
+from utils.options import REFERENCE_DATA_PATHS, parse_train_args
 
 logger = logging.getLogger("coic")
 
@@ -85,7 +85,8 @@ def main(model_name: str, argv: Optional[Sequence[str]] = None) -> int:
                 from utils.demo_data import build_demo_data, default_root, demo_splits
 
                 demo_root = build_demo_data(default_root())
-                args.data_paths = ",".join(demo_splits(demo_root, "train").values())
+                if args.data_paths == REFERENCE_DATA_PATHS:  # not typed: the demo's own training splits
+                    args.data_paths = ",".join(demo_splits(demo_root, "train").values())
             trainer = Trainer(args)
             last = trainer.train()
             if args.demo:
