@@ -6,12 +6,14 @@ import csv
 import glob
 import os
 import shlex
+import statistics
 
 import pytest
 
 import reproduce
 import test_model
 from utils.options import parse_train_args
+from utils.experiments import DEMO_SEEDS
 from utils.recipes import RECIPES
 
 # Written out from the issue, the published README and README's recipe table, not from the code.
@@ -225,22 +227,35 @@ def test_demo_end_to_end_then_killed_and_rerun(tmp_path, small_demo, capsys, mon
         patch.setattr(utils.reproduce, "_run_command", _in_process)
         assert reproduce.main(argv) == 0
     out = capsys.readouterr().out
-    runs = [f"BRN_{v}_seed{s}" for v in ("plain", "coic") for s in (0, 1)]
+    seeds = DEMO_SEEDS
+    runs = [f"BRN_{v}_seed{s}" for v in ("plain", "coic") for s in seeds]
     assert _ran(out) == [t for r in runs for t in (
         f"train BRN {'w/o' if 'plain' in r else 'w/'} CoIC, seed {r[-1]}",
         f"evaluate {r} (coic PSNR/SSIM on light, heavy, hazy, multiangle)")]
     assert "datasets.py demo" not in out.split("(done, skipped)")[1]  # the data was there: skipped, not run
 
-    # The table against the summaries read here: per-seed cells, the mean over seeds, the gain.
+    # The table against the summaries read here: per-seed cells, the paired differences, their mean and sd.
     res = tmp_path / "res" / "demo"
     psnr = {r: _summary_psnr(res / r / "coic" / "summary.csv") for r in runs}
     md = (res / "table.md").read_text()
     for r in runs:
         assert f"{psnr[r]['light']:.2f} / " in md
-    mean = {v: (psnr[f"BRN_{v}_seed0"]["heavy"] + psnr[f"BRN_{v}_seed1"]["heavy"]) / 2 for v in ("plain", "coic")}
-    gain_row = next(ln for ln in md.splitlines() if "CoIC gain" in ln).strip().strip("|").split("|")
-    assert gain_row[4].strip() == f"{mean['coic'] - mean['plain']:+.2f}"  # Backbone, Model, Seed, light, heavy
-    assert "spread (max − min)" in md and "seed-to-seed spread" in md
+    rows = {tuple(c.strip() for c in ln.strip().strip("|").split("|")[:3]): ln.strip().strip("|").split("|")[3:]
+            for ln in md.splitlines() if ln.startswith("| ")}
+    diffs = []
+    for s in seeds:  # Backbone, Model, Seed | light, heavy, hazy, multiangle, Mean
+        d = psnr[f"BRN_coic_seed{s}"]["heavy"] - psnr[f"BRN_plain_seed{s}"]["heavy"]
+        assert rows[("BRN", "CoIC − w/o (paired)", str(s))][1].strip() == f"{d:+.2f}"
+        diffs.append(d)
+    assert rows[("BRN", "CoIC gain (w/ − w/o)", "mean")][1].strip() == f"{statistics.mean(diffs):+.2f}"
+    assert rows[("", "CoIC gain (w/ − w/o)", "sd over seeds")][1].strip() == f"{statistics.stdev(diffs):.2f}"
+    types = ("light", "heavy", "hazy", "multiangle")
+    mean_diffs = [statistics.mean(psnr[f"BRN_coic_seed{s}"][t] - psnr[f"BRN_plain_seed{s}"][t] for t in types)
+                  for s in seeds]
+    se = statistics.stdev(mean_diffs) / len(seeds) ** 0.5
+    assert f"over {len(seeds)} seeds, CoIC changes the mean PSNR by {statistics.mean(mean_diffs):+.2f} dB" in md
+    assert f"(better on {sum(d > 0 for d in mean_diffs)} of {len(seeds)} seeds)" in md
+    assert f"the standard error of that mean is {se:.2f} dB" in md
 
     # Kill: one training lost its final checkpoint (it stopped at iteration 4), one evaluation never finished.
     # The rerun runs its steps as the real commands, in subprocesses.

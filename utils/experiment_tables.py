@@ -156,6 +156,7 @@ def _seeds_table(exp: Experiment, runs, summaries: dict[str, str]) -> _Table:
     t.header(["Backbone", "Model", "Seed"])
     means: dict[tuple[str, str], list] = {}
     spreads: dict[tuple[str, str], list] = {}
+    per_variant: dict[str, dict[str, dict]] = {}  # backbone -> variant -> seed -> PSNRs (sets..., mean)
     for backbone in dict.fromkeys(r.backbone for r in runs):
         for variant in dict.fromkeys(r.variant for r in runs if r.backbone == backbone):
             per_seed = []
@@ -164,6 +165,7 @@ def _seeds_table(exp: Experiment, runs, summaries: dict[str, str]) -> _Table:
                 ours = [(_num(rows.get(s), "psnr"), _num(rows.get(s), "ssim")) for s in sets]
                 psnrs = [o for o, _ in ours] + [_mean([o for o, _ in ours])]
                 per_seed.append(psnrs)
+                per_variant.setdefault(backbone, {}).setdefault(variant.key, {})[run.seed] = psnrs
                 t.row([backbone, variant.label, str(run.seed)], [_cell(*o) for o in ours] + [_cell(psnrs[-1])])
                 for s, (o, o_ssim) in zip(sets, ours):
                     t.record(experiment=exp.name, backbone=backbone, model=variant.label, seed=run.seed, source="ours",
@@ -176,23 +178,49 @@ def _seeds_table(exp: Experiment, runs, summaries: dict[str, str]) -> _Table:
             t.row(["", variant.label, "mean"], [_cell(m) for m in means[(backbone, variant.key)]])
             t.row(["", variant.label, "spread (max − min)"], [_cell(d) for d in spreads[(backbone, variant.key)]])
         if (backbone, "plain") in means and (backbone, "coic") in means:
-            gains = [_diff(c, p) for c, p in zip(means[(backbone, "coic")], means[(backbone, "plain")])]
-            t.row([backbone, "CoIC gain (w/ − w/o)", "mean"], [_cell(g, signed=True) for g in gains])
-            noise = [None if a is None or b is None else max(a, b)
-                     for a, b in zip(spreads[(backbone, "plain")], spreads[(backbone, "coic")])]
-            for s, g in zip(sets, gains):
-                if g is not None:
-                    t.record(experiment=exp.name, backbone=backbone, model="CoIC gain", seed="mean", source="ours",
-                             testset=s, psnr=_fmt(g, 4))
-            known = [(g, n) for g, n in zip(gains[:-1], noise[:-1]) if g is not None and n is not None]
-            if known:
-                better = sum(g > n for g, n in known)
-                worse = sum(-g > n for g, n in known)
-                t.md += ["", f"{backbone}: the difference of the means exceeds the seed-to-seed spread (the larger "
-                         f"of the two models') on {better + worse} of {len(known)} test sets (CoIC better on {better}, "
-                         f"worse on {worse}); elsewhere the two seeds disagree by more than CoIC changes, and the "
-                         "comparison says nothing at this training length."]
+            _paired_rows(t, exp, backbone, sets, per_variant[backbone])
     return t
+
+
+def _sd(values: Sequence[float]) -> Optional[float]:
+    """Sample standard deviation (n - 1); None below two values."""
+    if len(values) < 2:
+        return None
+    m = sum(values) / len(values)
+    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def _paired_rows(t: _Table, exp: Experiment, backbone: str, sets: Sequence[str], psnr: dict[str, dict]) -> None:
+    """CoIC against the plain backbone, seed by seed: both runs of a seed share its data order and
+    initialisation, so their difference is the effect of CoIC plus noise, and the spread of the
+    differences over seeds says how much of it is noise."""
+    seeds = [s for s in psnr["coic"] if s in psnr["plain"]]
+    diffs = {s: [_diff(c, p) for c, p in zip(psnr["coic"][s], psnr["plain"][s])] for s in seeds}
+    for s in seeds:
+        t.row([backbone, "CoIC − w/o (paired)", str(s)], [_cell(d, signed=True) for d in diffs[s]])
+    columns = list(zip(*diffs.values())) if diffs else []
+    complete = [list(c) if all(v is not None for v in c) else None for c in columns]
+    gains = [_mean(c) if c else None for c in complete]
+    sds = [_sd(c) if c else None for c in complete]
+    t.row([backbone, "CoIC gain (w/ − w/o)", "mean"], [_cell(g, signed=True) for g in gains])
+    t.row(["", "CoIC gain (w/ − w/o)", "sd over seeds"], [_cell(d) for d in sds])
+    for s, g in zip(sets, gains):
+        if g is not None:
+            t.record(experiment=exp.name, backbone=backbone, model="CoIC gain", seed="mean", source="ours",
+                     testset=s, psnr=_fmt(g, 4))
+    if not complete or complete[-1] is None:
+        return
+    overall, n = complete[-1], len(complete[-1])
+    better = sum(d > 0 for d in overall)
+    text = (f"{backbone}: over {n} seed{'s' if n > 1 else ''}, CoIC changes the mean PSNR by "
+            f"{gains[-1]:+.2f} dB (better on {better} of {n} seeds)")
+    if sds[-1] is not None:
+        se = sds[-1] / n ** 0.5
+        verdict = ("larger than two standard errors: at this training length CoIC "
+                   + ("helps" if gains[-1] > 0 else "hurts")) if abs(gains[-1]) > 2 * se else \
+            "within two standard errors of zero: at this training length the seeds cannot tell CoIC from the plain backbone"
+        text += f"; the standard error of that mean is {se:.2f} dB, so the difference is {verdict}"
+    t.md += ["", text + "."]
 
 
 # ------------------------------------------------------------------ real rain: NIQE

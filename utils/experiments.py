@@ -14,7 +14,7 @@ from utils.demo_data import RAIN_TYPES
 
 __all__ = ["Variant", "PLAIN", "COIC", "Training", "Evaluation", "Analysis", "Experiment", "EXPERIMENTS",
            "SYNTHETIC_TESTS", "SYNTHETIC_TRAIN", "PaperValue", "PAPER_RESULTS", "PAPER_PROTOCOL", "PAPER_SOURCES",
-           "DEMO_ITERS", "experiment"]
+           "DEMO_SEEDS", "experiment"]
 
 # The paper's column order (the published README's table) and the published README's --data_paths order.
 SYNTHETIC_TESTS = ("Rain200L", "Rain200H", "Rain800", "DID", "DDN")
@@ -81,10 +81,18 @@ class Experiment:
     demo: bool = False  # runs on the built-in demo data, on a CPU
 
 
-# The demo: the BRN demo configuration (utils/recipes.py) for DEMO_ITERS iterations per run, the CoIC runs
-# switching to stage 2 after a third of them; two seeds, so that the table shows run-to-run spread.
-DEMO_ITERS = 300
-_DEMO_FLAGS = (("inter_iter", 2), ("batch_size", 4), ("crop_size", 48), ("num_workers", 0))
+# The demo: BRN's demo recipe (utils/recipes.py, what ``train_BRN.py --demo`` trains), with and without
+# CoIC, DEMO_SEEDS seeds each, so that the table can pair the two models seed by seed.
+def _demo_training() -> Training:
+    from utils.recipes import get_recipe
+
+    demo = dict(get_recipe("BRN").demo)
+    stage1 = demo.pop("stage1_iters")
+    flags = tuple(demo.items()) + (("num_workers", 0),)
+    return Training("demo", RAIN_TYPES, ("BRN",), seeds=DEMO_SEEDS, stage1_iters=stage1, flags=flags)
+
+
+DEMO_SEEDS = (0, 1, 2, 3)
 
 _SPA_TRAINING = Training("spa", SYNTHETIC_TRAIN + ("SPA",), ("DRSformer",), backbones_fixed=True)
 
@@ -114,9 +122,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
                             ("Rain800",), "test", ("--num_images", "100"),
                             ("temperature_layers.csv", "temperature.md", "temperature.png"), "temperature.md"),
                )),
-    Experiment("demo", "the machinery in miniature: BRN on the demo data, without and with CoIC, two seeds",
-               Training("demo", RAIN_TYPES, ("BRN",), seeds=(0, 1), stage1_iters=DEMO_ITERS // 3,
-                        flags=_DEMO_FLAGS + (("tot_iters", DEMO_ITERS), ("save_freq", DEMO_ITERS // 3))),
+    Experiment("demo", f"the machinery in miniature: BRN on the demo data, without and with CoIC, "
+               f"{len(DEMO_SEEDS)} seeds", _demo_training(),
                Evaluation(RAIN_TYPES), table="seeds", demo=True),
 )}
 

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 from models import available_models
 from utils.dataset_specs import dataset_spec, find_dataset_folder, split_folder
 from utils.errors import DataError, UserError, cli_main
-from utils.experiments import DEMO_ITERS, EXPERIMENTS, Experiment, Variant, experiment
+from utils.experiments import EXPERIMENTS, Experiment, Variant, experiment
 from utils.metrics import PROTOCOLS
 from utils.recipes import get_recipe
 from utils.experiment_tables import read_summary, summary_name
@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only the trainings (with the demo data), only the evaluations and analyses, or only "
                         "rebuild the table")
     p.add_argument("--demo_iters", type=int, default=None,
-                   help=f"iterations per demo run (default {DEMO_ITERS}; the CoIC runs start stage 2 after a third)")
+                   help=f"iterations per demo run (default: the BRN demo recipe's, {get_recipe('BRN').demo['tot_iters']}; "
+                        "with this flag the CoIC runs start stage 2 after a third)")
     p.add_argument("--tiny", action="store_true", help="the recipes' tiny configuration and a few iterations per "
                    "run (tests, smoke runs)")
     return p
