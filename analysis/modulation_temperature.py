@@ -31,6 +31,7 @@ from torch import Tensor
 from analysis.common import (AnalysisError, add_output_args, add_restore_args, check_labels, dataset_colours,
                              dataset_images, markdown_table, new_figure, run_tool, sample, save_figure,
                              split_paths, write_csv, write_text)
+from models import size_multiple, tile_size
 from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, log_temperature
 from utils.cli import HelpFormatter
 
@@ -172,8 +173,8 @@ def run(args: argparse.Namespace, device: torch.device) -> str:
             x = read_image(path).unsqueeze(0).to(device)
             with torch.no_grad():
                 z = image_code(encoder, x)
-            x = pad_to_multiple(x, getattr(model, "size_multiple", 1))
-            tile = getattr(model, "tile_size", None)
+            x = pad_to_multiple(x, size_multiple(model))
+            tile = tile_size(model)
             if tile is not None:  # IDT runs at its training size only: the top-left tile stands for the image
                 x = x[..., :tile, :tile] if min(x.shape[-2:]) >= tile else torch.nn.functional.interpolate(
                     x, size=(tile, tile), mode="bilinear", align_corners=False)

@@ -20,12 +20,12 @@ CPUs with native bf16, plain fp32 on other CPUs, then measured once):
   with z from the key encoder (IDT is tiled at its training size).
 
 ``--published DIR`` (a checkout of github Schizophreni/CoIC) measures the published code the way
-its ``train_<X>.py`` scripts run it (``benchmarks/published.py``); a backbone without a published
-counterpart there is timed for ours only, with a note in its row. Every case runs in a fresh
-process, so memory numbers do not inherit a previous case's heap and the two code bases (both
-have a top-level ``models`` package) never meet. Step times are the median of ``--iters`` timed
-iterations after ``--warmup`` untimed ones. Results: ``benchmark.md`` and ``benchmark.csv`` in
-``--save_path``.
+its ``train_<X>.py`` scripts run it (``benchmarks/published.py``); a backbone whose registry entry
+declares no published counterpart (``published_code``) is timed for ours only, with a note in its
+row. Every case runs in a fresh process, so memory numbers do not inherit a previous case's heap
+and the two code bases (both have a top-level ``models`` package) never meet. Step times are the
+median of ``--iters`` timed iterations after ``--warmup`` untimed ones. Results: ``benchmark.md``
+and ``benchmark.csv`` in ``--save_path``.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/benchmark.py``: find
 
 # The measuring helpers live in ``benchmarks.timing`` (``benchmarks.published`` imports them in a
 # process whose ``models`` package must be the published code's); the names are re-exported here.
-from benchmarks.published import PUBLISHED  # noqa: E402
+from benchmarks.published import counterparts  # noqa: E402
 from benchmarks.timing import (Case, measure_ours, run_worker, synthetic_batch, time_calls,  # noqa: E402,F401
                                worker_main)
 from utils.allocator import keep_freed_memory  # noqa: E402
@@ -351,12 +351,12 @@ def run(args: argparse.Namespace) -> int:
                                    args.iters, args.infer_size, args.tile_overlap, os.path.abspath(data_dir),
                                    tiny=args.tiny), s))
         published: dict[str, dict] = {}
-        counterparts = [m for m in args.models if m in PUBLISHED] if args.published else []
+        timed = counterparts(args.models) if args.published else {}
         for model in args.models:
-            if args.published and model not in PUBLISHED:
-                published[model] = {"ours_only": f"no published counterpart of {model} in benchmarks/published.py: "
-                                                 "timed for ours only"}
-        total = args.rounds * (len(cases) + len(counterparts))
+            if args.published and model not in timed:
+                published[model] = {"ours_only": f"no published counterpart of {model} (its published_code in "
+                                                 "models/__init__.py): timed for ours only"}
+        total = args.rounds * (len(cases) + len(timed))
         rows, failed = [], False
         with tqdm(total=total, desc="benchmark", unit="case", dynamic_ncols=True) as bar:
             for case, setting in cases:
@@ -402,7 +402,10 @@ def run(args: argparse.Namespace) -> int:
 
 def run_published(case: Case, args: argparse.Namespace) -> dict:
     """The published code's numbers for ``case``'s backbone, batch and crop (always fp32)."""
-    payload = dict(vars(case), amp=None, channels_last=False, directory=os.path.abspath(args.published))
+    from models import backbone
+
+    payload = dict(vars(case), amp=None, channels_last=False, directory=os.path.abspath(args.published),
+                   published_code=backbone(case.model).published_code)
     if args.profile:
         payload["profile_path"] = os.path.abspath(os.path.join(args.save_path, f"profile_published_{case.model}.txt"))
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "published.py")

@@ -35,7 +35,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):  # run as a script (the workers are): find the repository
     sys.path.insert(0, REPO_ROOT)
 
+from benchmarks.published import counterparts  # noqa: E402
 from benchmarks.serve import Worker, WorkerError, serve  # noqa: E402
+from models import RegistryError, available_models, model_class, tile_size  # noqa: E402
 from utils.allocator import keep_freed_memory  # noqa: E402
 from utils.cli import HelpFormatter  # noqa: E402
 
@@ -75,8 +77,9 @@ def resolve_settings(names: Sequence[str], device: torch.device) -> tuple[list, 
 
 
 def check_size(model_name: str) -> int:
-    """Side of the input on which the backbone outputs are compared: IDT's tile, else 64."""
-    return 128 if model_name == "IDT" else 64
+    """Side of the input on which the backbone outputs are compared: the tile of a backbone that declares
+    one (IDT's, in its reference configuration), else 64."""
+    return tile_size(model_class(model_name)) or 64
 
 
 # --------------------------------------------------------------------------- our worker
@@ -169,7 +172,7 @@ def measure_backbone(name: str, args: argparse.Namespace, settings: list, device
                          cwd=os.path.abspath(args.published))
             workers["published"] = pub
             state_path = os.path.join(tmp, f"{name}_published_state.pt")
-            pub.call("setup", state_path=state_path, **common)
+            pub.call("setup", state_path=state_path, published_code=counterparts([name])[name], **common)
         aliases, chosen, recommended = {}, {}, None
         for label, amp, channels_last, auto in settings:
             w = Worker(f"ours {label}", [os.path.abspath(__file__), "--serve"], cwd=REPO_ROOT)
@@ -227,7 +230,8 @@ def compare_outputs(workers: dict, tmp: str, name: str) -> dict:
 
 
 # --------------------------------------------------------------------------- modulated vs plain conv
-# (in, out, kernel, stride, groups, size): the costliest modulated shapes of the backbones.
+# (in, out, kernel, stride, groups): the costliest modulated shape of each backbone (``_check`` wants one per
+# backbone measured).
 CONV_SHAPES = {
     "BRN": (96, 32, 3, 1, 1), "RCDNet": (35, 35, 3, 1, 1), "DGUNet": (80, 80, 3, 1, 1),
     "IDT": (256, 256, 3, 1, 256), "DRSformer": (254, 254, 5, 1, 254),
@@ -241,8 +245,6 @@ def conv_check(size: int, rounds: int, threads: int, names: Sequence[str]) -> li
     torch.set_num_threads(threads)
     rows = []
     for name in names:
-        if name not in CONV_SHAPES:
-            continue
         cin, cout, k, stride, groups = CONV_SHAPES[name]
         torch.manual_seed(0)
         conv = ModulatedConv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups).eval()
@@ -338,8 +340,6 @@ def markdown(rows: list[dict], conv_rows: list[dict], labels: Sequence[str], rec
 
 # --------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    from models import available_models
-
     p = argparse.ArgumentParser(description="Inference ms per image, ours (fp32 and the recommended setting) "
                                 "and the published code side by side, same weights.",
                                 formatter_class=HelpFormatter)
@@ -375,8 +375,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _check(args: argparse.Namespace) -> torch.device:
-    from models import available_models
-
     unknown = [m for m in args.models if m not in available_models()]
     if unknown:
         raise InferenceBenchError(f"unknown --models {', '.join(unknown)}; choose from {', '.join(available_models())}")
@@ -387,9 +385,17 @@ def _check(args: argparse.Namespace) -> torch.device:
     if args.published is not None and not os.path.isdir(os.path.join(args.published, "models")):
         raise InferenceBenchError(f"--published {args.published} is not a checkout of Schizophreni/CoIC "
                                   "(no models/ folder)")
+    lacking = [m for m in args.models if m not in counterparts(args.models)] if args.published else []
+    if lacking:
+        raise InferenceBenchError(f"--published: models/__init__.py declares no published counterpart "
+                                  f"(published_code) of {', '.join(lacking)}; leave it out of --models")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InferenceBenchError(f"--device {args.device} asks for CUDA, which is not available here")
+    missing = [m for m in args.models if m not in CONV_SHAPES] if args.conv_size and device.type == "cpu" else []
+    if missing:
+        raise RegistryError(f"benchmarks/inference.py CONV_SHAPES has no shape for {', '.join(missing)}: add its "
+                            "costliest modulated convolution there (or pass --conv_size 0)")
     return device
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from models import available_models, build_encoder, build_model
+from models import available_models, build_encoder, build_model, tile_size
 from utils.export import export_onnx
 from utils.inference import image_code, restore
 
@@ -56,7 +56,7 @@ def time_backbone(name: str, coic: bool, size: int, repeats: int, folder: str) -
     torch.manual_seed(0)
     model = build_model(name, **({} if coic else {"dim_in": 0})).eval()
     encoder = build_encoder().eval() if coic else None
-    side = getattr(model, "tile_size", None) or size
+    side = tile_size(model) or size
     rain = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(1))
     path = os.path.join(folder, f"{name}_{'coic' if coic else 'plain'}.onnx")
     export_onnx(model, encoder, path)

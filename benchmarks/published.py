@@ -37,7 +37,7 @@ import os
 import sys
 import types
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -53,9 +53,8 @@ class PublishedError(Exception):
 
 @dataclass(frozen=True)
 class PublishedBackbone:
-    """How the published code builds, trains and runs one backbone (reference hyper-parameters)."""
-    module: str
-    cls: str
+    """How the published code builds, trains and runs one backbone (reference hyper-parameters). Its
+    class ("module:Class") is the registry's ``published_code``, which the parent passes in."""
     opt: dict
     loss: str  # "ssim", "rcdnet", "stages" (DGUNet), "l1"
     lr: float
@@ -69,18 +68,16 @@ class PublishedBackbone:
     extra_tran_names: tuple = ()  # parameter names (besides 'g2pa') in the CoIC optimizer
 
 
+# Keyed by registry name: exactly the backbones that declare ``published_code`` (``counterparts`` checks).
 PUBLISHED = {
-    "BRN": PublishedBackbone("models.BRN_CoIM", "BRN", {"inter_iter": 8}, "ssim", 1e-3,
-                             in_batch_rain_negative=True),
-    "RCDNet": PublishedBackbone("models.RCDNet_CoIM", "RCDNet",
-                                {"inter_iter": 17, "num_map": 32, "num_channel": 32, "num_block": 4},
+    "BRN": PublishedBackbone({"inter_iter": 8}, "ssim", 1e-3, in_batch_rain_negative=True),
+    "RCDNet": PublishedBackbone({"inter_iter": 17, "num_map": 32, "num_channel": 32, "num_block": 4},
                                 "rcdnet", 1e-3, contra_weight=50.0),
-    "DGUNet": PublishedBackbone("models.DGUNet_CoIM", "DGUNet", {"depth": 5}, "stages", 2e-4,
-                                explosion_check=True, pad_multiple=8),
-    "IDT": PublishedBackbone("models.IDT_CoIM", "IDT", {}, "ssim", 1e-4, in_batch_rain_negative=True, tiles=True),
+    "DGUNet": PublishedBackbone({"depth": 5}, "stages", 2e-4, explosion_check=True, pad_multiple=8),
+    "IDT": PublishedBackbone({}, "ssim", 1e-4, in_batch_rain_negative=True, tiles=True),
     # select_model.py imports a DRSformer_PA module that the repository does not ship.
-    "DRSformer": PublishedBackbone("models.DRSformer_CoIM", "DRSformer", {}, "l1", 3e-4, adamw=True, clip=0.01,
-                                   pad_multiple=8, extra_tran_names=("context_emb",)),
+    "DRSformer": PublishedBackbone({}, "l1", 3e-4, adamw=True, clip=0.01, pad_multiple=8,
+                                   extra_tran_names=("context_emb",)),
 }
 N_NEG = 4
 ENCODER_SIZE = 128
@@ -150,10 +147,30 @@ def import_published(directory: str) -> types.SimpleNamespace:
             raise PublishedError(f"published code not importable: {exc}") from None
 
 
-class PublishedRunner:
-    """One published backbone with its MoCo encoder, optimizers and losses, ready to step."""
+def counterparts(names: Sequence[str]) -> dict[str, str]:
+    """{name: "module:Class"} of the published code, for the backbones of ``names`` whose registry entry
+    declares ``published_code`` (the parent's side: imports this project's ``models``). A declared
+    counterpart without an adapter in ``PUBLISHED``, or an adapter for a backbone that declares none,
+    raises ``models.RegistryError``."""
+    from models import BACKBONES, RegistryError
 
-    def __init__(self, name: str, code: types.SimpleNamespace, batch: int, crop: int, device: torch.device):
+    stray = [n for n in PUBLISHED if n not in BACKBONES or BACKBONES[n].published_code is None]
+    if stray:
+        raise RegistryError(f"benchmarks/published.py PUBLISHED adapts {', '.join(stray)}, for which "
+                            "models/__init__.py declares no published_code: declare it there, or remove the adapter")
+    missing = [n for n in names if BACKBONES[n].published_code is not None and n not in PUBLISHED]
+    if missing:
+        raise RegistryError(f"models/__init__.py declares published_code for {', '.join(missing)}, but "
+                            "benchmarks/published.py PUBLISHED has no adapter for it: add one there")
+    return {n: BACKBONES[n].published_code for n in names if BACKBONES[n].published_code is not None}
+
+
+class PublishedRunner:
+    """One published backbone with its MoCo encoder, optimizers and losses, ready to step.
+    ``target``: its class in the published code, "module:Class" (the registry's ``published_code``)."""
+
+    def __init__(self, name: str, code: types.SimpleNamespace, batch: int, crop: int, device: torch.device,
+                 target: str):
         import torchvision.transforms as T
 
         if name not in PUBLISHED:
@@ -164,8 +181,9 @@ class PublishedRunner:
                                          batch_size=batch, crop_size=crop, n_neg=N_NEG,
                                          contra_loss_weight=spec.contra_weight, temperature=1.0, **spec.opt)
         with _quiet(), _cwd(code.directory):  # RCDNet reads models/kernel.mat relative to the cwd
+            module, cls_name = target.split(":")
             try:
-                cls = getattr(importlib.import_module(spec.module), spec.cls)
+                cls = getattr(importlib.import_module(module), cls_name)
             except ImportError as exc:
                 raise PublishedError(f"published {name} not importable: {exc}") from None
             # IDT's position tables are built for one input size: the training crop.
@@ -314,7 +332,7 @@ def measure_published(params: dict) -> dict:
     prime_libraries()
     memory = PeakMemory(device)
     memory.start()
-    runner = PublishedRunner(params["model"], code, params["batch"], params["crop"], device)
+    runner = PublishedRunner(params["model"], code, params["batch"], params["crop"], device, params["published_code"])
     runner.model.train()
     runner.moco.train()
     generator = torch.Generator().manual_seed(0)
@@ -351,8 +369,8 @@ class PublishedServer:
         torch.set_num_threads(r["threads"])
         self.device = torch.device(r["device"])
         torch.manual_seed(r["seed"])
-        tile = 128 if PUBLISHED[r["model"]].tiles else 64  # the crop only sets IDT's img_size
-        self.runner = PublishedRunner(r["model"], code, 1, tile, self.device)
+        # The crop only sets a tiling backbone's size (IDT's img_size): our tile, which the compared input is.
+        self.runner = PublishedRunner(r["model"], code, 1, r["check_size"], self.device, r["published_code"])
         self.runner.model.eval()
         self.runner.moco.eval()
         torch.save({"model": self.runner.model.state_dict(), "encoder": self.runner.moco.state_dict()},

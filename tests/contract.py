@@ -13,7 +13,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from models import build_model
+from models import build_model, size_multiple, tile_size
 from models.coim import (ContextEmbedding, ModulatedConv2d, ModulatedConvTranspose2d,
                          context_embedding_parameters, modulation_parameters)
 from utils.checkpoint import load_weights
@@ -138,8 +138,9 @@ def check_size_multiple(model: nn.Module, x: torch.Tensor, dim_in: int) -> None:
     """The backbone declares ``size_multiple`` (and maybe ``tile_size``); ``restore`` pads or tiles
     any size from that alone: odd sizes come back at their own shape, clamped to [0,1]."""
     model.eval()
-    multiple = model.size_multiple
-    tile = getattr(model, "tile_size", None)
+    assert hasattr(model, "size_multiple"), f"{type(model).__name__} declares no size_multiple"
+    multiple = size_multiple(model)
+    tile = tile_size(model)
     assert isinstance(multiple, int) and multiple >= 1
     z = unit_codes(1, dim_in, 7)
     with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 
 from conftest import ROOT
 from contract import scramble_coic, tiny_model
-from models import available_models, build_encoder
+from models import available_models, build_encoder, tile_size
 from utils.checkpoint import save_atomic
 from utils.inference import image_code, restore
 
@@ -25,7 +25,7 @@ TOLERANCE = 1e-4  # max abs difference, images in [0,1]
 
 def _sizes(model: torch.nn.Module) -> list[tuple[int, int]]:
     """Two (H, W) no backbone's multiple divides; for a tiled backbone one tile and two by two tiles."""
-    tile = getattr(model, "tile_size", None)
+    tile = tile_size(model)
     return [(24, 28), (40, 36)] if tile is None else [(24, 28), (tile + 8, tile + 28)]
 
 

@@ -20,6 +20,7 @@ import urllib.request
 import pytest
 import torch
 
+import models
 import test_model
 from conftest import REFERENCE, reference_file, train_flags
 from models import build_encoder, build_model
@@ -123,7 +124,8 @@ def _serve(server, files: dict) -> None:
 
 
 def _standin(tmp_path, monkeypatch, name, backbone="BRN", with_encoder=False, model_bytes=None):
-    """Register a temporary entry whose files are checkpoints written here; returns (entry, {path: bytes})."""
+    """Register a temporary entry whose files are checkpoints written here (its name declared by ``backbone``
+    in the registry, its files in ``PUBLISHED_MODELS``); returns (entry, {path: bytes})."""
     folder = tmp_path / f"standin_{name}"
     folder.mkdir()
     torch.manual_seed(3)
@@ -145,6 +147,9 @@ def _standin(tmp_path, monkeypatch, name, backbone="BRN", with_encoder=False, mo
     entry = PublishedModel(name, backbone, "tran" if with_encoder else "normal", "test data", "a stand-in",
                            model_file, encoder_file)
     monkeypatch.setitem(pretrained.PUBLISHED_MODELS, name, entry)
+    declared = models.BACKBONES[backbone]
+    monkeypatch.setitem(models.BACKBONES, backbone, dataclasses.replace(
+        declared, published_weights=declared.published_weights + (name,)))
     return entry, files
 
 
@@ -187,6 +192,9 @@ def test_registry_ids_match_the_published_brn_files():
 def test_registry_entries_are_consistent():
     from models import available_models
 
+    # the registry declares every entry, in the order --list_models prints them
+    assert pretrained.published_names() == ["baseline-brn", "coic-brn", "baseline-rcdnet", "coic-rcdnet"]
+    assert pretrained.published_models() == pretrained.PUBLISHED_MODELS
     names = set()
     for name, m in pretrained.PUBLISHED_MODELS.items():
         assert m.name == name and m.backbone in available_models()

@@ -1,9 +1,12 @@
 """A sixth backbone needs a model class, a registry entry and a recipe, nothing else.
 
-A toy backbone is registered at run time the way the real ones are (``models.MODELS`` entry,
-``utils.recipes.RECIPES`` entry); the contract checks, the Trainer in both stages, evaluation
-through ``test_model`` and the benchmark's model list all take it with no other edit.
+A toy backbone is registered at run time the way the real ones are (a ``models.Backbone`` in
+``models.BACKBONES``, a ``utils.recipes.RECIPES`` entry); the contract checks, the Trainer in both
+stages, evaluation through ``test_model``, the benchmarks' and tools' model lists and, when it
+declares them, the published names all take it with no other edit. A file that keeps per-backbone
+data of its own fails loudly, naming itself, for a backbone it has no entry for.
 """
+import dataclasses
 import os
 
 import pytest
@@ -48,9 +51,12 @@ TOY_RECIPE = recipes.Recipe(
 )
 
 
+TOY = models.Backbone("Toy", f"{__name__}:ToyNet")
+
+
 @pytest.fixture
 def toy(monkeypatch):
-    monkeypatch.setitem(models.MODELS, "Toy", f"{__name__}:ToyNet")
+    monkeypatch.setitem(models.BACKBONES, "Toy", TOY)
     monkeypatch.setitem(recipes.RECIPES, "Toy", TOY_RECIPE)
     return "Toy"
 
@@ -100,3 +106,85 @@ def test_benchmark_lists_and_measures_the_toy(toy, tmp_path, tiny_demo, monkeypa
     row = rows[0]
     assert row.startswith("| Toy | fp32 = recommended | 2 | 16 | 20 |")  # the recipe's tiny batch and crop
     assert "no published counterpart of Toy" in row and "timed for ours only" in row
+
+
+# --------------------------------------------------------------------------- every list is the registry's
+def test_every_list_of_backbones_takes_the_toy(toy):
+    from analysis import model_cost
+    from benchmarks import benchmark, inference, large_photo
+
+    assert models.MODELS[toy] == TOY.target and list(models.MODELS) == models.available_models()
+    assert models.model_class(toy) is ToyNet and models.backbone(toy) is TOY
+    assert (models.size_multiple(ToyNet), models.tile_size(ToyNet)) == (2, None)
+    assert recipes.get_recipe(toy) is TOY_RECIPE
+    for tool in (benchmark, inference, large_photo, model_cost):
+        assert tool.build_parser().parse_args([]).models == models.available_models(), tool.__name__
+    assert inference.check_size(toy) == 64  # no tile of its own: the default check input
+
+
+def test_a_declared_tile_is_what_the_inference_benchmark_compares_on(toy, monkeypatch):
+    from benchmarks import inference
+
+    monkeypatch.setattr(ToyNet, "tile_size", 32)
+    assert inference.check_size(toy) == 32
+
+
+def test_published_weights_the_toy_declares_are_published_names(toy, monkeypatch):
+    from utils import pretrained
+
+    monkeypatch.setitem(models.BACKBONES, toy, dataclasses.replace(TOY, published_weights=("toy-weights",)))
+    with pytest.raises(models.RegistryError, match=r"toy-weights \(Toy\).*utils/pretrained.py"):
+        pretrained.published_names()  # declared, but no files: never a silently missing name
+    entry = pretrained.PublishedModel("toy-weights", toy, "normal", "nothing", "a toy",
+                                      pretrained.PublishedFile("checkpoints/Baseline/toy_model.pth", "0" * 40))
+    monkeypatch.setitem(pretrained.PUBLISHED_MODELS, "toy-weights", entry)
+    assert pretrained.published_names()[-1] == "toy-weights"
+    assert "toy-weights" in test_model.build_parser().format_help()
+    assert pretrained.choose_checkpoint("toy-weights", None, None).model_name == toy
+    assert "toy-weights" in pretrained.describe_published()
+
+
+def test_published_weights_of_no_registered_backbone_are_an_error(monkeypatch):
+    from utils import pretrained
+
+    entry = pretrained.PublishedModel("ghost-weights", "Ghost", "normal", "nothing", "unregistered",
+                                      pretrained.PublishedFile("checkpoints/Baseline/ghost_model.pth", "0" * 40))
+    monkeypatch.setitem(pretrained.PUBLISHED_MODELS, "ghost-weights", entry)
+    with pytest.raises(models.RegistryError, match=r"ghost-weights \(Ghost\).*models/__init__.py"):
+        pretrained.published_names()
+
+
+def test_published_code_is_declared_by_the_registry_and_adapted_by_the_benchmark(toy, monkeypatch):
+    from benchmarks import published
+
+    assert published.counterparts(models.available_models()) == {
+        n: b.published_code for n, b in models.BACKBONES.items() if n != toy}  # the toy declares none
+    monkeypatch.setitem(models.BACKBONES, toy, dataclasses.replace(TOY, published_code="models.Toy_CoIM:Toy"))
+    with pytest.raises(models.RegistryError, match="Toy.*benchmarks/published.py"):
+        published.counterparts([toy])  # declared, but nothing to run it with
+    monkeypatch.setitem(published.PUBLISHED, toy, published.PUBLISHED["BRN"])
+    assert published.counterparts([toy]) == {toy: "models.Toy_CoIM:Toy"}
+    monkeypatch.setitem(published.PUBLISHED, "Ghost", published.PUBLISHED["BRN"])
+    with pytest.raises(models.RegistryError, match="Ghost.*models/__init__.py"):
+        published.counterparts([toy])  # an adapter of no registered backbone
+
+
+def test_data_the_inference_benchmark_keeps_per_backbone_is_asked_not_skipped(toy, tmp_path):
+    from benchmarks import inference
+
+    assert set(inference.CONV_SHAPES) == set(models.available_models()) - {toy}
+    args = inference.build_parser().parse_args(["--models", toy, "--device", "cpu", "--save_path", str(tmp_path)])
+    with pytest.raises(models.RegistryError, match="CONV_SHAPES has no shape for Toy"):
+        inference._check(args)
+    args.conv_size = 0
+    assert inference._check(args).type == "cpu"
+    (tmp_path / "published" / "models").mkdir(parents=True)
+    args.published = str(tmp_path / "published")
+    with pytest.raises(inference.InferenceBenchError, match="published counterpart.*Toy"):
+        inference._check(args)
+
+
+def test_a_registered_backbone_without_a_recipe_names_the_file_to_edit(monkeypatch):
+    monkeypatch.setitem(models.BACKBONES, "Toy", TOY)
+    with pytest.raises(ValueError, match="'Toy'.*utils/recipes.py"):
+        recipes.get_recipe("Toy")

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from models import size_multiple
 from utils.errors import UserError
 from utils.inference import ENCODER_SIZE, effective_tile
 from utils.images import resize_square
@@ -82,7 +83,7 @@ class RestoreGraph(nn.Module):
         z = None if self.encoder is None else self.encoder(resize_square(rain, ENCODER_SIZE))
         h, w = rain.shape[-2:]
         if self.tile is None:
-            k = getattr(self.model, "size_multiple", 1)
+            k = size_multiple(self.model)
             padded = pad_by_index(rain, (h + k - 1) // k * k, (w + k - 1) // k * k)
             return self.model(padded, z)[..., :h, :w].clamp(0, 1)
         return self._tiled(rain, z).clamp(0, 1)

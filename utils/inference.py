@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from models import size_multiple, tile_size
 from utils.errors import UserError
 from utils.images import resize_square
 from utils.speed import default_tile_batch
@@ -26,8 +27,8 @@ def image_code(encoder: nn.Module, x: Tensor) -> Tensor:
 
 def effective_tile(model: nn.Module, tile: Optional[int]) -> Optional[int]:
     """The tile size to use: the user's, else the backbone's own (IDT), else none."""
-    own = getattr(model, "tile_size", None)
-    multiple = getattr(model, "size_multiple", 1)
+    own = tile_size(model)
+    multiple = size_multiple(model)
     if tile is not None and tile > 0:
         if tile % multiple:
             raise UserError(f"--tile {tile} is not a multiple of {type(model).__name__}'s size multiple {multiple}")
@@ -76,7 +77,7 @@ def restore(model: nn.Module, x: Tensor, z: Optional[Tensor] = None, tile: Optio
 
 def _restore(model: nn.Module, x: Tensor, z: Optional[Tensor], tile: Optional[int], overlap: int,
              tile_batch: Optional[int], progress: bool = False) -> Tensor:
-    multiple = getattr(model, "size_multiple", 1)
+    multiple = size_multiple(model)
     tile = effective_tile(model, tile)
     if tile_batch is None:
         tile_batch = default_tile_batch(x.device)
@@ -86,7 +87,7 @@ def _restore(model: nn.Module, x: Tensor, z: Optional[Tensor], tile: Optional[in
         return model(t, zz)
 
     h, w = x.shape[-2:]
-    if tile is not None and (max(h, w) > tile or getattr(model, "tile_size", None) is not None):
+    if tile is not None and (max(h, w) > tile or tile_size(model) is not None):
         y = tiled_apply(run, x, tile, overlap=overlap, batch=tile_batch, progress=progress)
     else:
         y = run(pad_to_multiple(x, multiple))[..., :h, :w]

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from models import size_multiple, tile_size
 from utils.errors import UserError
 from utils.speed import default_tile_batch
 
@@ -203,8 +204,8 @@ class MemoryPlanner:
                  amp: Optional[torch.dtype] = None, memory_format=torch.contiguous_format):
         self.model, self.device, self.budget, self.overlap = model, device, budget, overlap
         self.amp, self.memory_format = amp, memory_format
-        self.multiple = getattr(model, "size_multiple", 1)
-        self.own_tile = getattr(model, "tile_size", None)
+        self.multiple = size_multiple(model)
+        self.own_tile = tile_size(model)
         # modulated -> (a, b, exact): peak bytes of one forward = a + b * pixels; exact: from two sizes
         self.line: dict[bool, tuple[float, float, bool]] = {}
         self.shrink = 1.0  # lowered after an out-of-memory error

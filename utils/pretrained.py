@@ -14,6 +14,10 @@ at, and nothing is downloaded. A file is looked up there as (first found wins)
 ``DIR/<that path without checkpoints/>`` (their ``checkpoints/`` folder: ``CoIC/brn_model.pth``) and
 ``DIR/<cache name>`` (flat, as in the cache: ``coic_brn_model.pth``; a copied cache folder works).
 ``COIC_WEIGHTS_URL`` replaces the download base URL (a mirror; the tests' local server).
+
+Which backbones have published weights, and under which names, the registry says
+(``models.Backbone.published_weights``); this file holds their download data (``PUBLISHED_MODELS``),
+and a name one side has without the other is an error, never a silently missing model.
 """
 from __future__ import annotations
 
@@ -27,15 +31,16 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Optional
 
+from models import BACKBONES, RegistryError
 from utils.errors import UserError
 from utils.io import atomic_path
 
 logger = logging.getLogger("coic")
 
 __all__ = ["PUBLISHED_COMMIT", "BASE_URL_ENV", "WEIGHTS_DIR_ENV", "PublishedFile", "PublishedModel",
-           "PUBLISHED_MODELS", "published_names", "get_published", "published_or_path", "git_blob_id",
-           "cache_dir", "base_url", "file_url", "fetch", "fetch_model", "availability", "describe_published",
-           "CheckpointChoice", "choose_checkpoint", "DownloadError"]
+           "PUBLISHED_MODELS", "published_models", "published_names", "get_published", "published_or_path",
+           "git_blob_id", "cache_dir", "base_url", "file_url", "fetch", "fetch_model", "availability",
+           "describe_published", "CheckpointChoice", "choose_checkpoint", "DownloadError"]
 
 PUBLISHED_COMMIT = "8c99e733ab25869bf87cd720b9a6a65d62914dd6"
 DEFAULT_BASE_URL = f"https://raw.githubusercontent.com/Schizophreni/CoIC/{PUBLISHED_COMMIT}"
@@ -67,7 +72,7 @@ class PublishedModel:
     """A published backbone checkpoint, with its encoder when it was trained with CoIC."""
 
     name: str
-    backbone: str  # a models.MODELS name
+    backbone: str  # a models.BACKBONES name, which lists ``name`` in its published_weights
     load_mode: str  # what test_model.py runs it with by default
     trained_on: str
     description: str
@@ -82,6 +87,7 @@ class PublishedModel:
 _SYNTHETIC_MIX = "the mixed synthetic sets Rain200L, Rain200H, Rain800, DID-Data and DDN-Data"
 _COIC = "with CoIC: CoI-M modulation by z from its rain-/detail-aware contrastive encoder (published beside it)"
 
+# The download data of every name a backbone declares in ``published_weights`` (see published_models).
 PUBLISHED_MODELS: dict[str, PublishedModel] = {m.name: m for m in (
     PublishedModel("baseline-brn", "BRN", "normal", _SYNTHETIC_MIX,
                    "BRN trained without CoIC (original BRN layout)",
@@ -110,16 +116,37 @@ class _Unreachable(DownloadError):
 
 
 # --------------------------------------------------------------------------- names
+def published_models() -> dict[str, PublishedModel]:
+    """The published models of the registered backbones, in registry order (``Backbone.published_weights``).
+
+    A declared name without download data here, or data no registered backbone declares (or
+    declares under another backbone), raises ``RegistryError`` naming the file to edit.
+    """
+    declared = {name: b.name for b in BACKBONES.values() for name in b.published_weights}
+    missing = [f"{name} ({backbone})" for name, backbone in declared.items() if name not in PUBLISHED_MODELS]
+    if missing:
+        raise RegistryError(f"published weights {', '.join(missing)} are declared in models/__init__.py "
+                            "(Backbone.published_weights) but have no files: add them to PUBLISHED_MODELS in "
+                            "utils/pretrained.py")
+    stray = [f"{name} ({m.backbone})" for name, m in PUBLISHED_MODELS.items() if declared.get(name) != m.backbone]
+    if stray:
+        raise RegistryError(f"utils/pretrained.py PUBLISHED_MODELS has {', '.join(stray)}, which no registered "
+                            "backbone declares: add the name to that backbone's published_weights in "
+                            "models/__init__.py, or remove the entry")
+    return {name: PUBLISHED_MODELS[name] for name in declared}
+
+
 def published_names() -> list[str]:
-    return list(PUBLISHED_MODELS)
+    return list(published_models())
 
 
 def get_published(name: str, flag: str = "--test_model") -> PublishedModel:
     """The registry entry ``name``; an unknown name raises ``UserError`` listing the valid ones."""
-    if name not in PUBLISHED_MODELS:
+    known = published_models()
+    if name not in known:
         raise UserError(f"{flag} {name}: checkpoint not found, and not a published model name; published names: "
-                        f"{', '.join(published_names())} (python test_model.py --list_models describes them)")
-    return PUBLISHED_MODELS[name]
+                        f"{', '.join(known)} (python test_model.py --list_models describes them)")
+    return known[name]
 
 
 def published_or_path(spec: str, flag: str) -> Optional[PublishedModel]:
@@ -275,7 +302,7 @@ def describe_published(weights_dir: Optional[str] = None) -> str:
     """The ``--list_models`` table: name, backbone, default mode, availability, what it is."""
     rows = [("name", "backbone", "mode", "files", "description")]
     rows += [(m.name, m.backbone, m.load_mode, availability(m, weights_dir), f"{m.description}; trained on "
-              f"{m.trained_on}") for m in PUBLISHED_MODELS.values()]
+              f"{m.trained_on}") for m in published_models().values()]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
     folder = _weights_dir(weights_dir)
@@ -310,7 +337,7 @@ def choose_checkpoint(spec: str, model_name: Optional[str], load_mode: Optional[
     """Resolve ``--test_model`` (no download yet): an existing path wins; else a published name, whose
     backbone and load mode are the defaults. ``model_name``/``load_mode``: the flags, None when not given.
     A spec that is neither is reported by ``files`` (where a missing checkpoint always was)."""
-    published = None if os.path.exists(spec) else PUBLISHED_MODELS.get(spec)
+    published = None if os.path.exists(spec) else published_models().get(spec)
     if published is None:
         return CheckpointChoice(model_name or "BRN", load_mode or "normal", path=spec)
     if model_name is not None and model_name != published.backbone:

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from models import size_multiple, tile_size
+
 __all__ = ["Setting", "cpu_flags", "native_bf16", "recommended_setting", "cpu_model_name", "inference_setting",
            "default_setting",
            "default_tile_batch", "faster_layout"]
@@ -122,8 +124,8 @@ def faster_layout(model: nn.Module, device: torch.device, z: Optional[Tensor] = 
     """
     import time
 
-    multiple = getattr(model, "size_multiple", 1)
-    side = getattr(model, "tile_size", None) or max(multiple, side // multiple * multiple)
+    multiple = size_multiple(model)
+    side = tile_size(model) or max(multiple, side // multiple * multiple)
     x = torch.rand(1, 3, side, side, device=device)
     formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     best = {name: float("inf") for name in formats}
