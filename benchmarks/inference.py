@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 from typing import Optional, Sequence
 
 import torch
@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as a script (the workers are): find the rep
     sys.path.insert(0, REPO_ROOT)
 
 from benchmarks.published import counterparts  # noqa: E402
+from benchmarks.roofline import CONV_SHAPES, conv_check, conv_rate  # noqa: E402
 from benchmarks.serve import Worker, WorkerError, serve  # noqa: E402
 from models import RegistryError, available_models, model_class, tile_size  # noqa: E402
 from utils.allocator import keep_freed_memory  # noqa: E402
@@ -146,6 +147,12 @@ class OursServer:
         self._layout(r["mode"])  # outside the timed restorations
         return time_restorations(lambda: self._restore(self.x, r["mode"]), r["n"], self.device)
 
+    def flops(self, r: dict) -> dict:
+        """FLOPs (convolutions and matrix products) of one timed restoration in each mode."""
+        from analysis.model_cost import count_macs
+
+        return {m: 2 * count_macs(functools.partial(self._restore, self.x, m)) for m in MODES}
+
     def output(self, r: dict) -> dict:
         from utils.inference import image_code
 
@@ -173,11 +180,12 @@ def measure_backbone(name: str, args: argparse.Namespace, settings: list, device
             workers["published"] = pub
             state_path = os.path.join(tmp, f"{name}_published_state.pt")
             pub.call("setup", state_path=state_path, published_code=counterparts([name])[name], **common)
-        aliases, chosen, recommended = {}, {}, None
+        aliases, chosen, recommended, amps = {}, {}, None, {}
         for label, amp, channels_last, auto in settings:
             w = Worker(f"ours {label}", [os.path.abspath(__file__), "--serve"], cwd=REPO_ROOT)
             workers[label] = w
             got = w.call("setup", amp=amp, channels_last=channels_last, auto=auto, state_path=state_path, **common)
+            amps[label] = got["amp"]
             key = (got["amp"], tuple(got["channels_last"]))
             if auto:
                 from utils.speed import Setting
@@ -190,6 +198,7 @@ def measure_backbone(name: str, args: argparse.Namespace, settings: list, device
             else:
                 chosen[key] = label
         diffs = compare_outputs(workers, tmp, name)
+        flops = workers["fp32"].call("flops")
         for w in workers.values():
             for mode in MODES:
                 if args.warmup:
@@ -204,7 +213,8 @@ def measure_backbone(name: str, args: argparse.Namespace, settings: list, device
                         times[k][mode][clock] += answer[clock]
         medians = {k: {m: {c: 1000 * statistics.median(v) for c, v in t.items()} for m, t in per.items()}
                    for k, per in times.items()}
-        return {"ms": medians, "diffs": diffs, "aliases": aliases, "recommended": recommended}
+        return {"ms": medians, "diffs": diffs, "aliases": aliases, "recommended": recommended, "flops": flops,
+                "amps": amps}
     finally:
         for w in workers.values():
             w.close()
@@ -229,43 +239,11 @@ def compare_outputs(workers: dict, tmp: str, name: str) -> dict:
     return diffs
 
 
-# --------------------------------------------------------------------------- modulated vs plain conv
-# (in, out, kernel, stride, groups): the costliest modulated shape of each backbone (``_check`` wants one per
-# backbone measured).
-CONV_SHAPES = {
-    "BRN": (96, 32, 3, 1, 1), "RCDNet": (35, 35, 3, 1, 1), "DGUNet": (80, 80, 3, 1, 1),
-    "IDT": (256, 256, 3, 1, 256), "DRSformer": (254, 254, 5, 1, 254),
-}
-
-
-def conv_check(size: int, rounds: int, threads: int, names: Sequence[str]) -> list[dict]:
-    """ms of a plain conv and of the same conv modulated by z (batch 1, same weights), alternating."""
-    from models.coim import ModulatedConv2d
-
-    torch.set_num_threads(threads)
-    rows = []
-    for name in names:
-        cin, cout, k, stride, groups = CONV_SHAPES[name]
-        torch.manual_seed(0)
-        conv = ModulatedConv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups).eval()
-        x, z = torch.rand(1, cin, size, size), torch.nn.functional.normalize(torch.randn(1, 128), dim=1)
-        plain, modulated = [], []
-        with torch.inference_mode():
-            conv(x), conv(x, z)
-            for _ in range(rounds):
-                for code, out in ((None, plain), (z, modulated)):
-                    t = time.process_time()
-                    conv(x, code)
-                    out.append(time.process_time() - t)
-        p, m = 1000 * statistics.median(plain), 1000 * statistics.median(modulated)
-        rows.append({"backbone": name, "shape": f"{cin}->{cout}, {k}x{k}, groups {groups}, {size}x{size}",
-                     "plain_ms": p, "modulated_ms": m, "ratio": m / p})
-    return rows
-
-
 # --------------------------------------------------------------------------- report
-def table_rows(results: dict, labels: Sequence[str], aliases: dict, published: bool) -> list[dict]:
-    """One row per backbone and mode: ms of every setting (``labels``, aliases resolved) and the ratios."""
+def table_rows(results: dict, labels: Sequence[str], aliases: dict, published: bool,
+               rates: Optional[dict] = None) -> list[dict]:
+    """One row per backbone and mode: ms of every setting (``labels``, aliases resolved) and the ratios;
+    with ``rates`` ({"fp32"|"bf16": conv GFLOP/s}), each setting's GFLOP/s and share of its precision's rate."""
     rows = []
     for name, res in results.items():
         if "error" in res:
@@ -280,6 +258,10 @@ def table_rows(results: dict, labels: Sequence[str], aliases: dict, published: b
                 row["recommended_setting"] = res["recommended"][mode]["label"]
             for label in labels:
                 row[f"ours_{label}_ms"] = ms[same.get(label, label)][mode]["wall"]
+                if rates and res.get("flops"):
+                    gflops = res["flops"][mode] / (row[f"ours_{label}_ms"] / 1000) / 1e9
+                    rate = rates[res["amps"][same.get(label, label)] or "fp32"]
+                    row[f"ours_{label}_gflops"] = f"{gflops:.0f} ({100 * gflops / rate:.0f} %)"
             ours = ms["fp32"][mode]
             best = ms[rec][mode] if rec else ours
             if rec:
@@ -313,6 +295,8 @@ def markdown(rows: list[dict], conv_rows: list[dict], labels: Sequence[str], rec
         cols.append(("recommended_setting", "recommended setting"))
     cols += [(f"ours_{lab}_ms", f"ours {lab} ({recommended}) ms" if lab == "recommended" and recommended
               else f"ours {lab} ms") for lab in labels]
+    cols += [(f"ours_{lab}_gflops", f"ours {lab} GFLOP/s (share of the conv rate)") for lab in labels
+             if any(f"ours_{lab}_gflops" in r for r in rows)]
     if any("published_fp32_ms" in r for r in rows):
         cols += [("published_fp32_ms", "published fp32 ms"), ("fp32_ratio_wall", "ours fp32 ÷ published (wall)"),
                  ("fp32_ratio_cpu", "ours fp32 ÷ published (CPU time)"),
@@ -417,6 +401,8 @@ def run(args: argparse.Namespace) -> dict:
                 results[name] = {"error": str(exc)}
     conv_rows = conv_check(args.conv_size, max(args.rounds, 5), args.threads, args.models) \
         if args.conv_size and device.type == "cpu" else []
+    rates = {"fp32": conv_rate(torch.float32, args.threads), "bf16": conv_rate(torch.bfloat16, args.threads)} \
+        if device.type == "cpu" else None
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name()
     header = (f"device: {dev} ({device.type}), {args.threads} thread(s) per process | torch {torch.__version__} | "
               f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} | {args.size}x{args.size} image, median of "
@@ -427,16 +413,22 @@ def run(args: argparse.Namespace) -> dict:
              "ms: wall clock per image (z from the key encoder included in CoIC mode); the CPU-time ratio leaves "
              "out the time a process waited for a core on a shared machine",
              "max abs diff: backbone outputs (not clamped) on the same tile-sized input and weights"]
+    if rates:
+        notes.append(f"conv rate (benchmarks/roofline.py): a plain 3x3 convolution, 32 -> 32 channels on a 256x256 map, "
+                     f"channels-last, {args.threads} thread(s): fp32 {rates['fp32']:.0f} GFLOP/s, bf16 "
+                     f"{rates['bf16']:.0f} GFLOP/s; a setting's share is of its own precision's rate (FLOPs: "
+                     "convolutions and matrix products of one restoration, torch.utils.flop_counter)")
     for label, same in aliases.items():
         notes.append(f"{label} is {same} on this machine: measured once, the same numbers in both columns")
     for n, r in results.items():
         for label, same in r.get("aliases", {}).items():
             notes.append(f"{n}: {label} is {same}, measured once")
-    rows = table_rows(results, labels, aliases, bool(args.published))
+    rows = table_rows(results, labels, aliases, bool(args.published), rates)
     text = markdown(rows, conv_rows, labels, "" if any(a for *_, a in settings) else rec.label, header, notes)
     from utils.io import atomic_write_text
 
     report = {"header": header, "device": dev, "torch": torch.__version__, "rows": rows, "conv": conv_rows,
+              "conv_rate_gflops": rates,
               "raw": results, "recommended": rec.label}
     atomic_write_text(os.path.join(args.save_path, f"{RESULT_NAME}.md"), text)
     atomic_write_text(os.path.join(args.save_path, f"{RESULT_NAME}.json"), json.dumps(report, indent=1))

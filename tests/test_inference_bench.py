@@ -78,6 +78,41 @@ def test_tiny_run_writes_the_table(tmp_path):
     assert report["conv"][0]["backbone"] == "BRN" and report["conv"][0]["ratio"] > 0
     md = (out / "inference.md").read_text()
     assert "| BRN | plain |" in md and "modulated ÷ plain" in md
+    rates = report["conv_rate_gflops"]
+    assert rates["fp32"] > 0 and rates["bf16"] > 0 and "ours fp32 GFLOP/s (share of the conv rate)" in md
+    assert f"fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s" in md
+
+
+def test_conv_flops_by_hand():
+    from benchmarks.roofline import conv3x3_flops
+
+    assert conv3x3_flops(32, 256) == 1_207_959_552  # 32 x 32 x 9 MACs per pixel, 65,536 pixels, 2 FLOPs per MAC
+
+
+def test_gflops_and_share_of_the_conv_rate_by_hand():
+    ms = {"fp32": {"plain": {"wall": 1000.0, "cpu": 1.0}, "coic": {"wall": 2000.0, "cpu": 1.0}},
+          "bf16": {"plain": {"wall": 250.0, "cpu": 1.0}, "coic": {"wall": 400.0, "cpu": 1.0}}}
+    results = {"X": {"ms": ms, "diffs": {}, "aliases": {}, "flops": {"plain": 4e9, "coic": 6e9},
+                     "amps": {"fp32": None, "bf16": "bf16"}}}
+    plain, coic = inference.table_rows(results, ["fp32", "bf16"], {}, published=False,
+                                       rates={"fp32": 20.0, "bf16": 64.0})
+    assert plain["ours_fp32_gflops"] == "4 (20 %)"  # 4e9 FLOPs in 1 s, of 20 GFLOP/s
+    assert plain["ours_bf16_gflops"] == "16 (25 %)"  # 4e9 in 0.25 s, of bf16's 64
+    assert coic["ours_fp32_gflops"] == "3 (15 %)" and coic["ours_bf16_gflops"] == "15 (23 %)"
+
+
+def test_worker_counts_the_flops_of_a_restoration():
+    """BRN in its reference configuration, plain mode, by hand: 8 recurrent iterations of two branches
+    of 3x3 convolutions (image: 9->32, four gates 96->32, five residual blocks of two 32->32, 32->3; rain:
+    6->32, four gates, three residual blocks, 32->3), 2 FLOPs per MAC, over a 24 x 24 image."""
+    server = inference.OursServer()
+    server.setup({"model": "BRN", "size": 24, "threads": 1, "device": "cpu", "seed": 0, "overlap": 8,
+                  "check_size": 24, "amp": None, "channels_last": False, "auto": False})
+    image = 9 * 32 + 4 * 96 * 32 + 10 * 32 * 32 + 32 * 3
+    rain = 6 * 32 + 4 * 96 * 32 + 6 * 32 * 32 + 32 * 3
+    flops = server.flops({})
+    assert flops["plain"] == 2 * 9 * (image + rain) * 8 * 24 * 24
+    assert flops["coic"] > flops["plain"]  # plus the encoder and the CoI-M generators
 
 
 def test_recommended_layout_is_chosen_per_mode(monkeypatch):
