@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
-import os
 import random
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -34,6 +33,7 @@ from utils import images
 from utils.check import CheckResult, check_root, check_split, format_check  # noqa: F401 (re-exported)
 from utils.dataset_specs import DATASET_SPECS, DatasetSpec, dataset_spec, find_dataset_folder  # noqa: F401
 from utils.errors import DataError
+from utils.host import available_memory
 from utils.images import (IMAGE_EXTENSIONS, StackedHalf, UnreadableImageError, is_image, list_images,  # noqa: F401
                           read_image, read_pair, resize_square, save_image, split_stacked)
 from utils.layouts import (PAIRING_RULES, FolderScan, PairRule, find_pairs, require_pairs, scan_folder,  # noqa: F401
@@ -90,34 +90,6 @@ MAX_CONSECUTIVE_SKIPS = 100  # then the data is broken, not a stray file: stop i
 CACHE_MEMORY_FRACTION = 0.8  # --cache_images refuses above this share of the available memory
 _CACHE_SIZE_SAMPLE = 1000  # headers read to estimate the cache's size (all of them when fewer)
 _KEPT_DRAWS = 4  # per-epoch real-pair draws kept per process (a rollback may revisit an epoch)
-
-
-def available_memory() -> Optional[int]:
-    """Bytes of memory this machine can still give (``MemAvailable``, or less under a cgroup limit); None if unknown."""
-    available = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    if available is None:
-        try:  # free pages only: stricter than MemAvailable, which counts reclaimable caches too
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (AttributeError, ValueError, OSError):
-            pass
-    try:  # a container's limit (cgroup v2) can be far below what the host reports
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        if limit != "max":
-            with open("/sys/fs/cgroup/memory.current") as f:
-                room = int(limit) - int(f.read())
-            available = room if available is None else min(available, room)
-    except (OSError, ValueError):
-        pass
-    return available
 
 
 def _decoded_size(path: str) -> int:

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten
 
 from models import size_multiple, tile_size
 from utils.errors import UserError
+from utils.host import available_memory as host_available_memory, proc_kib
 from utils.speed import default_tile_batch
 
 logger = logging.getLogger("coic.memory")
@@ -72,34 +73,19 @@ def format_size(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
 
 
-def _proc_kib(path: str, field: str) -> Optional[int]:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def available_memory(device: torch.device) -> int:
-    """Bytes the run could still take: free GPU memory, or the host's MemAvailable."""
+    """Bytes the run could still take: free GPU memory, or what the host can still give
+    (``utils.host.available_memory``: MemAvailable, or less under a cgroup limit; 0 if unknown)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    kib = _proc_kib("/proc/meminfo", "MemAvailable")
-    if kib is not None:
-        return kib * 1024
-    import os
-
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return host_available_memory() or 0
 
 
 def current_usage(device: torch.device) -> int:
     """Bytes the run holds now: allocated GPU tensors, or this process's resident memory."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
-    kib = _proc_kib("/proc/self/status", "VmRSS")
+    kib = proc_kib("/proc/self/status", "VmRSS")
     if kib is not None:
         return kib * 1024
     import resource
@@ -179,9 +165,9 @@ def measured_peak(fn: Callable[[], object], device: torch.device) -> Optional[in
             f.write("5")
     except OSError:
         return None
-    base = _proc_kib("/proc/self/status", "VmRSS")
+    base = proc_kib("/proc/self/status", "VmRSS")
     fn()
-    peak = _proc_kib("/proc/self/status", "VmHWM")
+    peak = proc_kib("/proc/self/status", "VmHWM")
     return None if base is None or peak is None else (peak - base) * 1024
 
 
