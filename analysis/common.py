@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils import tables
 from utils.allocator import keep_freed_memory
 from utils.checkpoint import read_checkpoint, trusted_checkpoints
 from utils.distributed import resolve_device
@@ -229,11 +230,8 @@ def fmt(value: Any) -> str:
 
 
 def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows([[fmt(v) for v in row] for row in rows])
+    """An analysis table as CSV, atomically, cells through ``fmt``."""
+    tables.write_csv(path, header, [[fmt(v) for v in row] for row in rows])
 
 
 def write_text(path: str, text: str) -> None:
@@ -250,9 +248,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits:
             return "nan" if math.isnan(v) else f"{v:.{digits}f}"
         return str(v)
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return "\n".join(tables.markdown_table(header, [[cell(v) for v in row] for row in rows])) + "\n"
 
 
 def new_figure(width: float, height: float):

@@ -33,6 +33,7 @@ import tempfile
 import time
 from typing import Optional, Sequence
 from utils.cli import HelpFormatter
+from utils.tables import markdown_table
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):
@@ -191,20 +192,19 @@ def markdown(report: dict) -> str:
         lines += ["Failed:", ""] + [f"- `{t}`" for t in tests["failed"]] + ["", "```", tests["tail"], "```", ""]
     lines += ["## Benchmark against the published code", "", bench.get("header", ""), ""]
     if bench["rows"]:
-        from benchmarks.benchmark import markdown_table
+        from benchmarks import benchmark
 
-        lines.append(markdown_table(bench["rows"]))
+        lines.append(benchmark.markdown_table(bench["rows"]))
     lines += ["", "## Targets", "", f"CoIC-stage training >= {TARGETS['coic_speedup_recommended']}x the published "
               f"img/s (recommended setting), fp32 not slower, inference >= {TARGETS['infer_speedup']}x (both modes), "
               "peak memory <= the published code's.", "",
-              "| backbone | CoIC speed-up, recommended | met | CoIC speed-up, fp32 | met | inference speed-up "
-              "plain / CoIC | met | peak ours / published | met |", "|---|---|---|---|---|---|---|---|---|"]
-    for t in report["targets"]:
-        m = t["met"]
-        lines.append(f"| {t['backbone']} | {_fmt(t['coic_speedup_recommended'])} | {_fmt(m['coic_recommended'])} | "
-                     f"{_fmt(t['coic_speedup_fp32'])} | {_fmt(m['coic_fp32'])} | {_fmt(t['infer_speedup_normal'])} / "
-                     f"{_fmt(t['infer_speedup_coic'])} | {_fmt(m['inference'])} | {_fmt(t['peak_ratio'])} | "
-                     f"{_fmt(m['peak'])} |")
+              *markdown_table(["backbone", "CoIC speed-up, recommended", "met", "CoIC speed-up, fp32", "met",
+                               "inference speed-up plain / CoIC", "met", "peak ours / published", "met"],
+                              [[t["backbone"], _fmt(t["coic_speedup_recommended"]), _fmt(t["met"]["coic_recommended"]),
+                                _fmt(t["coic_speedup_fp32"]), _fmt(t["met"]["coic_fp32"]),
+                                f"{_fmt(t['infer_speedup_normal'])} / {_fmt(t['infer_speedup_coic'])}",
+                                _fmt(t["met"]["inference"]), _fmt(t["peak_ratio"]), _fmt(t["met"]["peak"])]
+                               for t in report["targets"]])]
     return "\n".join(lines) + "\n"
 
 

@@ -53,6 +53,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/benchmark.py``: find
 from benchmarks.published import counterparts  # noqa: E402
 from benchmarks.timing import (Case, measure_ours, run_worker, synthetic_batch, time_calls,  # noqa: E402,F401
                                worker_main)
+from utils import tables  # noqa: E402
 from utils.allocator import keep_freed_memory  # noqa: E402
 from utils.cli import HelpFormatter  # noqa: E402
 
@@ -193,10 +194,8 @@ def _fmt(value) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" for _ in HEADERS) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row[c]).replace("|", "/") for c in COLUMNS) + " |")
-    return "\n".join(lines)
+    return "\n".join(tables.markdown_table(HEADERS, [[_fmt(row[c]).replace("|", "/") for c in COLUMNS]
+                                                      for row in rows]))
 
 
 def markdown(rows: list[dict], header: str, notes: Sequence[str]) -> str:

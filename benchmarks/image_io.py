@@ -30,6 +30,7 @@ from PIL import Image
 
 from utils import images
 from utils.cli import HelpFormatter
+from utils.tables import markdown_table
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -111,17 +112,15 @@ def report(rows: list[dict]) -> str:
         pass
     lines = [f"CPU: {cpu}, 1 thread, torch {torch.__version__}, OpenCV {cv2.__version__}; ms, median",
              "",
-             "| images | size | PNG decode Pillow / OpenCV | training item Pillow / OpenCV | epoch Pillow / OpenCV "
-             "| 128² resize torch / OpenCV (max diff, grey levels) | PNG write Pillow / ours (OpenCV) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {os.path.basename(r['images'].rstrip('/'))} | {r['size']} "
-            f"| {r['decode_pillow']:.2f} / {r['decode_opencv']:.2f} ({r['decode_pillow'] / r['decode_opencv']:.2f}x) "
-            f"| {r['item_pillow']:.2f} / {r['item_opencv']:.2f} ({r['item_pillow'] / r['item_opencv']:.2f}x) "
-            f"| {r['epoch_pillow']:.0f} / {r['epoch_opencv']:.0f} "
-            f"| {r['resize_torch']:.2f} / {r['resize_opencv']:.2f} ({r['resize_max_levels']:.1f}) "
-            f"| {r['write_pillow']:.2f} / {r['write_opencv']:.2f} |")
+             *markdown_table(
+                 ["images", "size", "PNG decode Pillow / OpenCV", "training item Pillow / OpenCV", "epoch Pillow / OpenCV",
+                  "128² resize torch / OpenCV (max diff, grey levels)", "PNG write Pillow / ours (OpenCV)"],
+                 [[os.path.basename(r["images"].rstrip("/")), r["size"],
+                   f"{r['decode_pillow']:.2f} / {r['decode_opencv']:.2f} ({r['decode_pillow'] / r['decode_opencv']:.2f}x)",
+                   f"{r['item_pillow']:.2f} / {r['item_opencv']:.2f} ({r['item_pillow'] / r['item_opencv']:.2f}x)",
+                   f"{r['epoch_pillow']:.0f} / {r['epoch_opencv']:.0f}",
+                   f"{r['resize_torch']:.2f} / {r['resize_opencv']:.2f} ({r['resize_max_levels']:.1f})",
+                   f"{r['write_pillow']:.2f} / {r['write_opencv']:.2f}"] for r in rows])]
     return "\n".join(lines) + "\n"
 
 

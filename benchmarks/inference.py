@@ -41,6 +41,7 @@ from benchmarks.serve import Worker, WorkerError, serve  # noqa: E402
 from models import RegistryError, available_models, model_class, tile_size  # noqa: E402
 from utils.allocator import keep_freed_memory  # noqa: E402
 from utils.cli import HelpFormatter  # noqa: E402
+from utils.tables import markdown_table  # noqa: E402
 
 MODES = ("plain", "coic")
 RESULT_NAME = "inference"
@@ -307,17 +308,14 @@ def markdown(rows: list[dict], conv_rows: list[dict], labels: Sequence[str], rec
         cols.append(("recommended_vs_fp32_cpu", "ours recommended ÷ fp32 (CPU time)"))
     if any("note" in r for r in rows):
         cols.append(("note", "note"))
-    lines = ["# Inference", "", header, "", "| " + " | ".join(h for _, h in cols) + " |",
-             "|" + "|".join("---" for _ in cols) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |")
+    lines = ["# Inference", "", header, "",
+             *markdown_table([h for _, h in cols], [[_fmt(r.get(k)) for k, _ in cols] for r in rows])]
     if conv_rows:
         lines += ["", "Modulated convolution (per-image kernel, grouped form) against a plain one of the same shape, "
-                  "batch 1, CPU time:", "", "| backbone | shape | plain ms | modulated ms | modulated ÷ plain |",
-                  "|---|---|---|---|---|"]
-        for c in conv_rows:
-            lines.append(f"| {c['backbone']} | {c['shape']} | {_fmt(c['plain_ms'])} | {_fmt(c['modulated_ms'])} | "
-                         f"{_fmt(c['ratio'])} |")
+                  "batch 1, CPU time:", "",
+                  *markdown_table(["backbone", "shape", "plain ms", "modulated ms", "modulated ÷ plain"],
+                                  [[c["backbone"], c["shape"], _fmt(c["plain_ms"]), _fmt(c["modulated_ms"]),
+                                    _fmt(c["ratio"])] for c in conv_rows])]
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 

@@ -34,6 +34,7 @@ if ROOT not in sys.path:
 
 from models import available_models  # noqa: E402
 from utils.cli import HelpFormatter  # noqa: E402
+from utils.tables import markdown_table  # noqa: E402
 
 
 class _Enough(Exception):
@@ -153,15 +154,16 @@ def summarise(result: dict) -> dict:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = ["# test_model.py on a large photo", "", header, "",
-             "| backbone (CoIC) | plan | forwards | estimated peak MiB | measured peak MiB (VmHWM) | budget MiB "
-             "| within budget | seconds | s per forward (CPU s) |", "|---|---|---|---|---|---|---|---|---|"]
+    cells = []
     for r in rows:
         plan = "whole image" if r["tile"] is None else f"{r['tile']}² tiles, {r['batch']} per forward"
         secs = f"{r['seconds']:.0f}" + (f" (extrapolated from {r['measured_forwards']})" if r["extrapolated"] else "")
         per = "" if r["seconds_per_forward"] is None else f"{r['seconds_per_forward']:.1f} ({r['cpu_per_forward']:.1f})"
-        lines.append(f"| {r['model']} | {plan} | {r['forwards']} | {r['estimate_mib']:.0f} | {r['peak_mib']:.0f} "
-                     f"| {r['budget_mib']:.0f} | {'yes' if r['within_budget'] else '**no**'} | {secs} | {per} |")
+        cells.append([r["model"], plan, r["forwards"], f"{r['estimate_mib']:.0f}", f"{r['peak_mib']:.0f}",
+                      f"{r['budget_mib']:.0f}", "yes" if r["within_budget"] else "**no**", secs, per])
+    lines = ["# test_model.py on a large photo", "", header, "",
+             *markdown_table(["backbone (CoIC)", "plan", "forwards", "estimated peak MiB", "measured peak MiB (VmHWM)",
+                              "budget MiB", "within budget", "seconds", "s per forward (CPU s)"], cells)]
     lines += ["", "- measured peak: the kernel's high-water mark of the test_model.py process's resident memory",
               "- extrapolated: the run stopped after that many forwards; seconds = time to the first forward "
               "+ forwards × their median",

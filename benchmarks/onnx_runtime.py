@@ -24,6 +24,7 @@ import torch
 from models import available_models, build_encoder, build_model, tile_size
 from utils.export import export_onnx
 from utils.inference import image_code, restore
+from utils.tables import markdown_row, markdown_table
 
 
 def cpu_name() -> str:
@@ -79,14 +80,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, 1 thread each; median of {args.repeats}\n")
-    print("| backbone | mode | image | PyTorch fp32 (ms) | onnxruntime (ms) | speed-up |")
-    print("|---|---|---|---:|---:|---:|")
+    print("\n".join(markdown_table(["backbone", "mode", "image", "PyTorch fp32 (ms)", "onnxruntime (ms)", "speed-up"],
+                                   [], align=[None, None, None, "right", "right", "right"])))
     with tempfile.TemporaryDirectory() as folder:
         for name in [n.strip() for n in args.names.split(",") if n.strip()]:
             for coic in (False, True):
                 side, t_torch, t_ort = time_backbone(name, coic, args.size, args.repeats, folder)
-                print(f"| {name} | {'CoIC' if coic else 'plain'} | {side}x{side} | {1e3 * t_torch:.0f} | "
-                      f"{1e3 * t_ort:.0f} | {t_torch / t_ort:.2f}x |", flush=True)
+                print(markdown_row([name, "CoIC" if coic else "plain", f"{side}x{side}", f"{1e3 * t_torch:.0f}",
+                                    f"{1e3 * t_ort:.0f}", f"{t_torch / t_ort:.2f}x"]), flush=True)
     return 0
 
 

@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/page_faults.py``: fi
 import torch  # noqa: E402
 
 from benchmarks.timing import run_worker, worker_main  # noqa: E402
+from utils.tables import markdown_table  # noqa: E402
 
 MODEL = "BRN"
 HEADERS = ["case", "allocator", "wall s", "user s", "system s", "system share", "minor faults",
@@ -151,10 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"CPU: {cpu_model_name()}, {args.threads} thread{'s' if args.threads != 1 else ''} | torch "
           f"{torch.__version__} | {MODEL} reference, {args.size}x{args.size} (train: batch x crop of its row), per forward "
           f"or step: mean of {args.forwards} after {args.warmup} warm-up")
-    print("| " + " | ".join(HEADERS) + " |")
-    print("|" + "---|" * len(HEADERS))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print("\n".join(markdown_table(HEADERS, rows)))
     return 0
 
 

@@ -24,6 +24,7 @@ import torch
 from analysis.model_cost import count_macs
 from models import available_models, build_encoder, build_model
 from utils.options import parse_train_args
+from utils.tables import markdown_row, markdown_table
 
 N_NEG = 4  # the default --n_neg: detail-aware negatives per query
 
@@ -53,17 +54,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--tflops", type=float, nargs="+", default=[25.0, 60.0],
                    help="sustained TFLOP/s to convert compute into hours (assumptions)")
     args = p.parse_args(argv)
-    rates = " | ".join(f"h at {t:g} TFLOP/s w/o / w/" for t in args.tflops)
-    print(f"| backbone | batch x crop, iterations | GMAC/image plain / modulated / encoder | PFLOP w/o / w/ CoIC "
-          f"| {rates} |")
-    print("|---|---|---|---|" + "---|" * len(args.tflops))
+    print("\n".join(markdown_table(["backbone", "batch x crop, iterations", "GMAC/image plain / modulated / encoder",
+                                    "PFLOP w/o / w/ CoIC", *(f"h at {t:g} TFLOP/s w/o / w/" for t in args.tflops)], [])))
     for name in available_models():
         m = image_macs(name)
         plain, coic = run_flops(m, False), run_flops(m, True)
-        hours = " | ".join(f"{plain / (t * 1e12) / 3600:.0f} / {coic / (t * 1e12) / 3600:.0f}" for t in args.tflops)
-        print(f"| {name} | {m['batch']} x {m['crop']}, {m['iters'] // 1000}k | {m['plain'] / 1e9:.2f} / "
-              f"{m['modulated'] / 1e9:.2f} / {m['encoder'] / 1e9:.3f} | {plain / 1e15:.0f} / {coic / 1e15:.0f} "
-              f"| {hours} |")
+        hours = [f"{plain / (t * 1e12) / 3600:.0f} / {coic / (t * 1e12) / 3600:.0f}" for t in args.tflops]
+        print(markdown_row([name, f"{m['batch']} x {m['crop']}, {m['iters'] // 1000}k",
+                            f"{m['plain'] / 1e9:.2f} / {m['modulated'] / 1e9:.2f} / {m['encoder'] / 1e9:.3f}",
+                            f"{plain / 1e15:.0f} / {coic / 1e15:.0f}", *hours]))
     return 0
 
 

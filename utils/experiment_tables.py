@@ -17,6 +17,7 @@ from utils.dataset_specs import dataset_spec
 from utils.errors import DataError
 from utils.experiments import PAPER_PROTOCOL, PAPER_RESULTS, PAPER_SOURCES, Experiment
 from utils.io import atomic_write_text
+from utils.tables import markdown_row, markdown_table
 
 __all__ = ["read_summary", "summary_name", "write_tables", "CSV_COLUMNS"]
 
@@ -72,14 +73,13 @@ class _Table:
         self.exp, self.columns, self.md, self.records = exp, list(columns), [], []
 
     def row(self, label: Sequence[str], cells: Sequence[str]) -> None:
-        self.md.append("| " + " | ".join([*label, *cells]) + " |")
+        self.md.append(markdown_row([*label, *cells]))
 
     def record(self, **values) -> None:
         self.records.append({k: "" if values.get(k) is None else values[k] for k in CSV_COLUMNS})
 
     def header(self, label: Sequence[str], extra: Sequence[str] = ("Mean",)) -> None:
-        names = [*label, *self.columns, *extra]
-        self.md += ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+        self.md += markdown_table([*label, *self.columns, *extra], [])
 
     def csv(self) -> str:
         buf = io.StringIO()
@@ -138,11 +138,11 @@ def _paper_table(exp: Experiment, runs, summaries: dict[str, str], protocol: str
                     if g is not None:
                         t.record(experiment=exp.name, backbone=backbone, model="CoIC gain", source=source,
                                  testset=s, psnr=_fmt(g, 4))
-    t.md += ["", "Metric protocol per column (`utils/metrics.py`):", "",
-             "| | " + " | ".join(sets) + " |", "|" + "---|" * (len(sets) + 1),
-             "| ours | " + " | ".join(", ".join(sorted(protocols[s])) or protocol for s in sets) + " |",
-             "| paper | " + " | ".join(PAPER_PROTOCOL if any(k[0] == exp.name and k[3] == s for k in PAPER_RESULTS)
-                                     else "" for s in sets) + " |"]
+    protocol_table = markdown_table(["", *sets], [
+        ["ours", *(", ".join(sorted(protocols[s])) or protocol for s in sets)],
+        ["paper", *(PAPER_PROTOCOL if any(k[0] == exp.name and k[3] == s for k in PAPER_RESULTS) else "" for s in sets)]])
+    protocol_table[0] = protocol_table[0].replace("|  |", "| |", 1)  # its empty corner cell has always been written "| |"
+    t.md += ["", "Metric protocol per column (`utils/metrics.py`):", "", *protocol_table]
     if mismatch:
         t.md += ["", "⚠ ours were scored with another protocol than the paper's: those differences compare "
                      "different metrics."]

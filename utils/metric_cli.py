@@ -7,17 +7,15 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import os
 from typing import Optional, Sequence
 
 from utils.errors import DataError, cli_main
 from utils.images import read_image
-from utils.io import atomic_write_text
 from utils.layouts import find_images
 from utils.niqe import CHANNELS, MIN_SIDE, NIQEUndefined, niqe
+from utils.tables import write_csv
 from utils.allocator import keep_freed_memory
 from utils.cli import HelpFormatter
 
@@ -70,12 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def run() -> int:
         rows = score_folder(args.folder, args.channel, progress=not args.no_progress)
         out = args.csv or os.path.join(args.folder, f"niqe_{args.channel}.csv")
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["name", "niqe", "channel"])
-        for name, value in rows:
-            writer.writerow([name, "" if value is None else f"{value:.4f}", args.channel])
-        atomic_write_text(out, buf.getvalue())
+        write_csv(out, ["name", "niqe", "channel"],
+                  [[name, "" if value is None else f"{value:.4f}", args.channel] for name, value in rows])
         scored = [v for _, v in rows if v is not None]
         if not scored:
             raise DataError(f"no image in {args.folder} is at least {MIN_SIDE}x{MIN_SIDE} pixels; NIQE needs that")

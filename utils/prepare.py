@@ -1,8 +1,6 @@
 """``python datasets.py prepare rain800|did RAW OUT``: split raw side-by-side pair images into rain/ + norain/."""
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 
@@ -11,7 +9,7 @@ import numpy as np
 from utils.dataset_specs import dataset_spec
 from utils.errors import DataError
 from utils.images import UnreadableImageError, list_images, number_key, read_rgb8, write_array
-from utils.io import atomic_write_text
+from utils.tables import write_csv
 
 logger = logging.getLogger(__name__)
 
@@ -115,15 +113,6 @@ def prepare(kind: str, raw: str, out: str, overwrite: bool = False, progress: bo
             else:
                 counts["written"] += 1
             write_array(np.ascontiguousarray(img), path)
-    _write_csv_atomic(os.path.join(out, "sources.csv"), ["rain", "norain", "source"],
-                      [[r, c, os.path.abspath(s)] for s, r, c in plan])
+    write_csv(os.path.join(out, "sources.csv"), ["rain", "norain", "source"],
+              [[r, c, os.path.abspath(s)] for s, r, c in plan])
     return counts
-
-
-
-def _write_csv_atomic(path: str, header: list, rows: list) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())

@@ -8,13 +8,13 @@ on the row's ``niqe_channel``). A row or a set has the columns it can have; the 
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import os
 from typing import Optional
 
 from utils.io import atomic_write_text
 from utils.metrics import METRICS, PROTOCOLS, better_value
+from utils.tables import markdown_table, write_csv
 
 logger = logging.getLogger("coic.test")
 
@@ -51,14 +51,10 @@ def _fmt(value: Optional[float], digits: int) -> str:
 def write_table(rows: list[dict], path: str) -> None:
     """Per-image results as CSV (name, psnr, ssim, niqe_rain, niqe_out, protocol, niqe_channel), atomically;
     an ``error`` column (why the image was not derained) when some row has one."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
     errors = any(r.get("error") for r in rows)
-    writer.writerow(["name", *SCORE_COLUMNS, "protocol", "niqe_channel"] + (["error"] if errors else []))
-    for r in rows:
-        writer.writerow([r["name"], *(_fmt(r.get(k), _DIGITS[k]) for k in SCORE_COLUMNS), r.get("protocol", "coic"),
-                         r.get("niqe_channel", "y")] + ([r.get("error") or ""] if errors else []))
-    atomic_write_text(path, buf.getvalue())
+    write_csv(path, ["name", *SCORE_COLUMNS, "protocol", "niqe_channel"] + (["error"] if errors else []),
+              [[r["name"], *(_fmt(r.get(k), _DIGITS[k]) for k in SCORE_COLUMNS), r.get("protocol", "coic"),
+                r.get("niqe_channel", "y")] + ([r.get("error") or ""] if errors else []) for r in rows])
 
 
 def _mean(values: list) -> Optional[float]:
@@ -115,16 +111,16 @@ def format_markdown(summary: list[dict], protocol: str, niqe_channel: Optional[s
     NIQE columns show the rainy input and the derained output, the better of the two in bold."""
     has_ref = any(s.get("psnr") is not None for s in summary)
     has_niqe = any(s.get("niqe_out") is not None for s in summary)
-    header, align = ["Dataset", "Images"], ["---", "---:"]
+    header, align = ["Dataset", "Images"], [None, "right"]
     if has_ref or not has_niqe:
         header += ["PSNR", "SSIM"]
-        align += ["---:", "---:"]
+        align += ["right", "right"]
     if has_niqe:
         header += ["NIQE rainy", "NIQE derained", "ΔNIQE"]
-        align += ["---:"] * 3
+        align += ["right"] * 3
     notes = protocol_notes(protocol, niqe_channel if has_niqe else None)
-    lines = [*notes, "", "| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     digits = METRICS["niqe"].digits
+    rows = []
     for s in summary:
         cells = [str(s["dataset"]), str(s["images"])]
         if has_ref or not has_niqe:
@@ -134,18 +130,14 @@ def format_markdown(summary: list[dict], protocol: str, niqe_channel: Optional[s
             best = None if rain is None or out is None else better_value("niqe", rain, out)
             cells += [_cell(rain, digits, rain == best and out != rain), _cell(out, digits, out == best and out != rain),
                       "—" if s.get("niqe_change") is None else f"{s['niqe_change']:+.{digits}f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return "\n".join([*notes, "", *markdown_table(header, rows, align)]) + "\n"
 
 
 def write_summary(summary: list[dict], save_path: str, protocol: str, niqe_channel: str = "y") -> None:
     """``summary.csv`` and ``summary.md`` in ``save_path``, each written atomically."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
     columns = (*SCORE_COLUMNS, "niqe_change")
-    writer.writerow(["dataset", "images", *columns, "protocol", "niqe_channel"])
-    for s in summary:
-        writer.writerow([s["dataset"], s["images"], *(_fmt(s.get(k), _DIGITS[k]) for k in columns), protocol,
-                         niqe_channel])
-    atomic_write_text(os.path.join(save_path, "summary.csv"), buf.getvalue())
+    write_csv(os.path.join(save_path, "summary.csv"), ["dataset", "images", *columns, "protocol", "niqe_channel"],
+              [[s["dataset"], s["images"], *(_fmt(s.get(k), _DIGITS[k]) for k in columns), protocol, niqe_channel]
+               for s in summary])
     atomic_write_text(os.path.join(save_path, "summary.md"), format_markdown(summary, protocol, niqe_channel))
