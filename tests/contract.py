@@ -13,6 +13,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from helpers import coic_parameters, scramble_coic, unit_codes
 from models import build_model, size_multiple, tile_size
 from models.coim import (ContextEmbedding, ModulatedConv2d, ModulatedConvTranspose2d,
                          context_embedding_parameters, modulation_parameters)
@@ -38,24 +39,6 @@ def tiny_image(name: str, batch: int = 2, seed: int = 1) -> torch.Tensor:
     """(batch, 3, crop, crop) in [0, 1] at the recipe's tiny crop, reproducible from ``seed``."""
     size = tiny_args(name).crop_size
     return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def unit_codes(batch: int, dim: int, seed: int) -> torch.Tensor:
-    """(batch, dim) unit vectors, reproducible from ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen), dim=1)
-
-
-def coic_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """What z switches on: CoI-M generators and context embeddings (found by type)."""
-    return modulation_parameters(model) + context_embedding_parameters(model)
-
-
-def scramble_coic(model: nn.Module, std: float = 0.5) -> None:
-    """Give every CoIC parameter large random weights (the default init is near-neutral)."""
-    with torch.no_grad():
-        for p in coic_parameters(model):
-            p.normal_(0.0, std)
 
 
 # ---- the checks ---------------------------------------------------------------------

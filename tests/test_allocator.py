@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT
 from contract import tiny_args
+from helpers import ROOT
 
 SIZE = 512
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import reference_file
+from helpers import reference_file
 from models import build_model
 from utils.checkpoint import CheckpointError, load_weights
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, train_flags
+from helpers import ROOT, make_trainer, train_flags
 from models import build_model
 from utils.checkpoint import (CheckpointError, UnsafeCheckpointError, load_weights, read_checkpoint,
                               trusted_checkpoints)
@@ -141,17 +141,16 @@ def test_the_numpy_state_round_trips_through_todays_format():
 
 def test_todays_training_checkpoint_resumes_through_the_safe_loader(tmp_path, tiny_demo, monkeypatch):
     """The Trainer's own checkpoint needs no allow-list: it holds tensors, numbers, strings and containers."""
-    from utils.options import parse_train_args
-    from utils.trainer import Trainer, list_checkpoints
+    from utils.trainer import list_checkpoints
 
     data = os.path.join(tiny_demo, "heavy", "train")
-    Trainer(parse_train_args("BRN", train_flags(str(tmp_path), data, tot_iters=2, stage1_iters=1))).train()
+    make_trainer(tmp_path, data, tot_iters=2, stage1_iters=1).train()
     newest = list_checkpoints(str(tmp_path))[-1]
     assert torch.serialization.get_unsafe_globals_in_checkpoint(newest) == []
     calls = []
     real = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: (calls.append(k.get("weights_only")), real(*a, **k))[1])
-    resumed = Trainer(parse_train_args("BRN", train_flags(str(tmp_path), data, tot_iters=2, stage1_iters=1)))
+    resumed = make_trainer(tmp_path, data, tot_iters=2, stage1_iters=1)
     assert resumed.iteration == 2 and calls and all(c is True for c in calls)
 
 

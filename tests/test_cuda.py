@@ -17,10 +17,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import train_flags
+from helpers import make_trainer
 from models import available_models
-from utils.options import parse_train_args
-from utils.trainer import Trainer
 
 DEVICE = torch.device(os.environ.get("COIC_TEST_DEVICE", "cuda"))
 pytestmark = [pytest.mark.cuda,
@@ -35,9 +33,8 @@ def _batch(size, seed=0):
     return tuple(torch.rand(2, 3, size, size, generator=g) for _ in range(4))
 
 
-def _trainer(tmp_path, data, model="BRN", extra=(), **kw):
-    flags = train_flags(str(tmp_path), data, stage1_iters=1, n_neg=1, batch_size=2, **kw)
-    return Trainer(parse_train_args(model, flags + ["--device", str(DEVICE)] + list(extra)))
+# Both stages from the second step, two images per batch, on DEVICE.
+STEP_FLAGS = dict(stage1_iters=1, n_neg=1, batch_size=2, device=str(DEVICE))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +45,7 @@ def data(tiny_demo):
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("model", available_models())
 def test_training_step_both_stages(tmp_path, data, model, precision):
-    trainer = _trainer(tmp_path, data, model, PRECISIONS[precision])
+    trainer = make_trainer(tmp_path, data, model, PRECISIONS[precision], **STEP_FLAGS)
     crop = trainer.args.crop_size
     assert trainer.device.type == DEVICE.type and trainer.scaler.is_enabled() == (precision == "fp16_scaler")
     for stage, iteration in ((1, 0), (2, 1)):
@@ -72,7 +69,7 @@ def test_training_step_both_stages(tmp_path, data, model, precision):
 
 
 def test_fused_optimizer_skips_a_bad_step_on_the_device(tmp_path, data):
-    trainer = _trainer(tmp_path, data)
+    trainer = make_trainer(tmp_path, data, **STEP_FLAGS)
     trainer.iteration = 1
     trainer.train_step(_batch(trainer.args.crop_size))
     assert trainer.base_opt.defaults["fused"] and trainer.coic_opt.defaults["fused"]
@@ -94,7 +91,7 @@ def test_fused_optimizer_skips_a_bad_step_on_the_device(tmp_path, data):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_step_never_waits_for_the_device(tmp_path, data, monkeypatch, stage):
-    trainer = _trainer(tmp_path, data, "BRN", ["--amp", "bf16", "--channels_last"])
+    trainer = make_trainer(tmp_path, data, "BRN", ["--amp", "bf16", "--channels_last"], **STEP_FLAGS)
     trainer.iteration = stage - 1
     batch = _batch(trainer.args.crop_size)
     trainer.train_step(batch)  # warm-up: lazy optimizer state, the rain archive
@@ -119,7 +116,7 @@ def test_step_never_waits_for_the_device(tmp_path, data, monkeypatch, stage):
 def test_compile_brn_trains_both_stages(tmp_path, data, monkeypatch):
     if DEVICE.type == "cpu":  # inductor's C++ build takes minutes on a CPU: trace with dynamo only
         monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    trainer = _trainer(tmp_path, data, "BRN", ["--compile"])
+    trainer = make_trainer(tmp_path, data, "BRN", ["--compile"], **STEP_FLAGS)
     for iteration in (0, 1):
         trainer.iteration = iteration
         stats = trainer.train_step(_batch(trainer.args.crop_size, seed=iteration))

@@ -11,11 +11,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import datasets
-from conftest import train_flags
 from datasets import DataError, EpochSampler, MixedRainDataset, SampleKey
+from helpers import make_trainer, train_flags
 from utils import images
 from utils import trainer as trainer_module
-from utils.options import parse_train_args
 from utils.trainer import Trainer
 
 SEED = 5
@@ -112,20 +111,16 @@ def _record_steps(monkeypatch) -> list:
     return seen
 
 
-def _trainer(save, data, **kw) -> Trainer:
-    return Trainer(parse_train_args("BRN", train_flags(str(save), ",".join(data), **kw)))
-
-
 def test_resumed_run_sees_the_same_batches(tmp_path, mixed, monkeypatch):
     # 16 items, batch 2: 8 iterations per epoch; the part run stops at 5 (mid-epoch) and the
     # resumed one crosses into epoch 1 with a new draw of real pairs; worker counts differ on purpose.
     seen = _record_steps(monkeypatch)
-    full = _trainer(tmp_path / "full", mixed, tot_iters=12, stage1_iters=6, num_workers=1)
+    full = make_trainer(tmp_path / "full", mixed, tot_iters=12, stage1_iters=6, num_workers=1)
     full.train()
     full_batches = list(seen)
     seen.clear()
-    _trainer(tmp_path / "part", mixed, tot_iters=5, stage1_iters=6, save_freq=100, num_workers=0).train()
-    resumed = _trainer(tmp_path / "part", mixed, tot_iters=12, stage1_iters=6, num_workers=1)
+    make_trainer(tmp_path / "part", mixed, tot_iters=5, stage1_iters=6, save_freq=100, num_workers=0).train()
+    resumed = make_trainer(tmp_path / "part", mixed, tot_iters=12, stage1_iters=6, num_workers=1)
     assert (resumed.iteration, resumed.batch_in_epoch) == (5, 5)
     resumed.train()
     assert len(seen) == len(full_batches) == 12
@@ -156,7 +151,7 @@ def test_one_loader_and_one_set_of_workers_serve_every_epoch(tmp_path, mixed, mo
         return getitem(self, key)
 
     monkeypatch.setattr(MixedRainDataset, "__getitem__", logging_getitem)
-    trainer = _trainer(tmp_path / "run", mixed, tot_iters=20, stage1_iters=100, batch_size=4, num_workers=1)
+    trainer = make_trainer(tmp_path / "run", mixed, tot_iters=20, stage1_iters=100, batch_size=4, num_workers=1)
     trainer.train()  # 4 iterations per epoch: 5 epochs
     assert trainer.epoch == 5
     assert len(made) == 1 and made[0]["persistent_workers"] is True and made[0]["num_workers"] == 1
@@ -172,7 +167,7 @@ def test_one_loader_and_one_set_of_workers_serve_every_epoch(tmp_path, mixed, mo
 
 def test_starting_an_epoch_leaves_the_global_rng_alone(tmp_path, mixed):
     # the model may draw from it (drop path): it must not depend on how often a loader iterator starts
-    trainer = _trainer(tmp_path, mixed, num_workers=0)
+    trainer = make_trainer(tmp_path, mixed, num_workers=0)
     state = torch.get_rng_state()
     for epoch in range(2):
         trainer.epoch = epoch

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from contract import tiny_args, tiny_image, tiny_model as _tiny_model, unit_codes
-from conftest import scramble_generators
+from contract import tiny_args, tiny_image, tiny_model as _tiny_model
+from helpers import scramble_coic, unit_codes
 from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, modulation_parameters
 from models.dgunet import DGUNet
 from utils.checkpoint import load_weights
@@ -241,7 +241,7 @@ def published_state(model: DGUNet) -> dict:
 
 def test_published_layout_loads_and_reproduces_outputs():
     source = tiny_model(seed=3).eval()
-    scramble_generators(source, std=0.3)
+    scramble_coic(source, std=0.3)
     state = published_state(source)
     bare = {k[len("module."):] for k in state}
     missing = [k for k in PUBLISHED_KEYS if k not in bare]

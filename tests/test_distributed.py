@@ -5,7 +5,7 @@ import socket
 import torch
 import torch.multiprocessing as mp
 
-from conftest import train_flags
+from helpers import make_trainer, train_flags
 
 
 def _free_port() -> int:
@@ -63,14 +63,12 @@ def test_bf16_autocast_matches_fp32(tmp_path, tiny_demo):
     """bf16 training reaches the fp32 PSNR within 0.3 dB after the same iterations."""
     from test_model import evaluate, load_model
     from datasets import find_pairs
-    from utils.options import parse_train_args
-    from utils.trainer import Trainer
 
     data = os.path.join(tiny_demo, "heavy", "train")
     scores = {}
     for amp in ("off", "bf16"):
-        flags = train_flags(str(tmp_path / amp), data, tot_iters=30, stage1_iters=15, save_freq=30) + ["--amp", amp]
-        last = Trainer(parse_train_args("BRN", flags)).train()
+        last = make_trainer(tmp_path / amp, data, extra=["--amp", amp], tot_iters=30, stage1_iters=15,
+                            save_freq=30).train()
         model, _ = load_model("BRN", last, "normal", torch.device("cpu"))
         rows = evaluate(model, None, find_pairs(os.path.join(tiny_demo, "heavy", "test")), None,
                         torch.device("cpu"), progress=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import test_model
-from conftest import ROOT, train_flags
+from helpers import ROOT, train_flags
 from utils import checkpoint
 from utils.checkpoint import save_atomic
 from utils.errors import UserError, cli_main, one_line

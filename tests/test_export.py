@@ -14,8 +14,8 @@ import onnxruntime as ort  # a requirement: never skipped
 import pytest
 import torch
 
-from conftest import ROOT
-from contract import scramble_coic, tiny_model
+from contract import tiny_model
+from helpers import ROOT, scramble_coic
 from models import available_models, build_encoder, tile_size
 from utils.checkpoint import save_atomic
 from utils.inference import image_code, restore

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks import acceptance, benchmark
-from conftest import NATIVE_BF16_FLAGS, NO_NATIVE_BF16_FLAGS
+from helpers import NATIVE_BF16_FLAGS, NO_NATIVE_BF16_FLAGS
 from utils.speed import cpu_flags, native_bf16, recommended_setting
 
 CPUS = {"no native bf16": NO_NATIVE_BF16_FLAGS, "native bf16": NATIVE_BF16_FLAGS}

@@ -3,7 +3,7 @@ script, one job per module (no source file above ~450 lines except the backbone 
 import ast
 import os
 
-from conftest import ROOT
+from helpers import ROOT
 
 LIBRARY_DIRS = ("utils", "models", "analysis", "benchmarks")
 SCRIPTS = {"test_model", "reproduce"} | {f[:-3] for f in os.listdir(ROOT) if f.startswith("train_") and f.endswith(".py")}
@@ -73,3 +73,11 @@ def test_one_job_per_module():
         ("coim.py", "encoder.py", "__init__.py")) for n in [sum(1 for _ in open(os.path.join(ROOT, rel)))]
             if n > MAX_LINES]
     assert long == [], f"above {MAX_LINES} lines (two jobs?): {long}"
+
+
+def test_test_files_share_helpers_not_conftest():
+    """conftest.py holds fixtures and hooks only: what test files share they import from tests/helpers.py."""
+    tests = os.path.join(ROOT, "tests")
+    importers = [name for name in sorted(os.listdir(tests))
+                 if name.endswith(".py") and "conftest" in _all_imports(os.path.join("tests", name))]
+    assert not importers, f"{importers} import conftest as a module; import the helper from helpers.py instead"

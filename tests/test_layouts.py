@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import ROOT
+from helpers import ROOT
 from models import build_encoder
 from utils import layouts
 from utils.dataset_specs import DATASET_SPECS

@@ -9,7 +9,7 @@ import torch
 
 from analysis.common import AnalysisError
 from analysis.modulation_temperature import layer_temperatures, main
-from conftest import train_flags
+from helpers import make_trainer
 from models import build_model
 from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, log_temperature
 
@@ -62,11 +62,8 @@ def test_hooks_see_every_modulated_call_in_forward_order_and_need_a_code():
 
 
 def test_tool_on_identical_images_gives_zero_std(tmp_path, tiny_demo):
-    from utils.options import parse_train_args
-    from utils.trainer import Trainer
-
-    ckpt = Trainer(parse_train_args("BRN", train_flags(str(tmp_path / "run"), os.path.join(tiny_demo, "heavy", "train"),
-                                                       tot_iters=2, stage1_iters=1))).train()
+    ckpt = make_trainer(tmp_path / "run", os.path.join(tiny_demo, "heavy", "train"), tot_iters=2,
+                        stage1_iters=1).train()
     same = tmp_path / "same"
     same.mkdir()
     source = os.path.join(tiny_demo, "heavy", "test", "rain", sorted(os.listdir(os.path.join(tiny_demo, "heavy",

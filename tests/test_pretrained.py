@@ -22,7 +22,7 @@ import torch
 
 import models
 import test_model
-from conftest import REFERENCE, reference_file, train_flags
+from helpers import REFERENCE, reference_file, train_flags
 from models import build_encoder, build_model
 from models.coim import modulation_parameters
 from utils import pretrained

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contract import tiny_args, tiny_image, tiny_model as _tiny_model, unit_codes
-from conftest import scramble_generators
+from contract import tiny_args, tiny_image, tiny_model as _tiny_model
+from helpers import scramble_coic, unit_codes
 from models.coim import modulation_parameters
 from models.rcdnet import RCDNet, RCDNetStages, load_rain_kernel, streak_kernel_bank
 from utils.checkpoint import load_weights
@@ -86,7 +86,7 @@ def test_stage_outputs_on_255_scale():
 @pytest.mark.parametrize("with_code", [False, True])
 def test_backward_reaches_generators_only_with_code(with_code):
     model = tiny_model().train()
-    scramble_generators(model, std=0.1)
+    scramble_coic(model, std=0.1)
     z = unit_codes(2, TINY["dim_in"], 0).requires_grad_(True) if with_code else None
     stages = model.forward_stages(image(), z)
     loss = sum(b.square().mean() for b in stages.backgrounds) + stages.rain_layers[-1].square().mean()
@@ -288,7 +288,7 @@ def published_state(model: RCDNet) -> dict:
 
 def test_published_layout_loads_and_reproduces_outputs():
     source = tiny_model(seed=3).eval()
-    scramble_generators(source, std=0.3)
+    scramble_coic(source, std=0.3)
     with torch.no_grad():
         for name, buf in source.named_buffers():
             if name.endswith("running_var"):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import test_model
-from conftest import ROOT, train_flags
+from helpers import ROOT, make_trainer, train_flags
 from models import build_model
 from utils.checkpoint import CheckpointError
 from utils.options import parse_train_args
@@ -20,26 +20,22 @@ from utils.run import main
 from utils.trainer import MAX_ROLLBACKS, Trainer, TrainingDiverged, list_checkpoints
 
 
-def _trainer(tmp, data, **kw):
-    return Trainer(parse_train_args("BRN", train_flags(str(tmp), data, **kw)))
-
-
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, tiny_demo, caplog):
     data = os.path.join(tiny_demo, "heavy", "train")
-    _trainer(tmp_path, data, tot_iters=4, save_freq=2).train()
+    make_trainer(tmp_path, data, tot_iters=4, save_freq=2).train()
     names = [os.path.basename(p) for p in list_checkpoints(str(tmp_path))]
     assert names == ["ckpt_0000000.pth", "ckpt_0000002.pth", "ckpt_0000004.pth"]
     latest = tmp_path / "ckpt_0000004.pth"
     latest.write_bytes(latest.read_bytes()[:1000])  # truncated by a crash mid-copy
     with caplog.at_level(logging.WARNING):
-        resumed = _trainer(tmp_path, data, tot_iters=4, save_freq=2)
+        resumed = make_trainer(tmp_path, data, tot_iters=4, save_freq=2)
     assert resumed.iteration == 2
     text = caplog.text
     assert "ckpt_0000004.pth" in text and "ckpt_0000002.pth" in text
     for p in list_checkpoints(str(tmp_path)):
         open(p, "wb").close()
     with pytest.raises(CheckpointError, match="no readable checkpoint"):
-        _trainer(tmp_path, data, tot_iters=4)
+        make_trainer(tmp_path, data, tot_iters=4)
 
 
 class _Poisoned(torch.nn.Module):
@@ -61,7 +57,7 @@ def _poison(trainer, bad_iterations):
 
 
 def test_nan_step_is_skipped_and_counted(tmp_path, tiny_demo, caplog):
-    trainer = _trainer(tmp_path, os.path.join(tiny_demo, "hazy", "train"), tot_iters=4, stage1_iters=10)
+    trainer = make_trainer(tmp_path, os.path.join(tiny_demo, "hazy", "train"), tot_iters=4, stage1_iters=10)
     _poison(trainer, {2})
     before = {}
     original_step = trainer.train_step
@@ -84,8 +80,8 @@ def test_nan_step_is_skipped_and_counted(tmp_path, tiny_demo, caplog):
 
 
 def test_run_of_bad_steps_rolls_back_with_half_lr(tmp_path, tiny_demo, caplog):
-    trainer = _trainer(tmp_path, os.path.join(tiny_demo, "hazy", "train"), tot_iters=8, stage1_iters=100,
-                       save_freq=2, max_bad_steps=3)
+    trainer = make_trainer(tmp_path, os.path.join(tiny_demo, "hazy", "train"), tot_iters=8, stage1_iters=100,
+                           save_freq=2, max_bad_steps=3)
     bad = {4, 5, 6}
     _poison(trainer, bad)
     original = trainer._roll_back
@@ -105,8 +101,8 @@ def test_run_of_bad_steps_rolls_back_with_half_lr(tmp_path, tiny_demo, caplog):
 
 
 def test_persistent_bad_steps_stop_with_clear_error(tmp_path, tiny_demo):
-    trainer = _trainer(tmp_path, os.path.join(tiny_demo, "hazy", "train"), tot_iters=50, stage1_iters=100,
-                       save_freq=2, max_bad_steps=2)
+    trainer = make_trainer(tmp_path, os.path.join(tiny_demo, "hazy", "train"), tot_iters=50, stage1_iters=100,
+                           save_freq=2, max_bad_steps=2)
     _poison(trainer, set(range(2, 100)))
     with pytest.raises(TrainingDiverged, match="rollbacks"):
         trainer.train()
@@ -144,14 +140,14 @@ def test_sigterm_saves_and_resumes(tmp_path, tiny_demo):
     latest = list_checkpoints(str(tmp_path))[-1]
     stopped_at = torch.load(latest, weights_only=True)["iteration"]
     assert stopped_at > 0 and latest.endswith(f"ckpt_{stopped_at:07d}.pth")
-    resumed = _trainer(tmp_path, data, tot_iters=stopped_at + 1, stage1_iters=2)
+    resumed = make_trainer(tmp_path, data, tot_iters=stopped_at + 1, stage1_iters=2)
     assert resumed.iteration == stopped_at
 
 
 def test_second_signal_stops_at_once(tmp_path, tiny_demo):
     # Signals are not queued by the OS, so two sent back to back may arrive as one: drive the
     # handler directly (the graceful path is exercised end to end by the SIGTERM test above).
-    trainer = _trainer(tmp_path, os.path.join(tiny_demo, "light", "train"))
+    trainer = make_trainer(tmp_path, os.path.join(tiny_demo, "light", "train"))
     trainer._on_signal(signal.SIGINT, None)
     assert trainer._signal == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
@@ -228,7 +224,7 @@ class _Exploding(torch.nn.Module):
 
 def test_exploding_output_is_skipped(tmp_path, tiny_demo, caplog):
     # the published DGUNet recipe shrank gradients when |output| > 10; we skip the step and say so
-    trainer = _trainer(tmp_path, os.path.join(tiny_demo, "hazy", "train"), tot_iters=3, stage1_iters=10)
+    trainer = make_trainer(tmp_path, os.path.join(tiny_demo, "hazy", "train"), tot_iters=3, stage1_iters=10)
     trainer.step_module.loss = _Exploding(trainer, 1)
     with caplog.at_level(logging.WARNING):
         trainer.train()

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from contract import tiny_args, tiny_image, tiny_model, unit_codes
+from contract import tiny_args, tiny_image, tiny_model
+from helpers import unit_codes
 from models import available_models
 from utils.inference import image_code, restore
 from utils.speed import cpu_flags, native_bf16, recommended_setting

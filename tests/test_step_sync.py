@@ -6,17 +6,11 @@ import os
 import pytest
 import torch
 
-from conftest import train_flags
+from helpers import make_trainer
 from models import available_models
-from utils.options import parse_train_args
-from utils.trainer import Trainer
 
 # Every Python-level way of copying a tensor's value to the host (a device sync on a GPU).
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
-
-
-def _trainer(tmp, data, model="BRN", **kw):
-    return Trainer(parse_train_args(model, train_flags(str(tmp), data, **kw)))
 
 
 @pytest.fixture
@@ -55,9 +49,8 @@ def _batch(size=16, seed=0):
 @pytest.mark.parametrize("model,stage", [(available_models()[0], 1)] + [(m, 2) for m in available_models()])
 def test_step_reads_nothing_back(tmp_path, tiny_demo, host_reads, model, stage):
     # Each recipe's --tiny model and crop, two images per batch.
-    flags = train_flags(str(tmp_path), os.path.join(tiny_demo, "heavy", "train"), stage1_iters=3, n_neg=1,
-                        batch_size=2)
-    trainer = Trainer(parse_train_args(model, flags))
+    trainer = make_trainer(tmp_path, os.path.join(tiny_demo, "heavy", "train"), model, stage1_iters=3, n_neg=1,
+                           batch_size=2)
     crop = trainer.args.crop_size
     # Every branch of the step: explosion threshold, gradient clipping, both optimizers.
     trainer.recipe = dataclasses.replace(trainer.recipe, explode_threshold=10.0, grad_clip=0.01)
@@ -73,7 +66,7 @@ def test_step_reads_nothing_back(tmp_path, tiny_demo, host_reads, model, stage):
 
 
 def test_fused_skip_leaves_weights_and_optimizer_state(tmp_path, tiny_demo):
-    trainer = _trainer(tmp_path, os.path.join(tiny_demo, "heavy", "train"), stage1_iters=0)
+    trainer = make_trainer(tmp_path, os.path.join(tiny_demo, "heavy", "train"), stage1_iters=0)
     trainer.train_step(_batch())
     assert trainer.base_opt.defaults["fused"] and trainer.coic_opt.defaults["fused"]
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -90,7 +83,7 @@ def test_fused_skip_leaves_weights_and_optimizer_state(tmp_path, tiny_demo):
 
 
 def test_fp16_scaler_skips_bad_steps_too(tmp_path, tiny_demo):
-    trainer = _trainer(tmp_path, os.path.join(tiny_demo, "heavy", "train"), stage1_iters=1, amp="fp16")
+    trainer = make_trainer(tmp_path, os.path.join(tiny_demo, "heavy", "train"), stage1_iters=1, amp="fp16")
     trainer.train_step(_batch())  # stage 1: the CoIC optimizer has no gradients
     trainer.iteration = 1
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -106,8 +99,8 @@ def test_fp16_scaler_skips_bad_steps_too(tmp_path, tiny_demo):
 def test_late_check_still_rolls_back(tmp_path, tiny_demo, caplog):
     # Counts are read only every --check_every iterations: a run of bad steps between two checks is
     # found at the next one, counted exactly, and rolled back to the checkpoint before it.
-    trainer = _trainer(tmp_path, os.path.join(tiny_demo, "hazy", "train"), tot_iters=12, stage1_iters=100,
-                       save_freq=10, log_freq=100, check_every=4, max_bad_steps=3)
+    trainer = make_trainer(tmp_path, os.path.join(tiny_demo, "hazy", "train"), tot_iters=12, stage1_iters=100,
+                           save_freq=10, log_freq=100, check_every=4, max_bad_steps=3)
     bad = {4, 5, 6}
     trainer.step_module.loss = _Patched(
         trainer.step_module.loss,

@@ -7,20 +7,17 @@ import pytest
 import torch
 
 import test_model
-from utils import evaluation
-from conftest import reference_file, train_flags
 from datasets import read_image
+from helpers import make_trainer, reference_file
 from models import build_model
+from utils import evaluation
 from utils.inference import restore
-from utils.options import parse_train_args
-from utils.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_demo):
     save = tmp_path_factory.mktemp("run")
-    trainer = Trainer(parse_train_args("BRN", train_flags(str(save), os.path.join(tiny_demo, "heavy", "train"),
-                                                           tot_iters=3, stage1_iters=1)))
+    trainer = make_trainer(save, os.path.join(tiny_demo, "heavy", "train"), tot_iters=3, stage1_iters=1)
     return trainer.train()
 
 

@@ -17,12 +17,10 @@ import torch.nn.functional as F
 import contract
 import models
 import test_model
-from conftest import train_flags
+from helpers import make_trainer
 from losses import L1Loss
 from models.coim import ModulatedConv2d, ModulatedConvTranspose2d
 from utils import recipes
-from utils.options import parse_train_args
-from utils.trainer import Trainer
 
 
 class ToyNet(nn.Module):
@@ -69,8 +67,7 @@ def test_contract_checks_take_the_toy(toy):
 
 def test_train_both_stages_then_evaluate(toy, tmp_path, tiny_demo):
     save = str(tmp_path / "run")
-    trainer = Trainer(parse_train_args(toy, train_flags(save, os.path.join(tiny_demo, "heavy", "train"),
-                                                        tot_iters=4, stage1_iters=2)))
+    trainer = make_trainer(save, os.path.join(tiny_demo, "heavy", "train"), toy, tot_iters=4, stage1_iters=2)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     generators = [p.clone() for p in trainer.coic_params]
     last = trainer.train()

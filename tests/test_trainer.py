@@ -3,13 +3,9 @@ import os
 import pytest
 import torch
 
-from conftest import train_flags
+from helpers import make_trainer
 from utils.options import parse_train_args
-from utils.trainer import Trainer, list_checkpoints
-
-
-def _trainer(tmp, data, **kw):
-    return Trainer(parse_train_args("BRN", train_flags(str(tmp), data, **kw)))
+from utils.trainer import list_checkpoints
 
 
 def test_reference_defaults_and_paper_flags():
@@ -28,7 +24,7 @@ def test_reference_defaults_and_paper_flags():
 
 def test_stage_switch(tmp_path, tiny_demo, monkeypatch):
     data = os.path.join(tiny_demo, "heavy", "train")
-    trainer = _trainer(tmp_path, data, tot_iters=4, stage1_iters=2)
+    trainer = make_trainer(tmp_path, data, tot_iters=4, stage1_iters=2)
     seen = []
     forward = trainer.model.forward
     monkeypatch.setattr(trainer.model, "forward", lambda x, z=None: (seen.append(z is not None), forward(x, z))[1])
@@ -48,12 +44,12 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_demo):
     # 8 pairs, batch 2: 4 iterations per epoch; stopping at 3 crosses the stage switch (3) and
     # the epoch boundary (4) after the resume.
     data = os.path.join(tiny_demo, "multiangle", "train")
-    full = _trainer(tmp_path / "full", data, tot_iters=6, stage1_iters=3)
+    full = make_trainer(tmp_path / "full", data, tot_iters=6, stage1_iters=3)
     full.train()
-    part = _trainer(tmp_path / "part", data, tot_iters=3, stage1_iters=3, save_freq=100)
+    part = make_trainer(tmp_path / "part", data, tot_iters=3, stage1_iters=3, save_freq=100)
     part.train()
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "part"))] == ["ckpt_0000000.pth", "ckpt_0000003.pth"]
-    resumed = _trainer(tmp_path / "part", data, tot_iters=6, stage1_iters=3)
+    resumed = make_trainer(tmp_path / "part", data, tot_iters=6, stage1_iters=3)
     assert resumed.iteration == 3
     resumed.train()
     assert resumed.iteration == full.iteration == 6 and resumed.epoch == full.epoch == 1
@@ -71,31 +67,31 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_demo):
 
 def test_keeps_last_checkpoints_and_refuses_other_backbone_settings(tmp_path, tiny_demo):
     data = os.path.join(tiny_demo, "hazy", "train")
-    trainer = _trainer(tmp_path, data, tot_iters=6, stage1_iters=6, save_freq=1, keep_checkpoints=2)
+    trainer = make_trainer(tmp_path, data, tot_iters=6, stage1_iters=6, save_freq=1, keep_checkpoints=2)
     trainer.train()
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["ckpt_0000005.pth", "ckpt_0000006.pth"]
     from utils.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="use another --save_path"):
-        _trainer(tmp_path, data, tot_iters=8, inter_iter=2)
+        make_trainer(tmp_path, data, tot_iters=8, inter_iter=2)
 
 
 def test_unwritable_save_path(tmp_path, tiny_demo):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(SystemExit, match="--save_path"):
-        _trainer(blocker / "sub", os.path.join(tiny_demo, "hazy", "train"))
+        make_trainer(blocker / "sub", os.path.join(tiny_demo, "hazy", "train"))
 
 
 def test_checkpoint_from_before_the_coic_rename_resumes(tmp_path, tiny_demo):
     # Checkpoints written before the tran_* -> coic_* rename hold the CoIC optimizer as "tran_optim".
     data = os.path.join(tiny_demo, "heavy", "train")
-    trainer = _trainer(tmp_path, data, tot_iters=3, stage1_iters=1, save_freq=100)
+    trainer = make_trainer(tmp_path, data, tot_iters=3, stage1_iters=1, save_freq=100)
     last = trainer.train()
     state = torch.load(last, weights_only=True)
     state["tran_optim"] = state.pop("coic_optim")
     torch.save(state, last)
-    resumed = _trainer(tmp_path, data, tot_iters=3, stage1_iters=1)
+    resumed = make_trainer(tmp_path, data, tot_iters=3, stage1_iters=1)
     assert resumed.iteration == 3
     saved = state["tran_optim"]["state"]
     for i, values in resumed.coic_opt.state_dict()["state"].items():

@@ -1,25 +1,15 @@
 """What one CoIC step computes and what the learning rates do over a run, checked against
 independent computations (the published step's formulas written out here), not against the
 Trainer's own outputs."""
-import dataclasses
 import os
 
 import pytest
 import torch
 
-from conftest import train_flags
-from utils.options import parse_train_args
+from helpers import make_trainer
 from utils.recipes import cosine_restarts
-from utils.trainer import Trainer
 
 MOMENTUM = 0.999  # the published MoCo momentum
-
-
-def _trainer(tmp, data, model="BRN", recipe_changes=None, extra=(), **kw):
-    args = parse_train_args(model, train_flags(str(tmp), data, **kw) + list(extra))
-    if recipe_changes:
-        args.recipe = dataclasses.replace(args.recipe, **recipe_changes)
-    return Trainer(args)
 
 
 def _hand_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -29,7 +19,7 @@ def _hand_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def _stage2_step(tmp, data, weight):
     """A trainer in the CoIC stage from its first step, its first batch, and one step on it."""
-    trainer = _trainer(tmp, data, tot_iters=2, stage1_iters=0, contra_loss_weight=weight, n_neg=2)
+    trainer = make_trainer(tmp, data, tot_iters=2, stage1_iters=0, contra_loss_weight=weight, n_neg=2)
     batch = next(iter(trainer._loader()))
     q_before = [p.detach().clone() for p in trainer.encoder.encoder_q.parameters()]
     k_before = [p.detach().clone() for p in trainer.encoder.encoder_k.parameters()]
@@ -79,7 +69,7 @@ def test_query_encoder_gradient_scales_with_the_weight(steps):
 def test_weight_zero_gradient_is_the_base_loss_alone(steps, tmp_path, tiny_demo):
     # Independently: z from the query encoder, the base loss, backward; no contrastive term.
     data = os.path.join(tiny_demo, "heavy", "train")
-    fresh = _trainer(tmp_path, data, tot_iters=2, stage1_iters=0, contra_loss_weight=0.0, n_neg=2)
+    fresh = make_trainer(tmp_path, data, tot_iters=2, stage1_iters=0, contra_loss_weight=0.0, n_neg=2)
     rain, clean, query, _ = steps[0.0]["batch"]
     fresh.step_module.train()
     z, _ = fresh.encoder.encoder_q(query)
@@ -122,7 +112,7 @@ def test_query_is_the_resized_rainy_image_and_exemplars_pair_with_it(steps):
 def test_no_coic_command_never_modulates_and_leaves_coic_parameters(tmp_path, tiny_demo, monkeypatch):
     # The paper's baseline command: --contra_loss_weight 0 --stage1_iters 40000000.
     data = os.path.join(tiny_demo, "light", "train")
-    trainer = _trainer(tmp_path, data, tot_iters=3, stage1_iters=40000000, contra_loss_weight=0.0)
+    trainer = make_trainer(tmp_path, data, tot_iters=3, stage1_iters=40000000, contra_loss_weight=0.0)
     codes = []
     forward = trainer.model.forward
     monkeypatch.setattr(trainer.model, "forward", lambda x, z=None: (codes.append(z), forward(x, z))[1])
@@ -133,7 +123,7 @@ def test_no_coic_command_never_modulates_and_leaves_coic_parameters(tmp_path, ti
     assert all(torch.equal(a, b.detach()) for a, b in zip(coic, trainer.coic_params))
     assert any(not torch.equal(a, b.detach()) for a, b in zip(base, trainer.base_params))
     # ... while a CoIC run with the same weight 0 but a short stage 1 does modulate and train them
-    other = _trainer(tmp_path / "coic", data, tot_iters=3, stage1_iters=1, contra_loss_weight=0.0)
+    other = make_trainer(tmp_path / "coic", data, tot_iters=3, stage1_iters=1, contra_loss_weight=0.0)
     coic = [p.detach().clone() for p in other.coic_params]
     other.train()
     assert any(not torch.equal(a, b.detach()) for a, b in zip(coic, other.coic_params))
@@ -158,7 +148,7 @@ def test_epoch_milestones_resume_after_an_epoch_boundary(tmp_path, tiny_demo):
     # 8 pairs, batch 2: 4 iterations per epoch. Milestone at epoch 1: x0.2 from iteration 4 on.
     data = os.path.join(tiny_demo, "multiangle", "train")
     flags = dict(stage1_iters=3, extra=["--milestone", "1"])
-    full = _trainer(tmp_path / "full", data, tot_iters=10, **flags)
+    full = make_trainer(tmp_path / "full", data, tot_iters=10, **flags)
     full_lrs = _record_lrs(full)
     full.train()
     expected = [1e-3] * 4 + [2e-4] * 6
@@ -166,8 +156,8 @@ def test_epoch_milestones_resume_after_an_epoch_boundary(tmp_path, tiny_demo):
     assert [lr for _, lr, _ in full_lrs] == pytest.approx(expected, rel=1e-12)
     assert [lr for _, _, lr in full_lrs] == pytest.approx(expected, rel=1e-12)
 
-    _trainer(tmp_path / "part", data, tot_iters=5, save_freq=100, **flags).train()
-    resumed = _trainer(tmp_path / "part", data, tot_iters=10, save_freq=100, **flags)
+    make_trainer(tmp_path / "part", data, tot_iters=5, save_freq=100, **flags).train()
+    resumed = make_trainer(tmp_path / "part", data, tot_iters=10, save_freq=100, **flags)
     assert resumed.iteration == 5
     resumed_lrs = _record_lrs(resumed)
     resumed.train()  # crosses the epoch boundary at 8: no milestone there
@@ -190,8 +180,8 @@ def _hand_restart_lr(step: int, base: float = 3e-4) -> float:
 @pytest.fixture(scope="module")
 def drs_full(tmp_path_factory, tiny_demo):
     data = os.path.join(tiny_demo, "multiangle", "train")
-    trainer = _trainer(tmp_path_factory.mktemp("drs_full"), data, model="DRSformer", recipe_changes=SHORT_RESTARTS,
-                       extra=DRS_TINY, tot_iters=11, stage1_iters=3, crop_size=16)
+    trainer = make_trainer(tmp_path_factory.mktemp("drs_full"), data, model="DRSformer",
+                           recipe_changes=SHORT_RESTARTS, extra=DRS_TINY, tot_iters=11, stage1_iters=3, crop_size=16)
     lrs = _record_lrs(trainer)
     trainer.train()
     return lrs
@@ -203,8 +193,8 @@ def test_per_iteration_schedule_resumes_mid_cycle(tmp_path, tiny_demo, drs_full)
     data = os.path.join(tiny_demo, "multiangle", "train")
     common = dict(model="DRSformer", recipe_changes=SHORT_RESTARTS, extra=DRS_TINY, stage1_iters=3, crop_size=16,
                   save_freq=100)
-    _trainer(tmp_path, data, tot_iters=5, **common).train()  # stops inside the second cycle
-    resumed = _trainer(tmp_path, data, tot_iters=11, **common)
+    make_trainer(tmp_path, data, tot_iters=5, **common).train()  # stops inside the second cycle
+    resumed = make_trainer(tmp_path, data, tot_iters=11, **common)
     lrs = _record_lrs(resumed)
     resumed.train()
     assert lrs == drs_full[5:]
@@ -212,8 +202,8 @@ def test_per_iteration_schedule_resumes_mid_cycle(tmp_path, tiny_demo, drs_full)
 
 def test_rollback_halves_every_later_learning_rate(tmp_path, tiny_demo, drs_full):
     data = os.path.join(tiny_demo, "multiangle", "train")
-    trainer = _trainer(tmp_path, data, model="DRSformer", recipe_changes=SHORT_RESTARTS, extra=DRS_TINY,
-                       tot_iters=11, stage1_iters=3, crop_size=16, save_freq=4, max_bad_steps=2)
+    trainer = make_trainer(tmp_path, data, model="DRSformer", recipe_changes=SHORT_RESTARTS, extra=DRS_TINY,
+                           tot_iters=11, stage1_iters=3, crop_size=16, save_freq=4, max_bad_steps=2)
     bad = {5, 6}
     inner = trainer.step_module.loss
 
@@ -245,7 +235,7 @@ def test_rollback_halves_every_later_learning_rate(tmp_path, tiny_demo, drs_full
 def test_stage_switch_is_announced_once(tmp_path, tiny_demo, caplog):
     import logging
 
-    trainer = _trainer(tmp_path, os.path.join(tiny_demo, "heavy", "train"), tot_iters=4, stage1_iters=2)
+    trainer = make_trainer(tmp_path, os.path.join(tiny_demo, "heavy", "train"), tot_iters=4, stage1_iters=2)
     with caplog.at_level(logging.INFO, logger="coic"):
         trainer.train()
     assert caplog.text.count("stage 1 done at iteration") == 1
@@ -254,8 +244,8 @@ def test_stage_switch_is_announced_once(tmp_path, tiny_demo, caplog):
 
 @pytest.mark.parametrize("amp,expected", [("off", None), ("bf16", torch.bfloat16)])
 def test_amp_flag_sets_the_autocast_of_the_forward(tmp_path, tiny_demo, monkeypatch, amp, expected):
-    trainer = _trainer(tmp_path, os.path.join(tiny_demo, "heavy", "train"), tot_iters=2, stage1_iters=1,
-                       extra=["--amp", amp])
+    trainer = make_trainer(tmp_path, os.path.join(tiny_demo, "heavy", "train"), tot_iters=2, stage1_iters=1,
+                           extra=["--amp", amp])
     seen = []
     forward = trainer.model.forward
 
