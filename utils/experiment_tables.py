@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import statistics
 from typing import Optional, Sequence
 
 from utils.dataset_specs import dataset_spec
@@ -182,14 +183,6 @@ def _seeds_table(exp: Experiment, runs, summaries: dict[str, str]) -> _Table:
     return t
 
 
-def _sd(values: Sequence[float]) -> Optional[float]:
-    """Sample standard deviation (n - 1); None below two values."""
-    if len(values) < 2:
-        return None
-    m = sum(values) / len(values)
-    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-
-
 def _paired_rows(t: _Table, exp: Experiment, backbone: str, sets: Sequence[str], psnr: dict[str, dict]) -> None:
     """CoIC against the plain backbone, seed by seed: both runs of a seed share its data order and
     initialisation, so their difference is the effect of CoIC plus noise, and the spread of the
@@ -201,7 +194,7 @@ def _paired_rows(t: _Table, exp: Experiment, backbone: str, sets: Sequence[str],
     columns = list(zip(*diffs.values())) if diffs else []
     complete = [list(c) if all(v is not None for v in c) else None for c in columns]
     gains = [_mean(c) if c else None for c in complete]
-    sds = [_sd(c) if c else None for c in complete]
+    sds = [statistics.stdev(c) if c and len(c) > 1 else None for c in complete]
     t.row([backbone, "CoIC gain (w/ − w/o)", "mean"], [_cell(g, signed=True) for g in gains])
     t.row(["", "CoIC gain (w/ − w/o)", "sd over seeds"], [_cell(d) for d in sds])
     for s, g in zip(sets, gains):
