@@ -1,12 +1,12 @@
 """The mixed training set: sample keys, the per-epoch mix of real and synthetic rain, the epoch
 sampler, the image cache, ``--data_paths``.
 
-The rooms around it: folder layouts and pairing in ``utils.layouts``, the public datasets'
-table in ``utils.dataset_specs``, reading and writing images in ``utils.images``, and the
-dataset commands in ``utils.dataset_cli`` (``prepare`` in ``utils.prepare``, ``check`` in
-``utils.check``). The names other code imported from here are re-exported below.
+The rooms around it: folder layouts and pairing in ``utils.data.layouts``, the public datasets'
+table in ``utils.data.specs``, reading and writing images in ``utils.images``, and the
+dataset commands in ``utils.data.cli`` (``prepare`` in ``utils.data.prepare``, ``check`` in
+``utils.data.check``). The names other code imported from here are re-exported below.
 
-Command line (a thin forward to ``utils.dataset_cli``)::
+Command line (a thin forward to ``utils.data.cli``)::
 
     python datasets.py prepare rain800|did RAW OUT   # split stacked pairs (and merge DID's densities)
     python datasets.py check ROOT                     # pairs vs official counts, unpaired, unreadable
@@ -30,15 +30,15 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from utils import images
-from utils.check import CheckResult, check_root, check_split, format_check  # noqa: F401 (re-exported)
-from utils.dataset_specs import DATASET_SPECS, DatasetSpec, dataset_spec, find_dataset_folder  # noqa: F401
+from utils.data.check import CheckResult, check_root, check_split, format_check  # noqa: F401 (re-exported)
+from utils.data.specs import DATASET_SPECS, DatasetSpec, dataset_spec, find_dataset_folder  # noqa: F401
 from utils.errors import DataError
 from utils.host import available_memory
 from utils.images import (IMAGE_EXTENSIONS, StackedHalf, UnreadableImageError, is_image, list_images,  # noqa: F401
                           read_image, read_pair, resize_square, save_image, split_stacked)
-from utils.layouts import (PAIRING_RULES, FolderScan, PairRule, find_pairs, require_pairs, scan_folder,  # noqa: F401
+from utils.data.layouts import (PAIRING_RULES, FolderScan, PairRule, find_pairs, require_pairs, scan_folder,  # noqa: F401
                            stacked_pairs)
-from utils.prepare import prepare  # noqa: F401
+from utils.data.prepare import prepare  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -347,6 +347,6 @@ def parse_data_paths(value: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    from utils.dataset_cli import main  # this file is not imported a second time: the CLI never imports it
+    from utils.data.cli import main  # this file is not imported a second time: the CLI never imports it
 
     raise SystemExit(main())

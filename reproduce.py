@@ -4,7 +4,7 @@
     python reproduce.py spa --gpus 4          # train, evaluate, tabulate; rerunning resumes
     python reproduce.py --demo                # the same machinery in miniature, on the CPU
 """
-from utils.reproduce import main
+from utils.paper.runner import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -6,14 +6,14 @@
     python test_model.py --test_model coic-brn --test_dir DIR   # a published name (--list_models), downloaded once
     python test_model.py --test_model coic-brn --test_dir photo.jpg 'more/*.png'
 
-``--test_dir`` holds a pair layout of ``utils.layouts`` (rain/ + norain/, SPA's rain/ +
+``--test_dir`` holds a pair layout of ``utils.data.layouts`` (rain/ + norain/, SPA's rain/ +
 gt/) and is scored, or just images (they are derained and saved); it may also name photos and
 glob patterns. An unreadable image is listed, not fatal (``--strict`` stops at it). Results go to
 ``--save_path``: the derained PNGs, ``results.csv`` (name, psnr, ssim, protocol) and the
-report page ``index.html`` (``utils.report``: before/after sliders, previews under ``report/``).
+report page ``index.html`` (``utils.eval.report``: before/after sliders, previews under ``report/``).
 
 ``--testset A,B,...`` evaluates each named set under ``--data_root`` (layouts in
-``utils.dataset_specs``; DID and Rain800 test folders may still be stacked) into
+``utils.data.specs``; DID and Rain800 test folders may still be stacked) into
 ``--save_path/<Name>/`` and writes the paper-style table, mean over the scored sets, as
 ``summary.csv`` and ``summary.md``. PSNR/SSIM follow ``--metric_protocol`` (``utils.metrics``);
 the protocol is written into every result file.
@@ -31,18 +31,18 @@ from models import available_models
 from utils.allocator import keep_freed_memory
 from utils.checkpoint import trusted_checkpoints
 from utils.cli import HelpFormatter
-from utils.dataset_specs import DATASET_SPECS
-from utils.distributed import add_device_args, resolve_device
+from utils.data.specs import DATASET_SPECS
+from utils.train.distributed import add_device_args, resolve_device
 from utils.errors import DataError, UserError, cli_main
-from utils.evaluation import (collect_inputs, collect_test_inputs, collect_testset, evaluate, load_encoder,  # noqa: F401
+from utils.eval.evaluation import (collect_inputs, collect_test_inputs, collect_testset, evaluate, load_encoder,  # noqa: F401
                               load_model, output_name)
-from utils.inference import AMP_DTYPES, image_code
-from utils.memory import default_budget, format_size, parse_size
+from utils.eval.inference import AMP_DTYPES, image_code
+from utils.eval.memory import default_budget, format_size, parse_size
 from utils.metrics import METRICS, PROTOCOLS, parse_metrics
-from utils.pretrained import WEIGHTS_DIR_ENV, choose_checkpoint, describe_published, published_names
-from utils.report import ReportColumn, ReportSet, run_description, write_report
-from utils.results import format_markdown, protocol_notes, summarize, with_mean, write_summary
-from utils.speed import inference_setting
+from models.pretrained import WEIGHTS_DIR_ENV, choose_checkpoint, describe_published, published_names
+from utils.eval.report import ReportColumn, ReportSet, run_description, write_report
+from utils.eval.results import format_markdown, protocol_notes, summarize, with_mean, write_summary
+from utils.eval.precision import inference_setting
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,13 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_args(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 + channels_last on a CPU with native bf16 where the backbone's mode is shown "
-                        "accurate in it (utils.speed.default_setting), float32 elsewhere; fp32 forces float32; "
+                        "accurate in it (utils.eval.precision.default_setting), float32 elsewhere; fp32 forces float32; "
                         "bf16: bf16 autocast + channels_last")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
                    help="autocast the model and encoder to bf16/fp16 (faster on recent GPUs; scores use float32)")
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPUs)")
     p.add_argument("--recommended", action="store_true",
-                   help="the fastest setting of this machine (utils.speed): bf16 + channels_last on GPUs and on "
+                   help="the fastest setting of this machine (utils.eval.precision): bf16 + channels_last on GPUs and on "
                         "CPUs with native bf16, fp32 elsewhere; replaces --amp and --channels_last")
     p.add_argument("--max_memory", default=None,
                    help="memory budget without --tile (8G, 1500M): each image is restored whole or in the largest "

@@ -21,13 +21,13 @@ from torch import Tensor
 from utils import tables
 from utils.allocator import keep_freed_memory
 from utils.checkpoint import read_checkpoint, trusted_checkpoints
-from utils.distributed import resolve_device
+from utils.train.distributed import resolve_device
 from utils.errors import UserError, cli_main
-from utils.evaluation import encoder_from_checkpoint
+from utils.eval.evaluation import encoder_from_checkpoint
 from utils.images import is_image, read_image, resize_square
-from utils.inference import ENCODER_SIZE
+from utils.eval.inference import ENCODER_SIZE
 from utils.io import atomic_dir, atomic_path
-from utils.layouts import find_pairs
+from utils.data.layouts import find_pairs
 
 logger = logging.getLogger("coic.analysis")
 
@@ -158,7 +158,7 @@ def load_encoder_file(path: str, device: torch.device) -> tuple[nn.Module, dict]
 
     ``path``: one of our training checkpoints (its ``encoder`` part) or a published MoCo
     state_dict (``encoder_q.*``/``encoder_k.*``); sized as ``test_model.py`` sizes it
-    (``utils.evaluation.encoder_dim``).
+    (``utils.eval.evaluation.encoder_dim``).
     """
     obj = read_checkpoint(path)
     if isinstance(obj, dict) and "model" in obj and "encoder" not in obj:
@@ -191,7 +191,7 @@ def encode_images(encoder: nn.Module, paths: Sequence[str], device: torch.device
                   batch_size: int = 16, progress: Optional[Callable[[int], Any]] = None) -> Tensor:
     """Embeddings (N,D) float32 on the CPU of the images at ``paths``.
 
-    Each image is resized to 128x128 as a whole, exactly as ``utils.inference.image_code`` does
+    Each image is resized to 128x128 as a whole, exactly as ``utils.eval.inference.image_code`` does
     at test time, so z here is the z that modulates the model. ``progress(n)`` is called after
     each batch with its size.
     """

@@ -9,7 +9,7 @@ with ``--temperatures``), on the test pairs of ``--data_paths``:
 
 - contrastive accuracy: the share of queries whose positive key has the largest logit, with the
   exemplars built as in training (query = rainy image resized to the crop, positive = its flip,
-  negatives from ``utils.contrastive.build_negatives``: one rain-aware, ``--n_neg`` detail-aware);
+  negatives from ``utils.train.exemplars.build_negatives``: one rain-aware, ``--n_neg`` detail-aware);
   also against each kind of negative alone, and the InfoNCE loss. Every checkpoint sees exactly
   the same exemplars (same order, same random draws), so rows differ only by the encoder.
   The argmax does not depend on the temperature; the loss does.
@@ -37,8 +37,8 @@ from torch import Tensor
 
 from analysis.common import (AnalysisError, add_output_args, add_restore_args, checkpoint_meta, dataset_pairs, load_encoder_file, markdown_table, new_figure, resize_square, run_tool, sample, save_figure, split_paths, write_csv, write_text)
 from utils.images import read_image
-from utils.contrastive import RainArchive, build_negatives
-from utils.inference import image_code, restore
+from utils.train.exemplars import RainArchive, build_negatives
+from utils.eval.inference import image_code, restore
 from utils.metrics import psnr, ssim
 from utils.cli import HelpFormatter
 
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, device: torch.device) -> str:
     from tqdm import tqdm
 
-    from utils.evaluation import load_model
+    from utils.eval.evaluation import load_model
 
     if args.temperatures is not None and len(args.temperatures) != len(args.checkpoints):
         raise AnalysisError(f"--temperatures gives {len(args.temperatures)} values "

@@ -18,7 +18,7 @@ Per backbone (reference hyper-parameters, or the ``--demo`` runs' with ``--demo_
   (the two modes alternate, so a shared machine's varying load affects both alike; CPU
   numbers on a busy machine are still only indicative).
 
-Costs are those of ``utils.inference.restore``, i.e. of evaluation: an IDT (which only works at
+Costs are those of ``utils.eval.inference.restore``, i.e. of evaluation: an IDT (which only works at
 its 128x128 training size) is counted over its tiles, without overlap unless ``--tile_overlap``.
 Writes ``cost.csv``, ``cost.md`` and ``cost.png``.
 """
@@ -46,7 +46,7 @@ from analysis.common import (AnalysisError, add_output_args, logger, markdown_ta
                              write_csv, write_text)
 from models import available_models, build_encoder, build_model
 from models.coim import context_embedding_parameters, modulation_parameters
-from utils.inference import ENCODER_SIZE, image_code, restore
+from utils.eval.inference import ENCODER_SIZE, image_code, restore
 from utils.cli import HelpFormatter
 
 COLUMNS = ["model", "hparams", "backbone_params", "coim_generator_params", "context_embedding_params",
@@ -155,7 +155,7 @@ def demo_hparams(name: str) -> dict[str, Any]:
     """The model hyper-parameters of ``train_<name>.py --demo`` (small, CPU-sized configurations)."""
     from types import SimpleNamespace
 
-    from utils.recipes import get_recipe
+    from utils.train.recipes import get_recipe
 
     recipe = get_recipe(name)
     values = {k: f.default for k, f in recipe.flags.items()}

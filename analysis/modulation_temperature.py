@@ -154,9 +154,9 @@ def run(args: argparse.Namespace, device: torch.device) -> str:
     from tqdm import tqdm
 
     from utils.checkpoint import read_checkpoint
-    from utils.evaluation import load_encoder, load_model
+    from utils.eval.evaluation import load_encoder, load_model
     from utils.images import read_image
-    from utils.inference import image_code
+    from utils.eval.inference import image_code
     from utils.tiling import pad_to_multiple
 
     paths = split_paths(args.data_paths)

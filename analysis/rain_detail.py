@@ -40,8 +40,8 @@ from analysis.common import (AnalysisError, add_output_args, add_restore_args, c
 from utils.errors import DataError
 from utils.images import read_image
 from utils.checkpoint import read_checkpoint
-from utils.contrastive import gaussian_blur
-from utils.inference import ENCODER_SIZE, image_code, restore
+from utils.train.exemplars import gaussian_blur
+from utils.eval.inference import ENCODER_SIZE, image_code, restore
 from utils.metrics import psnr
 from utils.cli import HelpFormatter
 
@@ -127,7 +127,7 @@ def _load_models(args: argparse.Namespace, device: torch.device):
         return None, None, None
     if args.coic_model is None or args.base_model is None:
         raise AnalysisError("the PSNR gain needs both --coic_model and --base_model (or neither)")
-    from utils.evaluation import load_encoder, load_model
+    from utils.eval.evaluation import load_encoder, load_model
 
     models = []
     for path, mode in ((args.coic_model, "tran"), (args.base_model, "normal")):

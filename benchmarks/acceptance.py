@@ -51,7 +51,7 @@ def environment(device_type: str) -> dict:
     """Device, driver, CUDA, cuDNN, torch, Python and the date, for the report's header."""
     import torch
 
-    from utils.speed import cpu_model_name
+    from utils.eval.precision import cpu_model_name
 
     env = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
            "python": platform.python_version(), "cpu": cpu_model_name(), "device_type": device_type}
@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     print("2/2 benchmark ...", flush=True)
     tmp = tempfile.mkdtemp(prefix="coic_accept_data_")
     try:
-        from utils.demo_data import build_demo_data
+        from utils.data.demo import build_demo_data
 
         data = build_demo_data(os.path.join(tmp, "demo"), train_per_source=1, train_size=32, test_size=32)
         bench = run_benchmark(args, os.path.join(data, "light", "train"))

@@ -8,7 +8,7 @@
 
 For each backbone of the registry (``models.available_models()``; reference hyper-parameters;
 batch/crop from its recipe, ``--small``, or ``--batch_size/--crop_size``) and each precision setting (``fp32``;
-``recommended`` = ``utils.speed.recommended_setting``: bf16 autocast + channels_last on CUDA and on
+``recommended`` = ``utils.eval.precision.recommended_setting``: bf16 autocast + channels_last on CUDA and on
 CPUs with native bf16, plain fp32 on other CPUs, then measured once):
 
 - training images/s of the real ``Trainer.train_step`` in stage 1 (no z) and in the CoIC stage
@@ -16,7 +16,7 @@ CPUs with native bf16, plain fp32 on other CPUs, then measured once):
   data loader is not timed;
 - peak memory of building the model and training (CUDA: ``max_memory_allocated``; CPU: peak
   RSS above the RSS before the model is built, from Linux's ``/proc`` high-water mark);
-- inference ms per ``--infer_size`` image through ``utils.inference.restore``, without z and
+- inference ms per ``--infer_size`` image through ``utils.eval.inference.restore``, without z and
   with z from the key encoder (IDT is tiled at its training size).
 
 ``--published DIR`` (a checkout of github Schizophreni/CoIC) measures the published code the way
@@ -86,9 +86,9 @@ class Precision:
 
 
 def resolve_setting(name: str, device: torch.device) -> Precision:
-    """``fp32``, or ``recommended``: ``utils.speed.recommended_setting`` (bf16 autocast + channels_last
+    """``fp32``, or ``recommended``: ``utils.eval.precision.recommended_setting`` (bf16 autocast + channels_last
     on CUDA and on CPUs with native bf16; fp32 on other CPUs, measured once with fp32)."""
-    from utils.speed import recommended_setting
+    from utils.eval.precision import recommended_setting
 
     if name == "fp32":
         return Precision("fp32", None, False)
@@ -121,7 +121,7 @@ def _measure_ours_params(params: dict) -> dict:
 # --------------------------------------------------------------------------- report
 def device_name(device: torch.device) -> str:
     """The CUDA device's name, or the CPU model from /proc/cpuinfo."""
-    from utils.speed import cpu_model_name
+    from utils.eval.precision import cpu_model_name
 
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name()
 
@@ -300,7 +300,7 @@ def _check_args(args: argparse.Namespace) -> torch.device:
 
 def case_sizes(model: str, args: argparse.Namespace) -> tuple[int, int]:
     """(batch, crop) of ``model``: the flags, else --tiny, else --small, else the recipe's reference."""
-    from utils.recipes import get_recipe
+    from utils.train.recipes import get_recipe
 
     recipe = get_recipe(model)
     if args.tiny:
@@ -316,7 +316,7 @@ def case_sizes(model: str, args: argparse.Namespace) -> tuple[int, int]:
 def _demo_folder(tmp: str) -> str:
     """A one-folder demo set to construct the Trainer on (its images are never read: the
     measured batches are in memory, and the dataset pads images smaller than the crop)."""
-    from utils.demo_data import build_demo_data
+    from utils.data.demo import build_demo_data
 
     root = build_demo_data(os.path.join(tmp, "demo"), train_per_source=1, train_size=32, test_size=32)
     return os.path.join(root, "light", "train")

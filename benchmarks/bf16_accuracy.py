@@ -6,7 +6,7 @@
 Two sets per rain type of the demo (light, heavy, hazy, multiangle): the demo's test split
 (288-pixel pictures) and the same synthetic rain on the demo's test sources enlarged to about
 1.2 megapixels (``--large_side``). Each image is derained and scored twice with
-``utils.evaluation.evaluate``: once in float32, once in bf16 autocast + channels-last (the
+``utils.eval.evaluation.evaluate``: once in float32, once in bf16 autocast + channels-last (the
 default of a CPU with native bf16). The table gives PSNR against the clean image and NIQE of the
 output, per rain type and precision: the difference of the means and the largest difference of a
 single image. A backbone's mode is declared ``bf16_verified`` when every rain type's mean PSNR stays
@@ -40,7 +40,7 @@ def build_large_set(root: str, side: int, images: int = 4, seed: int = 0) -> dic
     longer edge (keeping its aspect), with the demo's rain of each type added."""
     import torch.nn.functional as F
 
-    from utils.demo_data import RAIN_TYPES, TEST_SOURCES, add_rain, source_picture
+    from utils.data.demo import RAIN_TYPES, TEST_SOURCES, add_rain, source_picture
     from utils.images import write_array
 
     folders = {}
@@ -65,7 +65,7 @@ def build_large_set(root: str, side: int, images: int = 4, seed: int = 0) -> dic
 def compare(model, encoder, folders: dict[str, str], device: torch.device, label: str) -> list[dict]:
     """One row per rain type: the mean scores in float32 and in bf16 + channels-last, and the largest
     per-image differences."""
-    from utils.evaluation import collect_inputs, evaluate
+    from utils.eval.evaluation import collect_inputs, evaluate
 
     rows = []
     for kind, folder in folders.items():
@@ -144,10 +144,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def work() -> int:
         from utils.allocator import keep_freed_memory
-        from utils.demo_data import build_demo_data, demo_splits
-        from utils.evaluation import load_encoder, load_model
-        from utils.pretrained import choose_checkpoint
-        from utils.speed import cpu_model_name, native_bf16
+        from utils.data.demo import build_demo_data, demo_splits
+        from utils.eval.evaluation import load_encoder, load_model
+        from models.pretrained import choose_checkpoint
+        from utils.eval.precision import cpu_model_name, native_bf16
 
         keep_freed_memory()
         if args.threads:

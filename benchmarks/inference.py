@@ -12,7 +12,7 @@ process waited for a core). With ``--published`` the published model is built fi
 processes load its weights (published state_dicts load as they are), so the outputs must agree:
 the table gives the largest difference of the backbone outputs (a tile-sized input, both modes).
 
-Settings: ``fp32``; ``recommended`` (``utils.speed.recommended_setting``: measured once when it is
+Settings: ``fp32``; ``recommended`` (``utils.eval.precision.recommended_setting``: measured once when it is
 fp32 on this machine); ``bf16`` and ``channels_last`` to measure one change on its own. The
 modulated path is also checked against a plain convolution of the same shape at batch 1
 (``conv_check``). Results: ``inference.md`` and ``inference.json`` in ``--save_path``.
@@ -55,8 +55,8 @@ class InferenceBenchError(Exception):
 def resolve_settings(names: Sequence[str], device: torch.device) -> tuple[list, dict[str, str]]:
     """The settings to measure, (label, amp, channels_last, auto) each, and the aliases: a setting
     equal to an earlier one is measured once. ``auto``: the recommended setting of a CPU without
-    native bf16, whose layout each backbone's worker times (``utils.speed.faster_layout``)."""
-    from utils.speed import native_bf16, recommended_setting
+    native bf16, whose layout each backbone's worker times (``utils.eval.precision.faster_layout``)."""
+    from utils.eval.precision import native_bf16, recommended_setting
 
     rec = recommended_setting(device)
     auto = device.type == "cpu" and not native_bf16()
@@ -113,8 +113,8 @@ class OursServer:
         self.x_check = synthetic_batch(1, r["check_size"], generator)[0]
         amp, layouts, reasons = r["amp"], {m: r["channels_last"] for m in MODES}, {m: "" for m in MODES}
         if r.get("auto"):  # the recommended setting, its layout timed on this model in each mode
-            from utils.inference import image_code
-            from utils.speed import recommended_setting
+            from utils.eval.inference import image_code
+            from utils.eval.precision import recommended_setting
 
             code = image_code(encoder, self.x_check.to(self.device))
             for mode in MODES:  # the faster layout can differ: IDT's modulated convs prefer channels-last
@@ -135,7 +135,7 @@ class OursServer:
         return fmt
 
     def _restore(self, x: torch.Tensor, mode: str) -> torch.Tensor:
-        from utils.inference import image_code, restore
+        from utils.eval.inference import image_code, restore
 
         x = x.to(self.device).contiguous(memory_format=self._layout(mode))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp == "bf16"):
@@ -155,7 +155,7 @@ class OursServer:
         return {m: 2 * count_macs(functools.partial(self._restore, self.x, m)) for m in MODES}
 
     def output(self, r: dict) -> dict:
-        from utils.inference import image_code
+        from utils.eval.inference import image_code
 
         x = self.x_check.to(self.device).contiguous(memory_format=self._layout(r["mode"]))
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
@@ -189,7 +189,7 @@ def measure_backbone(name: str, args: argparse.Namespace, settings: list, device
             amps[label] = got["amp"]
             key = (got["amp"], tuple(got["channels_last"]))
             if auto:
-                from utils.speed import Setting
+                from utils.eval.precision import Setting
 
                 recommended = {m: {"label": Setting(got["amp"], cl).label, "reason": why}
                                for m, cl, why in zip(MODES, got["channels_last"], got["reason"])}
@@ -383,7 +383,7 @@ def _check(args: argparse.Namespace) -> torch.device:
 
 def run(args: argparse.Namespace) -> dict:
     """Measure, print and write the tables; the results as a dict (also ``inference.json``)."""
-    from utils.speed import cpu_model_name, recommended_setting
+    from utils.eval.precision import cpu_model_name, recommended_setting
 
     device = _check(args)
     labels = ["fp32"] + list(dict.fromkeys(s for s in args.settings if s != "fp32"))

@@ -87,15 +87,15 @@ def measure(request: dict) -> dict:
 
     import torch
 
-    import utils.inference
-    from utils import memory
+    import utils.eval.inference
+    from utils.eval import memory
     from utils.tiling import tile_boxes
 
     torch.set_num_threads(request["threads"])
     limit, forwards, cpu, plans, counts = request["max_forwards"], [], [], [], []
     started = time.perf_counter()
     first_forward: list[float] = []
-    real_plan, real_tiled = memory.MemoryPlanner.plan, utils.inference.tiled_apply
+    real_plan, real_tiled = memory.MemoryPlanner.plan, utils.eval.inference.tiled_apply
 
     def plan(self, h, w, z=None, scored=False):
         p = real_plan(self, h, w, z, scored)
@@ -119,7 +119,7 @@ def measure(request: dict) -> dict:
 
         return real_tiled(timed, x, tile, overlap=overlap, batch=batch, **options)
 
-    memory.MemoryPlanner.plan, utils.inference.tiled_apply = plan, tiled
+    memory.MemoryPlanner.plan, utils.eval.inference.tiled_apply = plan, tiled
     stopped, rc = False, 0
     sys.argv = ["test_model.py", "--test_model", request["checkpoint"], "--model_name", request["model"],
                 "--load_mode", "tran", "--test_dir", request["photos"], "--save_path", request["out"],
@@ -225,7 +225,7 @@ def run(args: argparse.Namespace, width: int, height: int) -> int:
 
     from utils.errors import UserError
     from utils.io import atomic_write_text
-    from utils.speed import cpu_model_name
+    from utils.eval.precision import cpu_model_name
 
     os.makedirs(args.save_path, exist_ok=True)
     rows = []

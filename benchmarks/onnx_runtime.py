@@ -4,7 +4,7 @@
     python -m benchmarks.onnx_runtime --names BRN,IDT --repeats 5
 
 Each backbone is built in its reference configuration with random weights (speed does not
-depend on them), exported by ``utils.export`` as ``export.py`` exports it, and timed on the same
+depend on them), exported by ``utils.eval.export`` as ``export.py`` exports it, and timed on the same
 image: a backbone with a ``tile_size`` (IDT) at its tile. PyTorch times ``restore`` with
 ``image_code`` (CoIC) under ``torch.set_num_threads(1)``; onnxruntime a session with one intra-op
 thread. Prints a markdown table of medians (docs/deploy.md holds the measured one).
@@ -22,8 +22,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from models import available_models, build_encoder, build_model, tile_size
-from utils.export import export_onnx
-from utils.inference import image_code, restore
+from utils.eval.export import export_onnx
+from utils.eval.inference import image_code, restore
 from utils.tables import markdown_row, markdown_table
 
 

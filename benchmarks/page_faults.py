@@ -56,7 +56,7 @@ def _peak_rss_mib() -> float:
 def measure_forwards(params: dict) -> dict:
     """Worker: ``params["forwards"]`` timed forwards of reference BRN after ``params["warmup"]``."""
     from models import build_model
-    from utils.options import parse_train_args
+    from utils.train.config import parse_train_args
 
     dim_in = parse_train_args(MODEL, []).model_hparams["dim_in"]
     model = build_model(MODEL).eval()
@@ -80,7 +80,7 @@ def measure_train_step(params: dict) -> dict:
     """Worker: ``benchmarks.timing.measure_ours`` for BRN's recipe, counted per training step."""
     from benchmarks.benchmark import _demo_folder
     from benchmarks.timing import Case, measure_ours
-    from utils.options import parse_train_args
+    from utils.train.config import parse_train_args
 
     recipe = parse_train_args(MODEL, [])
     tmp = tempfile.mkdtemp(prefix="coic_faults_")
@@ -139,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker_params:
         return worker_main(args.worker_params, args.worker_out, measure)
-    from utils.speed import cpu_model_name
+    from utils.eval.precision import cpu_model_name
 
     rows = []
     for case in args.cases:

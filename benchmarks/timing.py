@@ -223,9 +223,9 @@ def measure_ours(case: Case) -> dict:
     (reference model flags; only batch, crop, device and precision are set), on a one-folder
     data set that is only opened, never read: batches are random tensors in memory.
     """
-    from utils.inference import image_code, restore
-    from utils.options import parse_train_args
-    from utils.trainer import Trainer
+    from utils.eval.inference import image_code, restore
+    from utils.train.config import parse_train_args
+    from utils.train.trainer import Trainer
 
     torch.set_num_threads(case.threads)
     device = torch.device(case.device)

@@ -23,7 +23,7 @@ import torch
 
 from analysis.model_cost import count_macs
 from models import available_models, build_encoder, build_model
-from utils.options import parse_train_args
+from utils.train.config import parse_train_args
 from utils.tables import markdown_row, markdown_table
 
 N_NEG = 4  # the default --n_neg: detail-aware negatives per query

@@ -6,7 +6,7 @@ A backbone declares ``size_multiple`` (inputs are padded to it) and, when it onl
 its training resolution, ``tile_size`` (inputs are tiled at it); callers read both through
 ``size_multiple(model)`` and ``tile_size(model)``. ``bf16_verified`` (default: none)
 names the modes ("plain", "coic") whose bf16 output is shown as accurate as float32: there
-``test_model.py`` runs bf16 by default on a CPU that computes it natively (``utils.speed``).
+``test_model.py`` runs bf16 by default on a CPU that computes it natively (``utils.eval.precision``).
 
 ``BACKBONES`` is the only list of backbones: tests, benchmarks, tools and the table of published
 weights iterate over it. A file that keeps per-backbone data of its own keys it by name and raises
@@ -31,7 +31,7 @@ class Backbone:
     name: str
     target: str  # "module:Class", imported on first use so that one backbone's optional dependency never breaks another
     # Names of the authors' released checkpoints of this backbone (``--test_model coic-brn``); their
-    # files (paths, git blob ids) are download data and live in ``utils.pretrained.PUBLISHED_MODELS``.
+    # files (paths, git blob ids) are download data and live in ``models.pretrained.PUBLISHED_MODELS``.
     published_weights: tuple[str, ...] = ()
     # "module:Class" of its counterpart in the authors' repository (github Schizophreni/CoIC), which
     # the benchmarks time side by side (``benchmarks/published.py``); None: the paper has none.

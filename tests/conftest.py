@@ -11,11 +11,11 @@ sys.path.insert(0, ROOT)
 
 # Tiny tensors: one thread avoids oversubscription when other processes share the cores.
 torch.set_num_threads(1)
-# No test reaches the internet: downloads of published models (utils.pretrained) go to a port nobody
+# No test reaches the internet: downloads of published models (models.pretrained) go to a port nobody
 # listens on, unless a test starts its own 127.0.0.1 server (tests/test_pretrained.py).
 os.environ["COIC_WEIGHTS_URL"] = "http://127.0.0.1:9/no-downloads-in-tests"
 # No test depends on the host's CPU: the suite (and every command it starts) sees a CPU without native
-# bf16 (utils.speed.cpu_flags reads $COIC_CPU_FLAGS before /proc/cpuinfo). Tests of the other answer
+# bf16 (utils.eval.precision.cpu_flags reads $COIC_CPU_FLAGS before /proc/cpuinfo). Tests of the other answer
 # set the variable themselves (tests/test_host_independence.py).
 os.environ["COIC_CPU_FLAGS"] = NO_NATIVE_BF16_FLAGS
 
@@ -32,7 +32,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory) -> str:
     """A small copy of the demo data (same generator, tiny pictures)."""
-    from utils.demo_data import build_demo_data
+    from utils.data.demo import build_demo_data
 
     root = str(tmp_path_factory.mktemp("demo") / "demo_data")
     return build_demo_data(root, train_per_source=1, train_size=32, test_size=40)

@@ -18,8 +18,8 @@ from models import build_model, size_multiple, tile_size
 from models.coim import (ContextEmbedding, ModulatedConv2d, ModulatedConvTranspose2d,
                          context_embedding_parameters, modulation_parameters)
 from utils.checkpoint import load_weights
-from utils.inference import restore
-from utils.options import parse_train_args
+from utils.eval.inference import restore
+from utils.train.config import parse_train_args
 
 MODULATED = (ModulatedConv2d, ModulatedConvTranspose2d)
 

@@ -51,8 +51,8 @@ def make_trainer(save_path: str | os.PathLike, data: str | Sequence[str], model:
     """A Trainer for ``train_<model>.py`` with ``train_flags(save_path, data, **flags)`` then ``extra``
     (untyped flags such as ``["--amp", "bf16"]``); ``data`` is one folder or a list of them;
     ``recipe_changes`` replace fields of the parsed recipe before the Trainer is built."""
-    from utils.options import parse_train_args
-    from utils.trainer import Trainer
+    from utils.train.config import parse_train_args
+    from utils.train.trainer import Trainer
 
     data_paths = data if isinstance(data, str) else ",".join(data)
     args = parse_train_args(model, train_flags(str(save_path), data_paths, **flags) + list(extra))

@@ -21,7 +21,7 @@ from analysis.temperature_sweep import checkpoint_temperature, contrastive_stats
 from datasets import read_image
 from models import build_encoder, build_model
 from models.coim import ContextEmbedding, ModulatedConv2d
-from utils.inference import image_code, restore
+from utils.eval.inference import image_code, restore
 
 pytest.importorskip("matplotlib")
 

@@ -35,12 +35,12 @@ def test_benchmark_writes_markdown_and_csv(tmp_path, tiny_demo):
 
 
 def test_settings_resolve_per_device(monkeypatch):
-    import utils.speed
+    import utils.eval.precision
 
-    monkeypatch.setattr(utils.speed, "cpu_flags", lambda cpuinfo="": {"avx2"})  # no native bf16
+    monkeypatch.setattr(utils.eval.precision, "cpu_flags", lambda cpuinfo="": {"avx2"})  # no native bf16
     cpu = benchmark.unique_settings(["fp32", "recommended"], torch.device("cpu"))
     assert [(s.amp, s.channels_last) for s in cpu] == [(None, False)]
-    monkeypatch.setattr(utils.speed, "cpu_flags", lambda cpuinfo="": {"avx512f", "amx_bf16"})
+    monkeypatch.setattr(utils.eval.precision, "cpu_flags", lambda cpuinfo="": {"avx512f", "amx_bf16"})
     amx = benchmark.unique_settings(["fp32", "recommended"], torch.device("cpu"))
     assert [(s.amp, s.channels_last) for s in amx] == [(None, False), ("bf16", True)]
     cuda = benchmark.unique_settings(["fp32", "recommended"], torch.device("cuda"))

@@ -141,7 +141,7 @@ def test_the_numpy_state_round_trips_through_todays_format():
 
 def test_todays_training_checkpoint_resumes_through_the_safe_loader(tmp_path, tiny_demo, monkeypatch):
     """The Trainer's own checkpoint needs no allow-list: it holds tensors, numbers, strings and containers."""
-    from utils.trainer import list_checkpoints
+    from utils.train.trainer import list_checkpoints
 
     data = os.path.join(tiny_demo, "heavy", "train")
     make_trainer(tmp_path, data, tot_iters=2, stage1_iters=1).train()

@@ -54,7 +54,7 @@ MODULES = _modules_with_a_parser()
 
 
 def test_every_parser_is_found():
-    assert {"test_model", "utils.reproduce", "benchmarks.inference", "analysis.model_cost"} <= set(MODULES)
+    assert {"test_model", "utils.paper.runner", "benchmarks.inference", "analysis.model_cost"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -64,8 +64,8 @@ def test_help_says_each_default_once(module):
 
 @pytest.mark.parametrize("name", available_models())
 def test_train_help_says_each_default_once(name):
-    from utils.options import build_train_parser
-    from utils.recipes import get_recipe
+    from utils.train.config import build_train_parser
+    from utils.train.recipes import get_recipe
 
     _check(build_train_parser(get_recipe(name)))
 

@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
-from utils.config import TrainConfig
-from utils.options import parse_train_args
+from utils.train.config import TrainConfig
+from utils.train.config import parse_train_args
 
 
 def test_command_line_builds_a_typed_config_with_backbone_flags():
@@ -28,7 +28,7 @@ def test_config_changed_in_code_and_rebuilt_from_checkpoint_flags():
 
 
 def test_demo_fine_tune_of_published_weights_is_its_own_run():
-    from utils.options import parse_train_args
+    from utils.train.config import parse_train_args
 
     assert parse_train_args("BRN", ["--demo"]).save_path == "runs/demo_BRN"
     assert parse_train_args("BRN", ["--demo", "--pretrained", "baseline-brn"]).save_path == \

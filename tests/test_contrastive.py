@@ -1,6 +1,6 @@
 import torch
 
-from utils.contrastive import RainArchive, build_negatives, gaussian_blur, random_flips
+from utils.train.exemplars import RainArchive, build_negatives, gaussian_blur, random_flips
 
 
 def test_archive_capacity_and_most_different():
@@ -77,7 +77,7 @@ def test_blur_equals_torchvision_gaussian_blur():
 
 
 def test_detail_negatives_use_own_clean_image_and_sigma_in_published_range(monkeypatch):
-    import utils.contrastive as contrastive
+    import utils.train.exemplars as contrastive
 
     drawn = []
     blur = contrastive.gaussian_blur

@@ -14,8 +14,8 @@ import datasets
 from datasets import DataError, EpochSampler, MixedRainDataset, SampleKey
 from helpers import make_trainer, train_flags
 from utils import images
-from utils import trainer as trainer_module
-from utils.trainer import Trainer
+from utils.train import trainer as trainer_module
+from utils.train.trainer import Trainer
 
 SEED = 5
 
@@ -247,7 +247,7 @@ def test_cache_refuses_beyond_the_memory_budget(tmp_path, tiny_demo, monkeypatch
     with pytest.raises(DataError, match="--cache_images needs about") as err:
         ds.cache_images(progress=False)
     assert "\n" not in str(err.value)
-    from utils.run import main
+    from utils.train.run import main
 
     code = main("BRN", train_flags(str(tmp_path / "run"), data) + ["--cache_images"])
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]

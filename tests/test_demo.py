@@ -3,9 +3,9 @@ import os
 import numpy as np
 
 from datasets import find_pairs, read_image
-from utils.demo_data import RAIN_TYPES, add_rain
+from utils.data.demo import RAIN_TYPES, add_rain
 from utils.metrics import psnr
-from utils.run import main
+from utils.train.run import main
 
 
 def test_demo_layout_and_rain_types_differ(tiny_demo):

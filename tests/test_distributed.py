@@ -18,9 +18,9 @@ def _worker(rank: int, world: int, port: int, flags: list, out_dir: str) -> None
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from utils.distributed import shutdown
-    from utils.options import parse_train_args
-    from utils.trainer import Trainer
+    from utils.train.distributed import shutdown
+    from utils.train.config import parse_train_args
+    from utils.train.trainer import Trainer
 
     trainer = Trainer(parse_train_args("BRN", flags))
     trainer.train()

@@ -14,8 +14,8 @@ from utils import checkpoint
 from utils.checkpoint import save_atomic
 from utils.errors import UserError, cli_main, one_line
 from utils.io import atomic_path, atomic_write, atomic_write_text
-from utils.run import main as train_main
-from utils.trainer import list_checkpoints
+from utils.train.run import main as train_main
+from utils.train.trainer import list_checkpoints
 
 
 def _err_lines(capsys) -> list[str]:

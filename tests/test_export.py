@@ -1,4 +1,4 @@
-"""ONNX export (``utils.export``, ``export.py``): onnxruntime gives what ``restore`` gives.
+"""ONNX export (``utils.eval.export``, ``export.py``): onnxruntime gives what ``restore`` gives.
 
 For every registered backbone, plain and with the CoIC encoder inside the graph, one export
 runs at two image sizes (H and W are dynamic): onnxruntime's output equals the PyTorch fp32
@@ -18,7 +18,7 @@ from contract import tiny_model
 from helpers import ROOT, scramble_coic
 from models import available_models, build_encoder, tile_size
 from utils.checkpoint import save_atomic
-from utils.inference import image_code, restore
+from utils.eval.inference import image_code, restore
 
 TOLERANCE = 1e-4  # max abs difference, images in [0,1]
 
@@ -56,7 +56,7 @@ def _max_diffs(path: str, model, encoder) -> list[float]:
 @pytest.mark.parametrize("coic", [False, True], ids=["plain", "coic"])
 @pytest.mark.parametrize("name", available_models())
 def test_onnxruntime_matches_restore(name, coic, tmp_path):
-    from utils.export import export_onnx
+    from utils.eval.export import export_onnx
 
     model, encoder = _case(name, coic)
     path = str(tmp_path / f"{name}.onnx")

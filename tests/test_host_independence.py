@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import acceptance, benchmark
 from helpers import NATIVE_BF16_FLAGS, NO_NATIVE_BF16_FLAGS
-from utils.speed import cpu_flags, native_bf16, recommended_setting
+from utils.eval.precision import cpu_flags, native_bf16, recommended_setting
 
 CPUS = {"no native bf16": NO_NATIVE_BF16_FLAGS, "native bf16": NATIVE_BF16_FLAGS}
 # On each CPU: the benchmark's settings, as its table labels them (fp32 always; the recommended one is

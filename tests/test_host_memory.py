@@ -4,7 +4,7 @@ import torch
 
 import datasets
 import utils.host
-import utils.memory
+import utils.eval.memory
 from utils.host import available_memory
 
 GIB = 1 << 30
@@ -43,6 +43,6 @@ def test_a_cgroup_limit_above_the_host_does_not_raise_it(tmp_path):
 
 
 def test_cache_and_tile_planner_ask_the_same_helper(monkeypatch):
-    monkeypatch.setattr(utils.memory, "host_available_memory", lambda: 123 * GIB)
-    assert utils.memory.available_memory(torch.device("cpu")) == 123 * GIB
+    monkeypatch.setattr(utils.eval.memory, "host_available_memory", lambda: 123 * GIB)
+    assert utils.eval.memory.available_memory(torch.device("cpu")) == 123 * GIB
     assert datasets.available_memory is utils.host.available_memory

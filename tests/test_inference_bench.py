@@ -6,18 +6,18 @@ import torch
 import torch.nn as nn
 
 from benchmarks import inference
-from utils.speed import faster_layout
+from utils.eval.precision import faster_layout
 
 
 def test_settings_measured_once(monkeypatch):
-    import utils.speed
+    import utils.eval.precision
 
-    monkeypatch.setattr(utils.speed, "cpu_flags", lambda cpuinfo="": {"avx2"})
+    monkeypatch.setattr(utils.eval.precision, "cpu_flags", lambda cpuinfo="": {"avx2"})
     measured, aliases = inference.resolve_settings(["fp32", "recommended", "channels_last"], torch.device("cpu"))
     # no native bf16: the recommended layout is timed per backbone (auto)
     assert measured == [("fp32", None, False, False), ("recommended", None, False, True),
                         ("channels_last", None, True, False)] and aliases == {}
-    monkeypatch.setattr(utils.speed, "cpu_flags", lambda cpuinfo="": {"amx_bf16"})
+    monkeypatch.setattr(utils.eval.precision, "cpu_flags", lambda cpuinfo="": {"amx_bf16"})
     measured, aliases = inference.resolve_settings(["fp32", "recommended", "bf16_channels_last"], torch.device("cpu"))
     assert measured == [("fp32", None, False, False), ("recommended", "bf16", True, False)]
     assert aliases == {"bf16_channels_last": "recommended"}
@@ -118,8 +118,8 @@ def test_worker_counts_the_flops_of_a_restoration():
 def test_recommended_layout_is_chosen_per_mode(monkeypatch):
     """IDT's modulated convolutions prefer channels-last where its plain ones do not: the worker of the
     recommended setting times (here: is told) each mode's layout and runs each mode in its own."""
-    import utils.speed
-    from utils.speed import Setting
+    import utils.eval.precision
+    from utils.eval.precision import Setting
 
     asked = []
 
@@ -127,7 +127,7 @@ def test_recommended_layout_is_chosen_per_mode(monkeypatch):
         asked.append(z is not None)
         return Setting(None, z is not None, "coic prefers channels-last" if z is not None else "plain: default")
 
-    monkeypatch.setattr(utils.speed, "recommended_setting", fake)
+    monkeypatch.setattr(utils.eval.precision, "recommended_setting", fake)
     server = inference.OursServer()
     got = server.setup({"model": "BRN", "size": 24, "threads": 1, "device": "cpu", "seed": 0, "overlap": 8,
                         "check_size": 24, "amp": None, "channels_last": False, "auto": True})

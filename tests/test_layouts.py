@@ -1,4 +1,4 @@
-"""Layouts as data (utils.layouts), the specs table beside them, the one square resize, the one code dimension."""
+"""Layouts as data (utils.data.layouts), the specs table beside them, the one square resize, the one code dimension."""
 import os
 import runpy
 import sys
@@ -11,11 +11,11 @@ from PIL import Image
 
 from helpers import ROOT
 from models import build_encoder
-from utils import layouts
-from utils.dataset_specs import DATASET_SPECS
-from utils.evaluation import collect_inputs, encoder_dim, encoder_from_checkpoint
+from utils.data import layouts
+from utils.data.specs import DATASET_SPECS
+from utils.eval.evaluation import collect_inputs, encoder_dim, encoder_from_checkpoint
 from utils.images import resize_square
-from utils.layouts import LAYOUTS, FolderScan, Layout, detect_layout, find_images, scan_folder
+from utils.data.layouts import LAYOUTS, FolderScan, Layout, detect_layout, find_images, scan_folder
 
 
 def _png(path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from losses import CharbonnierLoss, ContrastiveLoss, EdgeLoss, L1Loss, StageSumLoss
-from utils.recipes import RECIPES
+from utils.train.recipes import RECIPES
 
 EPS = 1e-3
 TAPS = np.array([0.05, 0.25, 0.4, 0.25, 0.05])

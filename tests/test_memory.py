@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utils import memory
+from utils.eval import memory
 from utils.errors import UserError
-from utils.inference import restore
-from utils.memory import (GiB, MiB, LiveTensorBytes, MemoryPlanner, TilePlan, forward_peak_bytes, parse_size)
+from utils.eval.inference import restore
+from utils.eval.memory import (GiB, MiB, LiveTensorBytes, MemoryPlanner, TilePlan, forward_peak_bytes, parse_size)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,7 +177,7 @@ def test_out_of_memory_retries_with_smaller_tiles(fixed_usage, caplog):
 
 
 def test_evaluate_plans_per_image_and_says_so(tmp_path, fixed_usage, monkeypatch, caplog):
-    from utils.evaluation import evaluate
+    from utils.eval.evaluation import evaluate
     from utils.images import save_image
 
     # no peak to read on this "device": the tensors are counted, times the default factor
@@ -198,7 +198,7 @@ SUBPROCESS = r"""
 import os, sys, json
 sys.path.insert(0, {root!r})
 import test_model
-from utils.memory import current_usage
+from utils.eval.memory import current_usage
 import torch
 budget = current_usage(torch.device("cpu")) + {room}
 rc = test_model.main({argv!r} + ["--max_memory", str(budget)])

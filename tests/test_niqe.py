@@ -11,7 +11,7 @@ import skimage.data
 import torch
 from scipy.ndimage import correlate
 
-from utils.demo_data import add_rain
+from utils.data.demo import add_rain
 from utils.images import read_image, save_image
 from utils.metrics import METRICS, better_value, parse_metrics
 from utils.niqe import MIN_SIDE, matlab_resize_matrix, niqe, pristine_model
@@ -177,7 +177,7 @@ def test_metric_registry_directions():
 
 
 def test_folder_command_writes_a_csv(tmp_path, capsys):
-    from utils.metric_cli import main
+    from utils.eval.metric_cli import main
 
     images = {"a.png": _rgb("chelsea")[:, :200, :300], "b.png": _rgb("coffee")[:, :256, :256],
               "small.png": torch.rand(3, 100, 100)}

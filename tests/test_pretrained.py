@@ -1,4 +1,4 @@
-"""Published models by name (utils.pretrained): verified download into the hub cache, offline recipe,
+"""Published models by name (models.pretrained): verified download into the hub cache, offline recipe,
 ``test_model.py --test_model NAME`` / ``--list_models`` and ``--pretrained NAME`` in training.
 
 Every download goes to an http.server on 127.0.0.1 started here: the autouse fixture points
@@ -25,14 +25,14 @@ import test_model
 from helpers import REFERENCE, reference_file, train_flags
 from models import build_encoder, build_model
 from models.coim import modulation_parameters
-from utils import pretrained
+from models import pretrained
 from utils.errors import UserError
-from utils.evaluation import load_model
+from utils.eval.evaluation import load_model
 from utils.images import read_image
-from utils.inference import restore
-from utils.options import parse_train_args
-from utils.pretrained import PublishedFile, PublishedModel
-from utils.trainer import Trainer
+from utils.eval.inference import restore
+from utils.train.config import parse_train_args
+from models.pretrained import PublishedFile, PublishedModel
+from utils.train.trainer import Trainer
 
 
 def _free_port() -> int:
@@ -42,7 +42,7 @@ def _free_port() -> int:
 
 
 def _hash_object(path) -> str:
-    """The git blob id as git itself computes it (independent of utils.pretrained)."""
+    """The git blob id as git itself computes it (independent of models.pretrained)."""
     if shutil.which("git"):
         return subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True,
                               check=True).stdout.strip()

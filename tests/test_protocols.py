@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import test_model
-from utils import evaluation
+from utils.eval import evaluation
 from datasets import dataset_spec, find_pairs, read_image, read_pair, save_image
 from models import build_encoder, build_model
 from test_real_datasets import build_real_tree

@@ -223,7 +223,7 @@ def test_shared_kernel_survives_conversions_and_separate_ones_drift_apart():
 
 def test_kernels_load_from_both_keys_and_mismatches_are_explained(tmp_path):
     from utils.errors import ModelConfigError
-    from utils.evaluation import load_model
+    from utils.eval.evaluation import load_model
 
     source = tiny_model(seed=3, rain_kernels="separate").eval()
     with torch.no_grad():

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import datasets
-from utils import dataset_cli
+from utils.data import cli as dataset_cli
 from datasets import (DataError, MixedRainDataset, SampleKey, StackedHalf, check_root, dataset_spec, find_pairs,
                       prepare, read_image, read_pair, scan_folder)
 

@@ -7,10 +7,10 @@ import torch
 import test_model
 from losses import EdgeLoss, RCDNetStageLoss
 from models import BACKBONES, available_models, build_model
-from utils.options import parse_train_args
-from utils.recipes import RECIPES
-from utils.run import main
-from utils.schedulers import CyclicCosineRestart
+from utils.train.config import parse_train_args
+from utils.train.recipes import RECIPES
+from utils.train.run import main
+from utils.train.schedulers import CyclicCosineRestart
 
 @pytest.mark.parametrize("name", available_models())
 def test_train_script_two_iterations_then_evaluate(name, tmp_path, tiny_demo, monkeypatch, capsys):
@@ -93,7 +93,7 @@ def test_cyclic_cosine_restart_values():
 
 
 def test_idt_tiles_any_image_size():
-    from utils.inference import restore
+    from utils.eval.inference import restore
 
     torch.manual_seed(0)
     model = build_model("IDT", img_size=64, embed_dim=8).eval()

@@ -1,4 +1,4 @@
-"""The report page (utils/report.py), read back with the standard library's HTML parser: every image
+"""The report page (utils/eval/report.py), read back with the standard library's HTML parser: every image
 shown and linked, links relative and resolving, scores as formatted, names escaped, nothing from a
 network, small pages for many images, previews reused."""
 import html.parser
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.report import ReportColumn, ReportSet, write_report
+from utils.eval.report import ReportColumn, ReportSet, write_report
 
 COLUMNS = [ReportColumn("psnr", "PSNR", 2, "higher"), ReportColumn("ssim", "SSIM", 4, "higher"),
            ReportColumn("niqe_rain", "NIQE (rainy)", 3, "lower"),

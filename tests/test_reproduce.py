@@ -13,9 +13,9 @@ import pytest
 import reproduce
 import test_model
 from models import BACKBONES
-from utils.options import parse_train_args
-from utils.experiments import DEMO_SEEDS
-from utils.recipes import RECIPES
+from utils.train.config import parse_train_args
+from utils.paper.experiments import DEMO_SEEDS
+from utils.train.recipes import RECIPES
 
 # The paper's backbones are those the authors published code for (the registry's published_code).
 PAPER_BACKBONES = [name for name, b in BACKBONES.items() if b.published_code is not None]
@@ -173,7 +173,7 @@ def test_paper_table_beside_ours(tmp_path, capsys):
 
 
 def test_a_failed_step_stops_with_what_to_do(capsys):
-    from utils.reproduce import Step, StepFailed, execute
+    from utils.paper.runner import Step, StepFailed, execute
 
     step = Step("train", "a killed training", ("python", "-c", "import sys; sys.exit(130)"), "nowhere",
                 lambda: False)
@@ -203,7 +203,7 @@ def _summary_psnr(path) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory) -> str:
     """Demo data with test pictures smaller than ``tiny_demo``'s: the demo runs 8 commands, 4 of them evaluations."""
-    from utils.demo_data import build_demo_data
+    from utils.data.demo import build_demo_data
 
     return build_demo_data(str(tmp_path_factory.mktemp("small_demo") / "demo_data"), train_per_source=1,
                            train_size=32, test_size=24)
@@ -212,8 +212,7 @@ def small_demo(tmp_path_factory) -> str:
 def _in_process(command) -> int:
     """Run a printed ``python train_X.py ...`` / ``python test_model.py ...`` step in this process (no
     interpreter start, no torch import: the first demo run is 8 steps); the rerun below uses subprocesses."""
-    from utils import run
-
+    from utils.train import run
     assert command[0] == "python", command
     name = os.path.basename(command[1])[:-3]
     if name.startswith("train_"):
@@ -223,12 +222,12 @@ def _in_process(command) -> int:
 
 
 def test_demo_end_to_end_then_killed_and_rerun(tmp_path, small_demo, capsys, monkeypatch):
-    import utils.reproduce
+    import utils.paper.runner
 
     argv = ["--demo", "--tiny", "--data_root", small_demo, "--runs_root", str(tmp_path / "runs"),
             "--results_root", str(tmp_path / "res")]
     with monkeypatch.context() as patch:
-        patch.setattr(utils.reproduce, "_run_command", _in_process)
+        patch.setattr(utils.paper.runner, "_run_command", _in_process)
         assert reproduce.main(argv) == 0
     out = capsys.readouterr().out
     seeds = DEMO_SEEDS
@@ -281,7 +280,7 @@ def test_demo_end_to_end_then_killed_and_rerun(tmp_path, small_demo, capsys, mon
 
 
 def _fake_dataset(root, name, split):
-    from utils.reproduce import dataset_folder
+    from utils.paper.runner import dataset_folder
 
     folder = dataset_folder(name, str(root), split)
     os.makedirs(folder, exist_ok=True)
@@ -290,8 +289,7 @@ def _fake_dataset(root, name, split):
 
 def test_a_real_run_checks_all_its_data_before_the_first_step(tmp_path, capsys, monkeypatch):
     """Every training set and every test set of the chosen backbones, listed in one line, before step 1."""
-    from utils import reproduce as steps
-
+    from utils.paper import runner as steps
     started = []
     monkeypatch.setattr(steps, "_run_command", lambda command: started.append(command) or 0)
     data = tmp_path / "data"
@@ -312,5 +310,5 @@ def test_a_real_run_checks_all_its_data_before_the_first_step(tmp_path, capsys, 
         _fake_dataset(data, name, "test")
     # all there: the check passes and the first step (a training) starts
     monkeypatch.setattr(steps, "execute", lambda s, dry_run, only: started.append(s[0].kind) or [])
-    monkeypatch.setattr("utils.experiment_tables.write_tables", lambda *a, **k: "")
+    monkeypatch.setattr("utils.paper.collect.write_tables", lambda *a, **k: "")
     assert reproduce.main(argv) == 0 and started == ["train"]

@@ -15,9 +15,9 @@ import test_model
 from helpers import ROOT, make_trainer, train_flags
 from models import build_model
 from utils.checkpoint import CheckpointError
-from utils.options import parse_train_args
-from utils.run import main
-from utils.trainer import MAX_ROLLBACKS, Trainer, TrainingDiverged, list_checkpoints
+from utils.train.config import parse_train_args
+from utils.train.run import main
+from utils.train.trainer import MAX_ROLLBACKS, Trainer, TrainingDiverged, list_checkpoints
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, tiny_demo, caplog):

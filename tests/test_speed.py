@@ -8,8 +8,8 @@ import torch
 from contract import tiny_args, tiny_image, tiny_model
 from helpers import unit_codes
 from models import available_models
-from utils.inference import image_code, restore
-from utils.speed import cpu_flags, native_bf16, recommended_setting
+from utils.eval.inference import image_code, restore
+from utils.eval.precision import cpu_flags, native_bf16, recommended_setting
 
 
 def test_cpu_flags_read_from_cpuinfo(tmp_path):
@@ -41,7 +41,7 @@ def test_cuda_recommends_bf16_channels_last():
     ("fpu avx2 amx_bf16 amx_tile", "bf16 + channels_last"),
 ])
 def test_test_model_logs_the_setting_and_the_recommendation(caplog, monkeypatch, flags, recommended):
-    from utils.speed import inference_setting
+    from utils.eval.precision import inference_setting
 
     monkeypatch.setenv("COIC_CPU_FLAGS", flags)
     with caplog.at_level(logging.INFO, logger="coic.speed"):
@@ -107,14 +107,14 @@ DEFAULTS = [
 
 @pytest.mark.parametrize("flags,model,coic,label", DEFAULTS)
 def test_the_default_is_bf16_only_where_native_and_shown(flags, model, coic, label):
-    from utils.speed import default_setting
+    from utils.eval.precision import default_setting
 
     got = default_setting(torch.device("cpu"), model(), coic, flags=set(flags.split()))
     assert got.label == label and got.reason
 
 
 def test_precision_flags_override_the_default(monkeypatch):
-    from utils.speed import inference_setting
+    from utils.eval.precision import inference_setting
 
     monkeypatch.setenv("COIC_CPU_FLAGS", "fpu avx512f avx512_bf16")
     cpu = torch.device("cpu")
@@ -144,7 +144,7 @@ def test_bf16_accuracy_benchmark_tables_both_sets(tmp_path, tiny_demo):
     from benchmarks import bf16_accuracy
     from utils.checkpoint import save_atomic
     from utils.images import read_image
-    from utils.inference import restore
+    from utils.eval.inference import restore
 
     model = tiny_model("BRN", dim_in=0).eval()
     path = str(tmp_path / "tiny.pth")
@@ -181,7 +181,7 @@ def test_bf16_accuracy_benchmark_tables_both_sets(tmp_path, tiny_demo):
     ("fpu avx512f avx512_bf16", [], "off"),  # only the demo: the reference recipe trains as published
 ])
 def test_demo_training_precision_follows_the_cpu(monkeypatch, flags, argv, amp):
-    from utils.options import parse_train_args
+    from utils.train.config import parse_train_args
 
     monkeypatch.setenv("COIC_CPU_FLAGS", flags)
     assert parse_train_args("BRN", argv).amp == amp

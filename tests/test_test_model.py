@@ -10,8 +10,8 @@ import test_model
 from datasets import read_image
 from helpers import make_trainer, reference_file
 from models import build_model
-from utils import evaluation
-from utils.inference import restore
+from utils.eval import evaluation
+from utils.eval.inference import restore
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_unreadable_photos_are_listed_and_the_others_derained(tmp_path, trained,
 
 
 def test_the_report_says_which_model_made_it(tmp_path, trained, tiny_demo):
-    from utils.report import project_commit
+    from utils.eval.report import project_commit
 
     folder = _photos(tmp_path, tiny_demo)
     pages = {}

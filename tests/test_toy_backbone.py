@@ -1,7 +1,7 @@
 """A sixth backbone needs a model class, a registry entry and a recipe, nothing else.
 
 A toy backbone is registered at run time the way the real ones are (a ``models.Backbone`` in
-``models.BACKBONES``, a ``utils.recipes.RECIPES`` entry); the contract checks, the Trainer in both
+``models.BACKBONES``, a ``utils.train.recipes.RECIPES`` entry); the contract checks, the Trainer in both
 stages, evaluation through ``test_model``, the benchmarks' and tools' model lists and, when it
 declares them, the published names all take it with no other edit. A file that keeps per-backbone
 data of its own fails loudly, naming itself, for a backbone it has no entry for.
@@ -20,9 +20,7 @@ import test_model
 from helpers import make_trainer
 from losses import L1Loss
 from models.coim import ModulatedConv2d, ModulatedConvTranspose2d
-from utils import recipes
-
-
+from utils.train import recipes
 class ToyNet(nn.Module):
     """Residual deraining with one stride-2 level. forward(x, z=None): (B,3,H,W) in [0,1] -> same shape."""
 
@@ -127,10 +125,9 @@ def test_a_declared_tile_is_what_the_inference_benchmark_compares_on(toy, monkey
 
 
 def test_published_weights_the_toy_declares_are_published_names(toy, monkeypatch):
-    from utils import pretrained
-
+    from models import pretrained
     monkeypatch.setitem(models.BACKBONES, toy, dataclasses.replace(TOY, published_weights=("toy-weights",)))
-    with pytest.raises(models.RegistryError, match=r"toy-weights \(Toy\).*utils/pretrained.py"):
+    with pytest.raises(models.RegistryError, match=r"toy-weights \(Toy\).*models/pretrained.py"):
         pretrained.published_names()  # declared, but no files: never a silently missing name
     entry = pretrained.PublishedModel("toy-weights", toy, "normal", "nothing", "a toy",
                                       pretrained.PublishedFile("checkpoints/Baseline/toy_model.pth", "0" * 40))
@@ -142,8 +139,7 @@ def test_published_weights_the_toy_declares_are_published_names(toy, monkeypatch
 
 
 def test_published_weights_of_no_registered_backbone_are_an_error(monkeypatch):
-    from utils import pretrained
-
+    from models import pretrained
     entry = pretrained.PublishedModel("ghost-weights", "Ghost", "normal", "nothing", "unregistered",
                                       pretrained.PublishedFile("checkpoints/Baseline/ghost_model.pth", "0" * 40))
     monkeypatch.setitem(pretrained.PUBLISHED_MODELS, "ghost-weights", entry)
@@ -183,5 +179,5 @@ def test_data_the_inference_benchmark_keeps_per_backbone_is_asked_not_skipped(to
 
 def test_a_registered_backbone_without_a_recipe_names_the_file_to_edit(monkeypatch):
     monkeypatch.setitem(models.BACKBONES, "Toy", TOY)
-    with pytest.raises(ValueError, match="'Toy'.*utils/recipes.py"):
+    with pytest.raises(ValueError, match="'Toy'.*utils/train/recipes.py"):
         recipes.get_recipe("Toy")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from helpers import make_trainer
-from utils.options import parse_train_args
-from utils.trainer import list_checkpoints
+from utils.train.config import parse_train_args
+from utils.train.trainer import list_checkpoints
 
 
 def test_reference_defaults_and_paper_flags():

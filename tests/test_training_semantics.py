@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import make_trainer
-from utils.recipes import cosine_restarts
+from utils.train.recipes import cosine_restarts
 
 MOMENTUM = 0.999  # the published MoCo momentum
 

@@ -1,5 +1,5 @@
 """What the host can still give this process: one cgroup-aware answer for every caller (the image
-cache of ``datasets.py`` and the tile planner of ``utils/memory.py``)."""
+cache of ``datasets.py`` and the tile planner of ``utils/eval/memory.py``)."""
 from __future__ import annotations
 
 import os

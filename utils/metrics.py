@@ -294,6 +294,6 @@ def better_value(metric: str, a: float, b: float) -> float:
 
 
 if __name__ == "__main__":
-    from utils.metric_cli import main
+    from utils.eval.metric_cli import main
 
     raise SystemExit(main())

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from losses import ImageLoss, L1Loss, RCDNetStageLoss, SSIMLoss, StageSumLoss
-from utils.schedulers import CyclicCosineRestart
+from utils.train.schedulers import CyclicCosineRestart
 
 
 # Fused optimizers: one kernel per step instead of a loop of small ones (3x faster on a CPU), and they
@@ -170,6 +170,6 @@ RECIPES: dict[str, Recipe] = {
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise ValueError(f"no training recipe for {name!r}: add one to RECIPES in utils/recipes.py (recipes exist "
+        raise ValueError(f"no training recipe for {name!r}: add one to RECIPES in utils/train/recipes.py (recipes exist "
                          f"for: {', '.join(RECIPES)})")
     return RECIPES[name]

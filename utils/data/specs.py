@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from utils.errors import DataError
-from utils.layouts import RULE_PREFIX, RULE_SAME, RULE_VARIANT, RULE_X2, PairRule
+from utils.data.layouts import RULE_PREFIX, RULE_SAME, RULE_VARIANT, RULE_X2, PairRule
 
 __all__ = ["DatasetSpec", "DATASET_SPECS", "dataset_spec", "find_dataset_folder", "split_folder"]
 

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from utils.dataset_specs import dataset_spec
+from utils.data.specs import dataset_spec
 from utils.errors import DataError
 from utils.images import UnreadableImageError, list_images, number_key, read_rgb8, write_array
 from utils.tables import write_csv

@@ -1,7 +1,7 @@
 """The training forward of one CoIC step, as one module (the one DDP wraps).
 
 The path from batch to loss: ``TrainItem`` (what the dataset yields) -> exemplars
-(``utils.contrastive.build_negatives``) -> ``CoICStep``: momentum update, contrast (z and
+(``utils.train.exemplars.build_negatives``) -> ``CoICStep``: momentum update, contrast (z and
 logits), then the recipe's objective, which runs the backbone (``losses.Objective``).
 """
 from __future__ import annotations

@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten
 from models import size_multiple, tile_size
 from utils.errors import UserError
 from utils.host import available_memory as host_available_memory, proc_kib
-from utils.speed import default_tile_batch
+from utils.eval.precision import default_tile_batch
 
 logger = logging.getLogger("coic.memory")
 

@@ -13,8 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from utils import distributed as dist_utils
-
+from utils.train import distributed as dist_utils
 GOOD, EXPLODED, NON_FINITE = 0, 1, 2  # verdict codes
 
 

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from utils.errors import DataError, cli_main
 from utils.images import read_image
-from utils.layouts import find_images
+from utils.data.layouts import find_images
 from utils.niqe import CHANNELS, MIN_SIDE, NIQEUndefined, niqe
 from utils.tables import write_csv
 from utils.allocator import keep_freed_memory

@@ -9,10 +9,10 @@ from typing import Optional, Sequence
 import torch
 
 from utils.images import read_image, save_image
-from utils.layouts import find_pairs
+from utils.data.layouts import find_pairs
 from utils.allocator import keep_freed_memory
 from utils.errors import UserError, cli_main
-from utils.options import REFERENCE_DATA_PATHS, parse_train_args
+from utils.train.config import REFERENCE_DATA_PATHS, parse_train_args
 
 logger = logging.getLogger("coic")
 
@@ -23,8 +23,8 @@ def demo_report(checkpoint: str, model_name: str, demo_root: str, save_path: str
     PSNR/SSIM against the clean images, and NIQE (no reference; lower is better) of the rainy
     and the derained images, each a mean over the type's test images.
     """
-    from utils.evaluation import evaluate, load_encoder, load_model, output_name
-    from utils.demo_data import RAIN_TYPES
+    from utils.eval.evaluation import evaluate, load_encoder, load_model, output_name
+    from utils.data.demo import RAIN_TYPES
     from utils.metrics import psnr, ssim
 
     model, ckpt = load_model(model_name, checkpoint, "tran", device)
@@ -75,14 +75,14 @@ def _mean(values: list) -> Optional[float]:
 def main(model_name: str, argv: Optional[Sequence[str]] = None) -> int:
     args = parse_train_args(model_name, argv)
     keep_freed_memory()  # activations and gradients reuse freed memory instead of fresh, kernel-zeroed pages
-    from utils.trainer import Trainer, TrainingDiverged, TrainingInterrupted, setup_logging
+    from utils.train.trainer import Trainer, TrainingDiverged, TrainingInterrupted, setup_logging
 
     setup_logging()
 
     def work() -> int:
         try:
             if args.demo:
-                from utils.demo_data import build_demo_data, default_root, demo_splits
+                from utils.data.demo import build_demo_data, default_root, demo_splits
 
                 demo_root = build_demo_data(default_root())
                 if args.data_paths == REFERENCE_DATA_PATHS:  # not typed: the demo's own training splits

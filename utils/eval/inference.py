@@ -11,7 +11,7 @@ from torch import Tensor
 from models import size_multiple, tile_size
 from utils.errors import UserError
 from utils.images import resize_square
-from utils.speed import default_tile_batch
+from utils.eval.precision import default_tile_batch
 from utils.tiling import pad_to_multiple, tiled_apply
 
 # --amp choices of training and evaluation: the autocast dtype (None: float32).
@@ -48,7 +48,7 @@ def restore(model: nn.Module, x: Tensor, z: Optional[Tensor] = None, tile: Optio
     (or the backbone has a fixed ``tile_size``) it is processed in overlapping tiles,
     ``tile_batch`` per forward (default: one on a CPU, four on a GPU).
 
-    ``planner`` (a ``utils.memory.MemoryPlanner``, used when ``tile`` is None) chooses the tiles
+    ``planner`` (a ``utils.eval.memory.MemoryPlanner``, used when ``tile`` is None) chooses the tiles
     and batch for x (``scored``: the output will be scored too, against ground truth or by NIQE). Running out of GPU memory then
     retries with half the tile batch, then tiles of half the side, and makes the planner's later
     plans smaller; at the smallest tile the error becomes a ``UserError`` saying what to do.

@@ -10,7 +10,7 @@
   channels-last speeds up the dense convolutions of BRN, RCDNet and DGUNet on this project's
   CPU and slows down the depthwise ones of IDT and DRSformer, so ``faster_layout`` times both.
 
-Every setting runs under ``torch.inference_mode`` (``utils.inference.restore``).
+Every setting runs under ``torch.inference_mode`` (``utils.eval.inference.restore``).
 """
 from __future__ import annotations
 

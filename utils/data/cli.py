@@ -40,23 +40,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """One sub-command; 0 when all is well, 1 when ``check`` found problems."""
     if args.cmd == "demo":
-        from utils.demo_data import build_demo_data
+        from utils.data.demo import build_demo_data
 
         build_demo_data(args.root)
     elif args.cmd == "pairs":
-        from utils.layouts import find_pairs
+        from utils.data.layouts import find_pairs
 
         for folder in args.folders:
             print(f"{folder}: {len(find_pairs(folder))} pairs")
     elif args.cmd == "prepare":
-        from utils.prepare import prepare
+        from utils.data.prepare import prepare
 
         counts = prepare(args.dataset, args.raw, args.out, overwrite=args.overwrite)
         print(f"prepare {args.dataset}: {counts['written']} written, {counts['unchanged']} unchanged, "
               f"{counts['overwritten']} overwritten -> {args.out}")
     else:
-        from utils.check import check_root, format_check
-        from utils.dataset_specs import DATASET_SPECS
+        from utils.data.check import check_root, format_check
+        from utils.data.specs import DATASET_SPECS
 
         results = check_root(args.root, full=not args.fast)
         print(format_check(results, args.ignore_counts))

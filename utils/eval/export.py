@@ -1,4 +1,4 @@
-"""ONNX export: one graph from the rainy image to the derained one, as ``utils.inference`` restores it.
+"""ONNX export: one graph from the rainy image to the derained one, as ``utils.eval.inference`` restores it.
 
 The graph takes ``rain`` (1,3,H,W) float32 in [0,1], any H and W, and returns the derained
 image (1,3,H,W) in [0,1]. For a CoIC checkpoint it holds the encoder too: z is computed
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from models import size_multiple
 from utils.errors import UserError
-from utils.inference import ENCODER_SIZE, effective_tile
+from utils.eval.inference import ENCODER_SIZE, effective_tile
 from utils.images import resize_square
 from utils.io import atomic_path
 from utils.tiling import blend_weights
@@ -137,13 +137,13 @@ def load_for_export(spec: str, model_name: Optional[str] = None, load_mode: Opti
                     ) -> tuple[nn.Module, Optional[nn.Module], str]:
     """(backbone, encoder or None, load mode) of ``--test_model`` resolved as ``test_model.py`` resolves it.
 
-    A published name or a checkpoint path (``utils.pretrained.choose_checkpoint``), loaded by
-    ``utils.evaluation``. Without ``load_mode`` a checkpoint file that holds an encoder (or comes
+    A published name or a checkpoint path (``models.pretrained.choose_checkpoint``), loaded by
+    ``utils.eval.evaluation``. Without ``load_mode`` a checkpoint file that holds an encoder (or comes
     with ``feat_ext``) is exported with it ("tran"); a published name keeps its own mode.
     """
     from models import available_models
-    from utils.evaluation import load_encoder, load_model
-    from utils.pretrained import choose_checkpoint
+    from utils.eval.evaluation import load_encoder, load_model
+    from models.pretrained import choose_checkpoint
 
     choice = choose_checkpoint(spec, model_name, load_mode)
     if choice.model_name not in available_models():

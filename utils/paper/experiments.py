@@ -1,8 +1,8 @@
 """The paper's experiments, declared as data: what is trained, on which sets, how it is evaluated,
 and the paper's numbers beside which ours are shown.
 
-``reproduce.py`` runs them (``utils/reproduce.py`` turns a declaration into ordinary
-``train_*.py`` / ``test_model.py`` / ``python -m analysis.*`` commands; ``utils/experiment_tables.py``
+``reproduce.py`` runs them (``utils/paper/runner.py`` turns a declaration into ordinary
+``train_*.py`` / ``test_model.py`` / ``python -m analysis.*`` commands; ``utils/paper/collect.py``
 writes the tables). Nothing here runs anything.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from utils.demo_data import RAIN_TYPES
+from utils.data.demo import RAIN_TYPES
 
 __all__ = ["Variant", "PLAIN", "COIC", "Training", "Evaluation", "Analysis", "Experiment", "EXPERIMENTS",
            "SYNTHETIC_TESTS", "SYNTHETIC_TRAIN", "PaperValue", "PAPER_RESULTS", "PAPER_PROTOCOL", "PAPER_SOURCES",
@@ -81,10 +81,10 @@ class Experiment:
     demo: bool = False  # runs on the built-in demo data, on a CPU
 
 
-# The demo: BRN's demo recipe (utils/recipes.py, what ``train_BRN.py --demo`` trains), with and without
+# The demo: BRN's demo recipe (utils/train/recipes.py, what ``train_BRN.py --demo`` trains), with and without
 # CoIC, DEMO_SEEDS seeds each, so that the table can pair the two models seed by seed.
 def _demo_training() -> Training:
-    from utils.recipes import get_recipe
+    from utils.train.recipes import get_recipe
 
     demo = dict(get_recipe("BRN").demo)
     stage1 = demo.pop("stage1_iters")

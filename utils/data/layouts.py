@@ -1,7 +1,7 @@
 """Data-folder layouts as data: one ``Layout`` per way a folder holds its rain/clean pairs.
 
 A folder's layout is recognised from its *contents*, never from its path. Training
-(``datasets.MixedRainDataset``), ``check`` and evaluation (``utils.evaluation``) all ask
+(``datasets.MixedRainDataset``), ``check`` and evaluation (``utils.eval.evaluation``) all ask
 ``detect_layout``/``scan_folder``, so a new layout is one more entry of ``LAYOUTS``.
 
 | layout        | what the folder holds                        | pairing                                     |
@@ -57,7 +57,7 @@ RULE_X2 = PairRule("x2", re.compile(r"^(norain-\d+)x2$"), r"\1")
 RULE_PREFIX = PairRule("prefix", re.compile(r"^rain-(.+)$"), r"norain-\1")
 RULE_VARIANT = PairRule("variant", re.compile(r"^(.+)_\d+$"), r"\1")
 RULE_SAME = PairRule("same", re.compile(r"^(.*)$"), r"\1")
-# The datasets' own conventions first (utils.dataset_specs names each one's), then the fallback.
+# The datasets' own conventions first (utils.data.specs names each one's), then the fallback.
 PAIRING_RULES: tuple[PairRule, ...] = (RULE_X2, RULE_PREFIX, RULE_VARIANT, RULE_SAME)
 
 

@@ -1,6 +1,6 @@
 """Evaluating a checkpoint: building model and encoder from any file we accept, the inputs of a
 test folder or named test set, the derain-save-score loop. ``test_model.py`` is its command line;
-the demo report (``utils.run``) and the analysis tools use it too. Result tables: ``utils.results``.
+the demo report (``utils.train.run``) and the analysis tools use it too. Result tables: ``utils.eval.results``.
 """
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import torch.nn as nn
 
 from models import build_encoder, build_model, model_class
 from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, remap_published_keys
-from utils.dataset_specs import dataset_spec, find_dataset_folder, split_folder
+from utils.data.specs import dataset_spec, find_dataset_folder, split_folder
 from utils.errors import DataError, one_line
 from utils.images import IMAGE_EXTENSIONS, UnreadableImageError, is_image, list_images, read_image, read_pair, save_image
-from utils.inference import image_code, restore
-from utils.layouts import claims_pairs, find_images, find_pairs
+from utils.eval.inference import image_code, restore
+from utils.data.layouts import claims_pairs, find_images, find_pairs
 from utils.metrics import score
 from utils.niqe import NIQEUndefined, niqe
-from utils.results import read_table, write_table
+from utils.eval.results import read_table, write_table
 
 logger = logging.getLogger("coic.test")
 
@@ -99,9 +99,9 @@ def load_encoder(path: Optional[str], model_ckpt: dict, model_path: str, device:
 def collect_inputs(test_dir: str, stacked_rain_half: Optional[str] = None) -> list[tuple[str, Optional[str]]]:
     """(rainy path, clean path or None) for a test folder: scored pairs, or rainy images only.
 
-    A folder that holds any layout's marker (``utils.layouts.LAYOUTS``) is paired; a folder of
+    A folder that holds any layout's marker (``utils.data.layouts.LAYOUTS``) is paired; a folder of
     side-by-side images is paired when ``stacked_rain_half`` names its rainy half; otherwise
-    the images of ``utils.layouts.find_images`` are derained without ground truth.
+    the images of ``utils.data.layouts.find_images`` are derained without ground truth.
     """
     if os.path.isfile(test_dir):
         if not is_image(os.path.basename(test_dir)):
@@ -147,7 +147,7 @@ def collect_test_inputs(entries: Sequence[str]) -> tuple[str, list[tuple[str, Op
 
 def collect_testset(name: str, data_root: str) -> tuple[str, str, list[tuple[str, Optional[str]]]]:
     """(canonical name, test folder, items) of a named test set under ``data_root``: a dataset of
-    ``utils.dataset_specs``, or any other ``data_root/<name>/test`` folder (e.g. the demo's rain types)."""
+    ``utils.data.specs``, or any other ``data_root/<name>/test`` folder (e.g. the demo's rain types)."""
     try:
         spec = dataset_spec(name)
     except DataError:
@@ -200,11 +200,11 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
     ``table_path`` scored with the same protocol, else from the saved PNG. ``table_path`` is
     also rewritten (atomically) every 50 images, so an interrupted run loses little.
     ``max_memory`` (bytes; only without ``tile``): each image is restored whole or in the tiles
-    that ``utils.memory.MemoryPlanner`` fits into that budget. ``strict``: an unreadable image
+    that ``utils.eval.memory.MemoryPlanner`` fits into that budget. ``strict``: an unreadable image
     stops the run (``UnreadableImageError``); otherwise its row gets an ``error`` (the reason), it
     is left out of the scores, and the other images are derained.
     """
-    from utils.memory import MemoryPlanner
+    from utils.eval.memory import MemoryPlanner
 
     planner = (MemoryPlanner(model, device, max_memory, overlap, amp, memory_format)
                if max_memory is not None and tile is None else None)

@@ -359,7 +359,7 @@ def project_commit() -> str:
 def run_description(checkpoint: str, backbone: str, load_mode: str, setting, tile: Optional[int], overlap: int,
                     max_memory: Optional[int], when: Optional[str] = None, commit: Optional[str] = None) -> list[str]:
     """The report's lines saying what made it: checkpoint (or published name), backbone and mode,
-    precision and layout (``setting``: a ``utils.speed.Setting``), tile plan, date and commit, so two
+    precision and layout (``setting``: a ``utils.eval.precision.Setting``), tile plan, date and commit, so two
     reports opened side by side say which is which."""
     import datetime
 

@@ -13,11 +13,11 @@ import re
 
 import torch
 
-from utils import distributed as dist_utils
+from utils.train import distributed as dist_utils
 from models.coim import context_embedding_parameters, modulation_parameters
 from utils.checkpoint import (CheckpointError, UnsafeCheckpointError, load_weights, read_checkpoint, remap_published_keys,
                               save_atomic)
-from utils.pretrained import fetch_model, published_or_path
+from models.pretrained import fetch_model, published_or_path
 from utils.rng import rng_state, set_rng_state
 
 logger = logging.getLogger("coic")
@@ -40,7 +40,7 @@ class CheckpointedRun:
 
     def _load_pretrained(self, spec: str) -> None:
         """Start from ``spec``'s weights with fresh optimizers: a checkpoint file (ours or the published
-        code's), or a published name (``utils.pretrained``: downloaded once, with its encoder).
+        code's), or a published name (``models.pretrained``: downloaded once, with its encoder).
 
         A backbone trained without CoIC loads into a CoIC model: its CoI-M generators and context
         embeddings, absent from the file, keep their fresh initialisation.

@@ -14,9 +14,9 @@ import os
 import statistics
 from typing import Optional, Sequence
 
-from utils.dataset_specs import dataset_spec
+from utils.data.specs import dataset_spec
 from utils.errors import DataError
-from utils.experiments import PAPER_PROTOCOL, PAPER_RESULTS, PAPER_SOURCES, Experiment
+from utils.paper.experiments import PAPER_PROTOCOL, PAPER_RESULTS, PAPER_SOURCES, Experiment
 from utils.io import atomic_write_text
 from utils.tables import markdown_row, markdown_table
 

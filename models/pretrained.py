@@ -127,10 +127,10 @@ def published_models() -> dict[str, PublishedModel]:
     if missing:
         raise RegistryError(f"published weights {', '.join(missing)} are declared in models/__init__.py "
                             "(Backbone.published_weights) but have no files: add them to PUBLISHED_MODELS in "
-                            "utils/pretrained.py")
+                            "models/pretrained.py")
     stray = [f"{name} ({m.backbone})" for name, m in PUBLISHED_MODELS.items() if declared.get(name) != m.backbone]
     if stray:
-        raise RegistryError(f"utils/pretrained.py PUBLISHED_MODELS has {', '.join(stray)}, which no registered "
+        raise RegistryError(f"models/pretrained.py PUBLISHED_MODELS has {', '.join(stray)}, which no registered "
                             "backbone declares: add the name to that backbone's published_weights in "
                             "models/__init__.py, or remove the entry")
     return {name: PUBLISHED_MODELS[name] for name in declared}

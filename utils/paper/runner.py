@@ -1,4 +1,4 @@
-"""``reproduce.py EXPERIMENT``: an experiment of ``utils.experiments`` as a list of ordinary commands.
+"""``reproduce.py EXPERIMENT``: an experiment of ``utils.paper.experiments`` as a list of ordinary commands.
 
 Each step is a ``train_<Backbone>.py``, ``test_model.py``, ``python analysis/<tool>.py`` (or, for the
 demo, ``datasets.py demo``) command line, printed before it runs in a subprocess, so that any step
@@ -12,7 +12,7 @@ can be rerun by hand. A step is skipped when its result is complete:
 - an analysis, when its output files exist and are newer than the checkpoint;
 - the demo data, when its completion marker exists.
 
-The tables (``utils.experiment_tables``) are rebuilt from whatever results exist.
+The tables (``utils.paper.collect``) are rebuilt from whatever results exist.
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 from models import available_models
-from utils.dataset_specs import dataset_spec, find_dataset_folder, split_folder
+from utils.data.specs import dataset_spec, find_dataset_folder, split_folder
 from utils.errors import DataError, UserError, cli_main
-from utils.experiments import EXPERIMENTS, Experiment, Variant, experiment
+from utils.paper.experiments import EXPERIMENTS, Experiment, Variant, experiment
 from utils.metrics import PROTOCOLS
-from utils.recipes import get_recipe
-from utils.experiment_tables import read_summary, summary_name
+from utils.train.recipes import get_recipe
+from utils.paper.collect import read_summary, summary_name
 from utils.allocator import keep_freed_memory
 from utils.cli import HelpFormatter
 
@@ -102,7 +102,7 @@ def script(name: str) -> str:
 
 def dataset_folder(name: str, root: str, split: str) -> str:
     """The ``split`` folder of a dataset under ``root``: a public one (any of its folder names, as
-    ``utils.dataset_specs`` knows them; the first name when none exists yet) or ``root/<name>/<split>``."""
+    ``utils.data.specs`` knows them; the first name when none exists yet) or ``root/<name>/<split>``."""
     try:
         spec = dataset_spec(name)
     except DataError:
@@ -215,7 +215,7 @@ def plan(opts: Options) -> list[Step]:
     exp = opts.experiment
     steps: list[Step] = []
     if exp.demo:
-        from utils.demo_data import is_complete
+        from utils.data.demo import is_complete
 
         root = opts.data_root
         steps.append(Step("data", "demo data", ("python", script("datasets.py"), "demo", root), root,
@@ -365,7 +365,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
     if gpus < 0:
         raise UserError(f"--gpus must be 0 (CPU) or more, got {gpus}")
     if exp.demo:
-        from utils.demo_data import default_root
+        from utils.data.demo import default_root
 
         data_root = args.data_root or default_root()
     else:
@@ -379,7 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     keep_freed_memory()
 
     def work() -> int:
-        from utils.experiment_tables import write_tables
+        from utils.paper.collect import write_tables
 
         opts = options_from_args(args)
         steps = plan(opts)

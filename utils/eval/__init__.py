@@ -1,0 +1,1 @@
+"""The evaluation wing: loading a model, restoring images (precision, tiles, memory), scores, results, the report page, export."""

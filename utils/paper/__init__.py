@@ -1,0 +1,1 @@
+"""The paper wing: the paper's experiments, the commands that reproduce them, and their tables."""
