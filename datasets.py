@@ -20,7 +20,7 @@ import math
 import multiprocessing
 import random
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,11 +36,20 @@ from utils.errors import DataError
 from utils.host import available_memory
 from utils.images import (IMAGE_EXTENSIONS, StackedHalf, UnreadableImageError, is_image, list_images,  # noqa: F401
                           read_image, read_pair, resize_square, save_image, split_stacked)
-from utils.data.layouts import (PAIRING_RULES, FolderScan, PairRule, find_pairs, require_pairs, scan_folder,  # noqa: F401
-                           stacked_pairs)
+from utils.data.layouts import (PAIRING_RULES, FolderScan, PairRule, find_pairs,  # noqa: F401
+                                require_pairs, scan_folder, stacked_pairs)
 from utils.data.prepare import prepare  # noqa: F401
 
 logger = logging.getLogger(__name__)
+
+
+class TrainItem(NamedTuple):
+    """What the training dataset yields (and the DataLoader batches), each (3,crop,crop) in [0,1]."""
+    rain: Tensor  # rainy crop
+    clean: Tensor  # its clean partner (same crop, same flip)
+    query: Tensor  # the whole rainy image resized: what the encoder sees
+    query_clean: Tensor  # the whole clean image resized: the exemplars are built on it
+
 
 @dataclass(frozen=True)
 class SampleKey:
@@ -256,7 +265,7 @@ class MixedRainDataset(Dataset):
         return images.decode_float(path)
 
     # -------------------------------------------------------------- items
-    def __getitem__(self, key) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def __getitem__(self, key) -> TrainItem:
         if isinstance(key, SampleKey):
             index, rng, epoch, mix_seed = key.index, random.Random(key.seed), key.epoch, key.mix_seed
         else:
@@ -277,7 +286,7 @@ class MixedRainDataset(Dataset):
                         f"{self._pair_at(index % n, epoch, mix_seed)[0]}; check the data with: "
                         "python datasets.py check ROOT")
 
-    def _augment(self, rain: Tensor, clean: Tensor, rng) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _augment(self, rain: Tensor, clean: Tensor, rng) -> TrainItem:
         p = self.crop_size
         small_rain, small_clean = resize_square(rain, p), resize_square(clean, p)
         h, w = rain.shape[-2:]
@@ -293,7 +302,7 @@ class MixedRainDataset(Dataset):
         flip = rng.randint(0, 3)  # as the reference: 1 = vertical, 2 = horizontal, else none
         if flip in (1, 2):
             rain, clean = rain.flip(flip), clean.flip(flip)
-        return rain.contiguous(), clean.contiguous(), small_rain, small_clean
+        return TrainItem(rain=rain.contiguous(), clean=clean.contiguous(), query=small_rain, query_clean=small_clean)
 
 
 class EpochSampler(Sampler):

@@ -34,8 +34,8 @@ from utils.cli import HelpFormatter
 from utils.data.specs import DATASET_SPECS
 from utils.train.distributed import add_device_args, resolve_device
 from utils.errors import DataError, UserError, cli_main
-from utils.eval.evaluation import (collect_inputs, collect_test_inputs, collect_testset, evaluate, load_encoder,  # noqa: F401
-                              load_model, output_name)
+from utils.eval.evaluation import (collect_inputs, collect_test_inputs, collect_testset, evaluate,  # noqa: F401
+                                   load_encoder, load_model, output_name)
 from utils.eval.inference import AMP_DTYPES, image_code
 from utils.eval.memory import default_budget, format_size, parse_size
 from utils.metrics import METRICS, PROTOCOLS, parse_metrics
@@ -93,14 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_args(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 + channels_last on a CPU with native bf16 where the backbone's mode is shown "
-                        "accurate in it (utils.eval.precision.default_setting), float32 elsewhere; fp32 forces float32; "
-                        "bf16: bf16 autocast + channels_last")
+                        "accurate in it (utils.eval.precision.default_setting), float32 elsewhere; "
+                        "fp32 forces float32; bf16: bf16 autocast + channels_last")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
                    help="autocast the model and encoder to bf16/fp16 (faster on recent GPUs; scores use float32)")
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPUs)")
     p.add_argument("--recommended", action="store_true",
-                   help="the fastest setting of this machine (utils.eval.precision): bf16 + channels_last on GPUs and on "
-                        "CPUs with native bf16, fp32 elsewhere; replaces --amp and --channels_last")
+                   help="the fastest setting of this machine (utils.eval.precision): bf16 + channels_last on GPUs "
+                        "and on CPUs with native bf16, fp32 elsewhere; replaces --amp and --channels_last")
     p.add_argument("--max_memory", default=None,
                    help="memory budget without --tile (8G, 1500M): each image is restored whole or in the largest "
                         "tiles that fit (default: what the run holds + 60%% of the free RAM, 85%% of free GPU memory)")

@@ -55,7 +55,7 @@ class InferenceBenchError(Exception):
 def resolve_settings(names: Sequence[str], device: torch.device) -> tuple[list, dict[str, str]]:
     """The settings to measure, (label, amp, channels_last, auto) each, and the aliases: a setting
     equal to an earlier one is measured once. ``auto``: the recommended setting of a CPU without
-    native bf16, whose layout each backbone's worker times (``utils.eval.precision.faster_layout``)."""
+    native bf16, whose memory format each backbone's worker times (``utils.eval.precision.faster_memory_format``)."""
     from utils.eval.precision import native_bf16, recommended_setting
 
     rec = recommended_setting(device)
@@ -111,33 +111,33 @@ class OursServer:
         generator = torch.Generator().manual_seed(r["seed"])
         self.x = synthetic_batch(1, r["size"], generator)[0]
         self.x_check = synthetic_batch(1, r["check_size"], generator)[0]
-        amp, layouts, reasons = r["amp"], {m: r["channels_last"] for m in MODES}, {m: "" for m in MODES}
-        if r.get("auto"):  # the recommended setting, its layout timed on this model in each mode
+        amp, channels_last, reasons = r["amp"], {m: r["channels_last"] for m in MODES}, {m: "" for m in MODES}
+        if r.get("auto"):  # the recommended setting, its memory format timed on this model in each mode
             from utils.eval.inference import image_code
             from utils.eval.precision import recommended_setting
 
             code = image_code(encoder, self.x_check.to(self.device))
-            for mode in MODES:  # the faster layout can differ: IDT's modulated convs prefer channels-last
+            for mode in MODES:  # the faster memory format can differ: IDT's modulated convs prefer channels-last
                 rec = recommended_setting(self.device, model=model, z=code if mode == "coic" else None)
-                amp, layouts[mode], reasons[mode] = rec.amp, rec.channels_last, rec.reason
-        self.formats = {m: torch.channels_last if cl else torch.contiguous_format for m, cl in layouts.items()}
-        self.model, self.encoder, self.layout = model, encoder, None
+                amp, channels_last[mode], reasons[mode] = rec.amp, rec.channels_last, rec.reason
+        self.formats = {m: torch.channels_last if cl else torch.contiguous_format for m, cl in channels_last.items()}
+        self.model, self.encoder, self.memory_format = model, encoder, None
         self.amp, self.overlap = amp, r["overlap"]
-        return {"amp": amp, "channels_last": [layouts[m] for m in MODES], "reason": [reasons[m] for m in MODES]}
+        return {"amp": amp, "channels_last": [channels_last[m] for m in MODES], "reason": [reasons[m] for m in MODES]}
 
-    def _layout(self, mode: str):
-        """Put the model and encoder in ``mode``'s layout (a no-op when they are in it already)."""
+    def _memory_format(self, mode: str):
+        """Put the model and encoder in ``mode``'s memory format (a no-op when they are in it already)."""
         fmt = self.formats[mode]
-        if self.layout is not fmt:
+        if self.memory_format is not fmt:
             self.model.to(memory_format=fmt)
             self.encoder.to(memory_format=fmt)
-            self.layout = fmt
+            self.memory_format = fmt
         return fmt
 
     def _restore(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         from utils.eval.inference import image_code, restore
 
-        x = x.to(self.device).contiguous(memory_format=self._layout(mode))
+        x = x.to(self.device).contiguous(memory_format=self._memory_format(mode))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp == "bf16"):
             z = image_code(self.encoder, x) if mode == "coic" else None
             return restore(self.model, x, z, overlap=self.overlap).float()
@@ -145,7 +145,7 @@ class OursServer:
     def run(self, r: dict) -> dict:
         from benchmarks.timing import time_restorations
 
-        self._layout(r["mode"])  # outside the timed restorations
+        self._memory_format(r["mode"])  # outside the timed restorations
         return time_restorations(lambda: self._restore(self.x, r["mode"]), r["n"], self.device)
 
     def flops(self, r: dict) -> dict:
@@ -157,7 +157,7 @@ class OursServer:
     def output(self, r: dict) -> dict:
         from utils.eval.inference import image_code
 
-        x = self.x_check.to(self.device).contiguous(memory_format=self._layout(r["mode"]))
+        x = self.x_check.to(self.device).contiguous(memory_format=self._memory_format(r["mode"]))
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                     enabled=self.amp == "bf16"):
             z = image_code(self.encoder, x) if r["mode"] == "coic" else None

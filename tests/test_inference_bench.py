@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks import inference
-from utils.eval.precision import faster_layout
+from utils.eval.precision import faster_memory_format
 
 
 def test_settings_measured_once(monkeypatch):
@@ -58,10 +58,10 @@ class _Burner(nn.Module):
         return self.conv(x)
 
 
-def test_faster_layout_times_both_and_restores_the_default():
+def test_faster_memory_format_times_both_and_restores_the_default():
     for slow_cl in (True, False):
         model = _Burner(slow_cl)
-        channels_last, ms = faster_layout(model, torch.device("cpu"), side=16, repeats=2)
+        channels_last, ms = faster_memory_format(model, torch.device("cpu"), side=16, repeats=2)
         assert channels_last is (not slow_cl)
         assert ms["channels_last" if slow_cl else "contiguous"] > 25 > 10 > ms["contiguous" if slow_cl else
                                                                               "channels_last"]

@@ -119,9 +119,9 @@ def test_floors_are_assigned_as_drawn(module, expected):
 
 
 def test_one_job_per_module():
-    long = [(rel, n) for rel, _ in _sources() if not rel.startswith("models" + os.sep) or rel.endswith(
-        ("coim.py", "encoder.py", "__init__.py", "pretrained.py")) for n in [sum(1 for _ in open(os.path.join(ROOT, rel)))]
-            if n > MAX_LINES]
+    exempt = ("coim.py", "encoder.py", "__init__.py", "pretrained.py")  # models/ files that are not backbones
+    long = [(rel, n) for rel, _ in _sources() if not rel.startswith("models" + os.sep) or rel.endswith(exempt)
+            for n in [sum(1 for _ in open(os.path.join(ROOT, rel)))] if n > MAX_LINES]
     assert long == [], f"above {MAX_LINES} lines (two jobs?): {long}"
 
 

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from datasets import TrainItem
 from helpers import make_trainer
 from utils.train.recipes import cosine_restarts
 
@@ -55,6 +56,24 @@ def test_contrastive_term_is_weight_times_infonce(steps):
     assert bases == pytest.approx([bases[0]] * 3, rel=1e-6)
 
 
+def test_the_objective_is_base_plus_weight_times_infonce(steps):
+    """What backward runs on, written out: base + w * InfoNCE (from the step's own logits)."""
+    for w, s in steps.items():
+        stats = s["stats"]
+        expected = float(stats["base"].detach()) + w * float(_hand_cross_entropy(stats["logits"].detach()))
+        assert float(stats["total"].detach()) == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+def test_batches_are_train_items_by_name(steps):
+    batch = steps[0.2]["batch"]
+    assert isinstance(batch, TrainItem)
+    assert batch.rain.shape == batch.clean.shape and batch.query.shape == batch.query_clean.shape
+    # rain brightens: each rainy field is above its clean partner, pixel by pixel (independent of the names'
+    # order in the tuple: a swapped pair fails here)
+    assert bool((batch.rain >= batch.clean - 1 / 255).all()) and float((batch.rain - batch.clean).mean()) > 0.01
+    assert float((batch.query - batch.query_clean).mean()) > 0.01
+
+
 def test_query_encoder_gradient_scales_with_the_weight(steps):
     g0, g2, g4 = (steps[w]["grads"] for w in (0.0, 0.2, 0.4))
     # total = base + w * contrastive: the gradient is affine in w
@@ -70,7 +89,8 @@ def test_weight_zero_gradient_is_the_base_loss_alone(steps, tmp_path, tiny_demo)
     # Independently: z from the query encoder, the base loss, backward; no contrastive term.
     data = os.path.join(tiny_demo, "heavy", "train")
     fresh = make_trainer(tmp_path, data, tot_iters=2, stage1_iters=0, contra_loss_weight=0.0, n_neg=2)
-    rain, clean, query, _ = steps[0.0]["batch"]
+    batch = steps[0.0]["batch"]
+    rain, clean, query = batch.rain, batch.clean, batch.query
     fresh.step_module.train()
     z, _ = fresh.encoder.encoder_q(query)
     base, _ = fresh.loss(fresh.model, rain, clean, z)
@@ -93,7 +113,7 @@ def test_step_trains_query_encoder_and_moves_key_encoder_by_ema(steps):
 
 def test_query_is_the_resized_rainy_image_and_exemplars_pair_with_it(steps):
     s = steps[0.2]
-    rain, clean, small_rain, small_clean = s["batch"]
+    small_rain, small_clean = s["batch"].query, s["batch"].query_clean
     seen = s["seen"]
     assert torch.equal(seen["query"], small_rain)
     assert not torch.equal(seen["query"], small_clean)

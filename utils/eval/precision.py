@@ -1,14 +1,14 @@
-"""The fastest inference setting this machine supports: precision and memory layout.
+"""The fastest inference setting this machine supports: precision and memory format.
 
 ``recommended_setting(device)`` is what ``test_model.py --recommended`` and the benchmarks use:
 
 - CUDA: bf16 autocast + channels-last (tensor cores);
 - a CPU that computes bf16 natively (AMX or AVX-512 BF16: ``amx_bf16`` / ``avx512_bf16`` in
-  ``/proc/cpuinfo``): bf16 autocast + channels-last, the layout oneDNN's bf16 kernels work in;
+  ``/proc/cpuinfo``): bf16 autocast + channels-last, the memory format oneDNN's bf16 kernels work in;
 - any other CPU: float32 (without native bf16 instructions autocast converts every operand and
-  computes in float32 anyway), in the memory layout that is faster for the model at hand:
+  computes in float32 anyway), in the memory format that is faster for the model at hand:
   channels-last speeds up the dense convolutions of BRN, RCDNet and DGUNet on this project's
-  CPU and slows down the depthwise ones of IDT and DRSformer, so ``faster_layout`` times both.
+  CPU and slows down the depthwise ones of IDT and DRSformer, so ``faster_memory_format`` times both.
 
 Every setting runs under ``torch.inference_mode`` (``utils.eval.inference.restore``).
 """
@@ -26,14 +26,14 @@ from models import size_multiple, tile_size
 
 __all__ = ["Setting", "cpu_flags", "native_bf16", "recommended_setting", "cpu_model_name", "inference_setting",
            "default_setting",
-           "default_tile_batch", "faster_layout"]
+           "default_tile_batch", "faster_memory_format"]
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 @dataclass(frozen=True)
 class Setting:
-    """An inference setting: autocast dtype name (None: float32) and memory layout, with the reason."""
+    """An inference setting: autocast dtype name (None: float32) and memory format, with the reason."""
     amp: Optional[str]
     channels_last: bool
     reason: str = ""
@@ -91,7 +91,7 @@ def recommended_setting(device: torch.device, flags: Optional[set[str]] = None, 
     """The inference setting for ``device`` (see the module docstring); ``flags``: CPU flags for tests.
 
     On a CPU without native bf16, a ``model`` (with the code ``z`` it will run with, or None) is
-    timed in both memory layouts and the faster one is recommended (``faster_layout``).
+    timed in both memory formats and the faster one is recommended (``faster_memory_format``).
     """
     if device.type == "cuda":
         return Setting("bf16", True, "CUDA: bf16 autocast on tensor cores, channels-last convolutions")
@@ -104,14 +104,14 @@ def recommended_setting(device: torch.device, flags: Optional[set[str]] = None, 
         reason = "no native bf16 on this CPU (no amx_bf16/avx512_bf16 flag): float32"
         if model is None:
             return Setting(None, False, reason + ", default layout")
-        channels_last, times = faster_layout(model, device, z)
+        channels_last, times = faster_memory_format(model, device, z)
         return Setting(None, channels_last, reason + f"; {'channels-last' if channels_last else 'default'} layout, "
                        f"the faster for this model here ({times['contiguous']:.0f} ms default, "
                        f"{times['channels_last']:.0f} ms channels-last, CPU time of a small input)")
     return Setting(None, False, f"{device.type}: float32, default layout")
 
 
-def faster_layout(model: nn.Module, device: torch.device, z: Optional[Tensor] = None, side: int = 96,
+def faster_memory_format(model: nn.Module, device: torch.device, z: Optional[Tensor] = None, side: int = 96,
                   repeats: int = 3, margin: float = 0.97) -> tuple[bool, dict[str, float]]:
     """Whether ``model`` runs faster in channels-last than in the default layout on ``device``.
 

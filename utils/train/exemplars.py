@@ -70,10 +70,11 @@ class RainArchive:
         self.layers = [t.to(device) for t in state["layers"]]
 
 
-def build_negatives(query: Tensor, clean: Tensor, archive: RainArchive, n_neg: int,
+def build_negatives(query: Tensor, query_clean: Tensor, archive: RainArchive, n_neg: int,
                     generator: Optional[torch.Generator] = None,
                     gather: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor]:
-    """Positive keys (B,3,h,w) and negatives (B,1+n_neg,3,h,w) for rainy ``query`` and its ``clean``.
+    """Positive keys (B,3,h,w) and negatives (B,1+n_neg,3,h,w) for rainy ``query`` and its clean
+    partner ``query_clean`` (the dataset's ``TrainItem`` fields of the same names).
 
     The current batch's rain layers are pushed into ``archive`` first, so the archive is
     never empty and the rain-aware negative never carries the query's own rain unless the
@@ -81,12 +82,12 @@ def build_negatives(query: Tensor, clean: Tensor, archive: RainArchive, n_neg: i
     of every rank before they enter the archive, so all ranks keep the same archive.
     """
     b = query.shape[0]
-    rain_layers = query - clean
+    rain_layers = query - query_clean
     archive.push(gather(rain_layers) if gather is not None else rain_layers)
-    rain_negative = (clean + archive.most_different(rain_layers)).clamp(0.0, 1.0)
-    copies = clean.unsqueeze(1).expand(b, n_neg, *clean.shape[1:]).flatten(0, 1)
+    rain_negative = (query_clean + archive.most_different(rain_layers)).clamp(0.0, 1.0)
+    copies = query_clean.unsqueeze(1).expand(b, n_neg, *query_clean.shape[1:]).flatten(0, 1)
     sigma = torch.empty(b * n_neg, device=generator.device if generator else None).uniform_(
         0.3, 1.5, generator=generator)
-    detail_negatives = random_flips(gaussian_blur(copies, sigma), generator).view(b, n_neg, *clean.shape[1:])
+    detail_negatives = random_flips(gaussian_blur(copies, sigma), generator).view(b, n_neg, *query_clean.shape[1:])
     negatives = torch.cat([rain_negative.unsqueeze(1), detail_negatives], dim=1)
     return random_flips(query, generator), negatives

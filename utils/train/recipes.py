@@ -170,6 +170,6 @@ RECIPES: dict[str, Recipe] = {
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise ValueError(f"no training recipe for {name!r}: add one to RECIPES in utils/train/recipes.py (recipes exist "
-                         f"for: {', '.join(RECIPES)})")
+        raise ValueError(f"no training recipe for {name!r}: add one to RECIPES in utils/train/recipes.py "
+                         f"(recipes exist for: {', '.join(RECIPES)})")
     return RECIPES[name]

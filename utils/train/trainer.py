@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datasets import EpochSampler, MixedRainDataset, parse_data_paths
+from datasets import EpochSampler, MixedRainDataset, TrainItem, parse_data_paths
 from losses import ContrastiveLoss
 from models import build_encoder, build_model
 from models.coim import context_embedding_parameters, modulation_parameters
@@ -32,7 +32,7 @@ from utils.eval.inference import AMP_DTYPES
 from utils.logs import setup_logging
 from utils.metrics import psnr
 from utils.rng import seed_everything
-from utils.train.step import CoICStep, TrainItem
+from utils.train.step import CoICStep
 from utils.train.state import CheckpointedRun, list_checkpoints
 
 logger = logging.getLogger("coic")
@@ -90,9 +90,8 @@ class Trainer(CheckpointedRun):
         self.model.to(self.device, memory_format=self.memory_format)
         self.encoder.to(self.device)
         self.loss = self.recipe.make_loss().to(self.device)
-        self.contrastive = ContrastiveLoss()
         self.step_module = CoICStep(torch.compile(self.model) if args.compile else self.model,
-                                    self.encoder, self.loss)
+                                    self.encoder, self.loss, ContrastiveLoss(), args.contra_loss_weight)
         self.step_fn: nn.Module = self.step_module
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -187,8 +186,8 @@ class Trainer(CheckpointedRun):
         counts are read every ``--check_every`` iterations (:meth:`check_steps`).
         Returns the step's tensors for logging; ``skipped`` is a device bool.
         """
-        rain, clean, query, query_clean = TrainItem(*(t.to(self.device, non_blocking=True) for t in batch))
-        rain = rain.contiguous(memory_format=self.memory_format)
+        item = TrainItem(*(t.to(self.device, non_blocking=True) for t in batch))
+        rain = item.rain.contiguous(memory_format=self.memory_format)
         self.step_module.train()
         self.base_opt.zero_grad(set_to_none=True)
         self.coic_opt.zero_grad(set_to_none=True)
@@ -196,14 +195,12 @@ class Trainer(CheckpointedRun):
         stage2 = self.in_stage2
         if stage2:
             gather = (lambda t: dist_utils.all_gather_cat(t, self.dist)) if self.dist.enabled else None
-            positive, negatives = build_negatives(query, query_clean, self.archive, self.args.n_neg,
+            positive, negatives = build_negatives(item.query, item.query_clean, self.archive, self.args.n_neg,
                                                   self.generator, gather)
-            extra = (query, positive, negatives)
+            extra = (item.query, positive, negatives)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            base, out, logits = self.step_fn(rain, clean, *extra)
-        contra = None if logits is None else self.contrastive(logits.float()) * self.args.contra_loss_weight
-        total = base if contra is None else base + contra
+            total, base, contra, out, logits = self.step_fn(rain, item.clean, *extra)
         code, peak = self.monitor.verdict(total, out, self.recipe.explode_threshold)
         skipped = code > GOOD
         if self.scaler.is_enabled():  # the scaler skips steps with non-finite gradients: make a bad step one
@@ -216,8 +213,8 @@ class Trainer(CheckpointedRun):
         self._optimizer_step(self.coic_opt, skipped, has_grads=stage2)
         self.scaler.update()
         self.monitor.track(code, peak)
-        return {"base": base, "contra": contra, "out": out, "rain": rain, "clean": clean, "logits": logits,
-                "skipped": skipped}
+        return {"total": total, "base": base, "contra": contra, "out": out, "rain": rain, "clean": item.clean,
+                "logits": logits, "skipped": skipped}
 
     def _optimizer_step(self, opt: torch.optim.Optimizer, skipped: Tensor, has_grads: bool = True) -> None:
         """Step ``opt`` unless ``skipped`` (a device bool), without reading it on the host when possible."""
