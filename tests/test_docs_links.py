@@ -47,3 +47,21 @@ def test_the_check_sees_a_broken_link(tmp_path):
     text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
     assert [t for t in LINK.findall(text) if not re.match(r"^[a-z]+:", t)] == ["nowhere.md", "#licence-and-citation"]
     assert "licence-and-citation" in _anchors(os.path.join(ROOT, "README.md"))
+
+
+def test_readme_backbone_table_is_the_registry():
+    """The README's table of backbones lists the registry's backbones, in its order, each with its
+    training script and exactly its published weights (the registry is the only list; this keeps
+    the page true to it)."""
+    from models import BACKBONES
+
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text[text.index("## The five backbones"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| backbone")]
+    assert [r[0] for r in rows] == list(BACKBONES)
+    for name, _, script, weights in rows:
+        assert script == f"`train_{name}.py`" and os.path.isfile(os.path.join(ROOT, script.strip("`")))
+        listed = () if weights == "—" else tuple(w.strip(" `") for w in weights.split(","))
+        assert listed == BACKBONES[name].published_weights, name
