@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 from PIL import Image
 
+from utils import ROOT
 from utils.errors import DataError
 from utils.images import read_image, resize_to_fit
 from utils.io import atomic_write, atomic_write_text
@@ -347,9 +348,8 @@ def project_commit() -> str:
     """The project's commit (``git describe --always --dirty``), or "unknown" outside a git checkout."""
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True,
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"

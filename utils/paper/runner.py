@@ -32,9 +32,9 @@ from utils.metrics import PROTOCOLS
 from utils.train.recipes import get_recipe
 from utils.paper.collect import read_summary, summary_name
 from utils.allocator import keep_freed_memory
+from utils import ROOT
 from utils.cli import HelpFormatter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --tiny: the recipes' tiny configuration and a run of a few iterations (what tests/conftest.py's
 # train_flags uses), so the whole demo runs in seconds.
