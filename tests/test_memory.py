@@ -1,6 +1,7 @@
 """Memory budgets: sizes, counted tensor bytes, tile plans, out-of-memory retries, and the real peak
 of ``test_model.py`` under ``--max_memory`` (measured in a fresh process)."""
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -94,13 +95,19 @@ def _needed(side):
     return memory.MARGIN * _meta_peak(side)
 
 
+def _tiles(h, w, tile, overlap=8):
+    """How many tiles of ``tile`` (stride tile - overlap, the last one flush with the edge) cover h x w."""
+    per_side = [1 if n <= tile else math.ceil((n - tile) / (tile - overlap)) + 1 for n in (h, w)]
+    return per_side[0] * per_side[1]
+
+
 def test_plan_whole_image_when_it_fits_after_one_probe(fixed_usage):
     plan = _planner(4 * GiB).plan(200, 300)
     assert plan.tile is None and plan.batch == 1 and plan.estimate < 4 * GiB
     assert len(fixed_usage) == 1  # the first probe's bound settles it
 
 
-def test_plan_picks_the_largest_tile_that_fits(fixed_usage):
+def test_plan_takes_the_fewest_forwards_then_the_fewest_pixels(fixed_usage):
     h = w = 3000
     for extra in (200 * MiB, 400 * MiB):
         budget = _fixed(h, w) + extra
@@ -108,9 +115,13 @@ def test_plan_picks_the_largest_tile_that_fits(fixed_usage):
         plan = _planner(budget).plan(h, w)
         assert len(fixed_usage) == 2  # tight: a second size measured the line
         assert plan.tile is not None and plan.tile % 8 == 0 and plan.batch == 1
-        # the line measured at 64 and 192 pixels holds at the tile's size, and no larger tile fits
-        assert _fixed(h, w) + _needed(plan.tile) <= budget < _fixed(h, w) + _needed(plan.tile + 8)
-    assert _planner(_fixed(h, w) + 200 * MiB).plan(h, w).tile < _planner(_fixed(h, w) + 400 * MiB).plan(h, w).tile
+        # the line measured at 64 and 192 pixels holds at the largest side that fits, found here by search
+        largest = max(t for t in range(8, h + 1, 8) if _fixed(h, w) + _needed(t) <= budget)
+        # the plan covers the image in as many tiles as the largest side, with the smallest side that does
+        assert plan.tile <= largest and _tiles(h, w, plan.tile) == _tiles(h, w, largest)
+        assert _tiles(h, w, plan.tile - 8) > _tiles(h, w, largest)
+    tight, roomy = (_planner(_fixed(h, w) + extra).plan(h, w).tile for extra in (100 * MiB, 400 * MiB))
+    assert _tiles(h, w, tight) > _tiles(h, w, roomy)  # more room, fewer forwards
     # scoring against ground truth (100 MB more for a megapixel) leaves less room
     budget = _fixed(1000, 1000, memory.IMAGE_BYTES_PER_PIXEL["cpu"] + memory.SCORING_BYTES_PER_PIXEL) + 30 * MiB
     assert _planner(budget).plan(1000, 1000).tile is None

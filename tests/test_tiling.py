@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from utils.errors import UserError
-from utils.tiling import blend_weights, tiled_apply
+from utils.tiling import blend_weights, fewest_pixels_tile, tile_boxes, tiled_apply
 
 
 def _position_image(h: int, w: int) -> torch.Tensor:
@@ -70,3 +70,14 @@ def test_bar_of_tiles_only_for_many_forwards(capsys):
     tiled_apply(lambda t: t, x, tile=16, overlap=0, batch=2, progress=True)  # half as many forwards: no bar
     tiled_apply(lambda t: t, x, tile=16, overlap=0, batch=1)  # not asked
     assert "tiles" not in capsys.readouterr().err
+
+
+def test_fewest_pixels_tile_keeps_the_forwards_and_drops_the_waste():
+    # 4000 x 3000 in tiles of 1843, overlap 32: 3 columns x 2 rows. By hand, 3 columns need
+    # 4000 - t <= 2 (t - 32), t >= 1355; 2 rows need 3000 - t <= t - 32, t >= 1516.
+    assert fewest_pixels_tile(3000, 4000, 1843, 32) == 1516
+    assert len(tile_boxes(3000, 4000, 1516, 32)) == 6 and len(tile_boxes(3000, 4000, 1515, 32)) > 6
+    # in steps of a size multiple of 8: the first multiple-of-8 step below 1843 that still gives 6 tiles
+    assert fewest_pixels_tile(3000, 4000, 1840, 32, multiple=8) == 1520
+    # one tile already as small as the image allows: unchanged
+    assert fewest_pixels_tile(300, 400, 400, 32) == 400
