@@ -96,3 +96,46 @@ def test_user_settings_are_kept_and_later_calls_change_nothing():
                              text=True, check=True).stdout
         first, second = json.loads(out)
         assert set(first) == expected and second == first, (user, first, second)
+
+
+# Through the C library itself (PyTorch allocates with the same malloc): two 1.1 GB blocks, touched,
+# freed in reverse order (so that they merge into the top of the heap, 2.2 GB free), allocated and
+# touched again; prints the page faults of the second round (argv: keep or default).
+CHILD_TRIM = r"""
+import ctypes, resource, sys
+libc = ctypes.CDLL(None)
+libc.prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: faults in base pages
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "keep":
+    from utils.allocator import keep_freed_memory
+    keep_freed_memory()
+n = 1100 * 2 ** 20
+blocks = [libc.malloc(n) for _ in range(2)]
+for b in blocks:
+    ctypes.memset(b, 1, n)
+for b in reversed(blocks):
+    libc.free(b)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+blocks = [libc.malloc(n) for _ in range(2)]
+for b in blocks:
+    ctypes.memset(b, 2, n)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _glibc(), reason="glibc only")
+def test_a_working_set_above_2_gib_is_not_given_back_and_faulted_in_again():
+    """A large photo's forward holds more than any int-sized trim threshold (2 GiB): the freed top of
+    the heap must stay for the next forward. 2.2 GB freed and allocated again: kept, it costs almost
+    no page faults; glibc's default gives it back and faults all of it in again."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    pages = 2 * 1100 * 2 ** 20 // os.sysconf("SC_PAGE_SIZE")
+    faults = {}
+    for mode in ("keep", "default"):
+        done = subprocess.run([sys.executable, "-c", CHILD_TRIM, mode], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        faults[mode] = int(done.stdout.split()[-1])
+    assert faults["keep"] < 0.01 * pages, faults
+    assert faults["default"] > 0.9 * pages, faults

@@ -6,8 +6,12 @@ on ``free``, so every large activation of a forward is mapped, zero-filled by th
 page fault at a time, and unmapped again. A BRN forward at 512x512 (activations of 32-128 MiB)
 spent 60 % of its CPU time in the kernel that way, with 10 million page faults.
 
-``keep_freed_memory()`` raises the mmap and trim thresholds with ``mallopt`` once at start-up:
-large blocks then come from the heap, and a freed block stays there for the next allocation.
+``keep_freed_memory()`` raises the mmap threshold and turns trimming off with ``mallopt`` once at
+start-up: large blocks then come from the heap, and a freed block stays there for the next
+allocation. Trimming is off rather than at a high threshold because a large photo's working set
+exceeds any threshold an ``int`` can hold: with trimming at 2 GiB, a 3-megapixel BRN forward gave
+its top 2+ GiB back after each forward and faulted it in again (2.3 million page faults, 16 s of
+system time per forward); never trimmed, the next forward faults almost nothing.
 The cost is resident memory: what a peak needed is not given back to the system until the process
 exits (``benchmarks/page_faults.py`` measures both). A process that is forked afterwards (DataLoader
 workers under the default ``fork`` start method) inherits the setting; one that is spawned starts
@@ -39,9 +43,11 @@ M_MMAP_THRESHOLD = -3
 _LARGE = 2 ** 31 - 1
 
 # parameter -> (mallopt number, value, environment variable, GLIBC_TUNABLES name) that overrides it.
+# A trim threshold of -1 is glibc's "never trim" (mallopt(3)).
+NEVER = -1
 KEPT_PARAMETERS = {
     "mmap_threshold": (M_MMAP_THRESHOLD, _LARGE, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
-    "trim_threshold": (M_TRIM_THRESHOLD, _LARGE, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
+    "trim_threshold": (M_TRIM_THRESHOLD, NEVER, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
 }
 
 _applied: Optional[dict[str, int]] = None  # what the first call set, for later calls (idempotent)
