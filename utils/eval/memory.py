@@ -4,8 +4,9 @@ The planner estimates the memory of restoring an image as
 
     now (process RSS on a CPU, allocated tensors on a GPU) + image buffers + activations(tile)
 
-and picks the whole image, else the largest tile (or, for backbones with a fixed tile, the
-largest batch of tiles) whose estimate fits the budget. ``activations`` is measured on the device,
+and picks the whole image, else the number of tiles that the largest fitting tile gives, at the
+smallest side that needs no more of them (``utils.tiling.fewest_pixels_tile``; for backbones with a
+fixed tile, the largest batch of tiles) whose estimate fits the budget. ``activations`` is measured on the device,
 once per model and mode: the peak one forward adds (resident memory on a CPU,
 ``max_memory_allocated`` on a GPU) of a small input (``PROBE_SIDES``, or the fixed tile). The
 activations of these networks grow with the pixels, so two sizes give the line ``a + b * pixels``;
