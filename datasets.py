@@ -31,14 +31,31 @@ from torch.utils.data import Dataset, Sampler
 
 from utils import images
 from utils.data.check import CheckResult, check_root, check_split, format_check  # noqa: F401 (re-exported)
+from utils.data.layouts import (  # noqa: F401
+    PAIRING_RULES,
+    FolderScan,
+    PairRule,
+    find_pairs,
+    require_pairs,
+    scan_folder,
+    stacked_pairs,
+)
+from utils.data.prepare import prepare  # noqa: F401
 from utils.data.specs import DATASET_SPECS, DatasetSpec, dataset_spec, find_dataset_folder  # noqa: F401
 from utils.errors import DataError
 from utils.host import available_memory
-from utils.images import (IMAGE_EXTENSIONS, StackedHalf, UnreadableImageError, is_image, list_images,  # noqa: F401
-                          read_image, read_pair, resize_square, save_image, split_stacked)
-from utils.data.layouts import (PAIRING_RULES, FolderScan, PairRule, find_pairs,  # noqa: F401
-                                require_pairs, scan_folder, stacked_pairs)
-from utils.data.prepare import prepare  # noqa: F401
+from utils.images import (  # noqa: F401
+    IMAGE_EXTENSIONS,
+    StackedHalf,
+    UnreadableImageError,
+    is_image,
+    list_images,
+    read_image,
+    read_pair,
+    resize_square,
+    save_image,
+    split_stacked,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ import logging
 from typing import Optional, Sequence
 
 from models import available_models
+from models.pretrained import published_names
 from utils.allocator import keep_freed_memory
 from utils.checkpoint import trusted_checkpoints
 from utils.cli import HelpFormatter
 from utils.errors import cli_main
 from utils.eval.export import DEFAULT_OPSET, DEFAULT_OVERLAP, check_writable, export_onnx, load_for_export
-from models.pretrained import published_names
 
 
 def build_parser() -> argparse.ArgumentParser:

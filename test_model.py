@@ -28,21 +28,28 @@ from typing import Optional, Sequence
 import torch
 
 from models import available_models
+from models.pretrained import WEIGHTS_DIR_ENV, choose_checkpoint, describe_published, published_names
 from utils.allocator import keep_freed_memory
 from utils.checkpoint import trusted_checkpoints
 from utils.cli import HelpFormatter
 from utils.data.specs import DATASET_SPECS
-from utils.train.distributed import add_device_args, resolve_device
 from utils.errors import DataError, UserError, cli_main
-from utils.eval.evaluation import (collect_inputs, collect_test_inputs, collect_testset, evaluate,  # noqa: F401
-                                   load_encoder, load_model, output_name)
+from utils.eval.evaluation import (  # noqa: F401
+    collect_inputs,
+    collect_test_inputs,
+    collect_testset,
+    evaluate,
+    load_encoder,
+    load_model,
+    output_name,
+)
 from utils.eval.inference import AMP_DTYPES, image_code
 from utils.eval.memory import default_budget, format_size, parse_size
-from utils.metrics import METRICS, PROTOCOLS, parse_metrics
-from models.pretrained import WEIGHTS_DIR_ENV, choose_checkpoint, describe_published, published_names
+from utils.eval.precision import inference_setting
 from utils.eval.report import ReportColumn, ReportSet, run_description, write_report
 from utils.eval.results import format_markdown, protocol_notes, summarize, with_mean, write_summary
-from utils.eval.precision import inference_setting
+from utils.metrics import METRICS, PROTOCOLS, parse_metrics
+from utils.train.distributed import add_device_args, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,13 +21,13 @@ from torch import Tensor
 from utils import tables
 from utils.allocator import keep_freed_memory
 from utils.checkpoint import read_checkpoint, trusted_checkpoints
-from utils.train.distributed import resolve_device
+from utils.data.layouts import find_pairs
 from utils.errors import UserError, cli_main
 from utils.eval.evaluation import encoder_from_checkpoint
-from utils.images import is_image, read_image, resize_square
 from utils.eval.inference import ENCODER_SIZE
+from utils.images import is_image, read_image, resize_square
 from utils.io import atomic_dir, atomic_path
-from utils.data.layouts import find_pairs
+from utils.train.distributed import resolve_device
 
 logger = logging.getLogger("coic.analysis")
 

@@ -35,12 +35,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from analysis.common import (AnalysisError, add_output_args, add_restore_args, checkpoint_meta, dataset_pairs, load_encoder_file, markdown_table, new_figure, resize_square, run_tool, sample, save_figure, split_paths, write_csv, write_text)
-from utils.images import read_image
-from utils.train.exemplars import RainArchive, build_negatives
-from utils.eval.inference import image_code, restore
-from utils.metrics import psnr, ssim
+from analysis.common import (
+    AnalysisError,
+    add_output_args,
+    add_restore_args,
+    checkpoint_meta,
+    dataset_pairs,
+    load_encoder_file,
+    markdown_table,
+    new_figure,
+    resize_square,
+    run_tool,
+    sample,
+    save_figure,
+    split_paths,
+    write_csv,
+    write_text,
+)
 from utils.cli import HelpFormatter
+from utils.eval.inference import image_code, restore
+from utils.images import read_image
+from utils.metrics import psnr, ssim
+from utils.train.exemplars import RainArchive, build_negatives
 
 COLUMNS = ["checkpoint", "temperature", "contrastive_acc", "acc_vs_rain_negative", "acc_vs_detail_negatives",
            "contrastive_loss", "psnr", "ssim"]

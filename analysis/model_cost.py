@@ -42,12 +42,21 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from analysis.common import (AnalysisError, add_output_args, logger, markdown_table, new_figure, run_tool, save_figure,
-                             write_csv, write_text)
+from analysis.common import (
+    AnalysisError,
+    add_output_args,
+    logger,
+    markdown_table,
+    new_figure,
+    run_tool,
+    save_figure,
+    write_csv,
+    write_text,
+)
 from models import available_models, build_encoder, build_model
 from models.coim import context_embedding_parameters, modulation_parameters
-from utils.eval.inference import ENCODER_SIZE, image_code, restore
 from utils.cli import HelpFormatter
+from utils.eval.inference import ENCODER_SIZE, image_code, restore
 
 COLUMNS = ["model", "hparams", "backbone_params", "coim_generator_params", "context_embedding_params",
            "encoder_params", "macs_normal_G", "macs_modulated_G", "macs_encoder_G", "latency_normal_ms",

@@ -28,9 +28,22 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from analysis.common import (AnalysisError, add_output_args, add_restore_args, check_labels, dataset_colours,
-                             dataset_images, markdown_table, new_figure, run_tool, sample, save_figure,
-                             split_paths, write_csv, write_text)
+from analysis.common import (
+    AnalysisError,
+    add_output_args,
+    add_restore_args,
+    check_labels,
+    dataset_colours,
+    dataset_images,
+    markdown_table,
+    new_figure,
+    run_tool,
+    sample,
+    save_figure,
+    split_paths,
+    write_csv,
+    write_text,
+)
 from models import size_multiple, tile_size
 from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, log_temperature
 from utils.cli import HelpFormatter
@@ -155,8 +168,8 @@ def run(args: argparse.Namespace, device: torch.device) -> str:
 
     from utils.checkpoint import read_checkpoint
     from utils.eval.evaluation import load_encoder, load_model
-    from utils.images import read_image
     from utils.eval.inference import image_code
+    from utils.images import read_image
     from utils.tiling import pad_to_multiple
 
     paths = split_paths(args.data_paths)

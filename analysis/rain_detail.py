@@ -34,16 +34,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from analysis.common import (AnalysisError, add_output_args, add_restore_args, check_labels, dataset_colours, dataset_pairs, encode_batch,
-                             load_encoder_file, markdown_table, new_figure, pearson, resize_square, run_tool,
-                             sample, save_figure, split_paths, write_csv, write_text)
-from utils.errors import DataError
-from utils.images import read_image
+from analysis.common import (
+    AnalysisError,
+    add_output_args,
+    add_restore_args,
+    check_labels,
+    dataset_colours,
+    dataset_pairs,
+    encode_batch,
+    load_encoder_file,
+    markdown_table,
+    new_figure,
+    pearson,
+    resize_square,
+    run_tool,
+    sample,
+    save_figure,
+    split_paths,
+    write_csv,
+    write_text,
+)
 from utils.checkpoint import read_checkpoint
-from utils.train.exemplars import gaussian_blur
-from utils.eval.inference import ENCODER_SIZE, image_code, restore
-from utils.metrics import psnr
 from utils.cli import HelpFormatter
+from utils.errors import DataError
+from utils.eval.inference import ENCODER_SIZE, image_code, restore
+from utils.images import read_image
+from utils.metrics import psnr
+from utils.train.exemplars import gaussian_blur
 
 PAIR_COLUMNS = ["dataset", "image", "rain_shift", "detail_shift", "psnr_base", "psnr_coic", "psnr_gain"]
 

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from typing import Optional, Sequence
+
 from utils.cli import HelpFormatter
 from utils.tables import markdown_table
 

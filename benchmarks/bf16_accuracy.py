@@ -143,10 +143,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     def work() -> int:
+        from models.pretrained import choose_checkpoint
         from utils.allocator import keep_freed_memory
         from utils.data.demo import build_demo_data, demo_splits
         from utils.eval.evaluation import load_encoder, load_model
-        from models.pretrained import choose_checkpoint
         from utils.eval.precision import cpu_model_name, native_bf16
 
         keep_freed_memory()

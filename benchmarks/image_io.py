@@ -113,10 +113,12 @@ def report(rows: list[dict]) -> str:
     lines = [f"CPU: {cpu}, 1 thread, torch {torch.__version__}, OpenCV {cv2.__version__}; ms, median",
              "",
              *markdown_table(
-                 ["images", "size", "PNG decode Pillow / OpenCV", "training item Pillow / OpenCV", "epoch Pillow / OpenCV",
-                  "128² resize torch / OpenCV (max diff, grey levels)", "PNG write Pillow / ours (OpenCV)"],
+                 ["images", "size", "PNG decode Pillow / OpenCV", "training item Pillow / OpenCV",
+                  "epoch Pillow / OpenCV", "128² resize torch / OpenCV (max diff, grey levels)",
+                  "PNG write Pillow / ours (OpenCV)"],
                  [[os.path.basename(r["images"].rstrip("/")), r["size"],
-                   f"{r['decode_pillow']:.2f} / {r['decode_opencv']:.2f} ({r['decode_pillow'] / r['decode_opencv']:.2f}x)",
+                   f"{r['decode_pillow']:.2f} / {r['decode_opencv']:.2f} "
+                   f"({r['decode_pillow'] / r['decode_opencv']:.2f}x)",
                    f"{r['item_pillow']:.2f} / {r['item_opencv']:.2f} ({r['item_pillow'] / r['item_opencv']:.2f}x)",
                    f"{r['epoch_pillow']:.0f} / {r['epoch_opencv']:.0f}",
                    f"{r['resize_torch']:.2f} / {r['resize_opencv']:.2f} ({r['resize_max_levels']:.1f})",

@@ -224,8 +224,8 @@ def run(args: argparse.Namespace, width: int, height: int) -> int:
     import torch
 
     from utils.errors import UserError
-    from utils.io import atomic_write_text
     from utils.eval.precision import cpu_model_name
+    from utils.io import atomic_write_text
 
     os.makedirs(args.save_path, exist_ok=True)
     rows = []

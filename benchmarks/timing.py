@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+
 # --------------------------------------------------------------------------- measuring helpers
 def synchronize(device: torch.device) -> None:
     """Wait for queued CUDA work so that host clocks measure it."""

@@ -23,8 +23,8 @@ import torch
 
 from analysis.model_cost import count_macs
 from models import available_models, build_encoder, build_model
-from utils.train.config import parse_train_args
 from utils.tables import markdown_row, markdown_table
+from utils.train.config import parse_train_args
 
 N_NEG = 4  # the default --n_neg: detail-aware negatives per query
 
@@ -54,8 +54,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--tflops", type=float, nargs="+", default=[25.0, 60.0],
                    help="sustained TFLOP/s to convert compute into hours (assumptions)")
     args = p.parse_args(argv)
-    print("\n".join(markdown_table(["backbone", "batch x crop, iterations", "GMAC/image plain / modulated / encoder",
-                                    "PFLOP w/o / w/ CoIC", *(f"h at {t:g} TFLOP/s w/o / w/" for t in args.tflops)], [])))
+    header = ["backbone", "batch x crop, iterations", "GMAC/image plain / modulated / encoder", "PFLOP w/o / w/ CoIC",
+              *(f"h at {t:g} TFLOP/s w/o / w/" for t in args.tflops)]
+    print("\n".join(markdown_table(header, [])))
     for name in available_models():
         m = image_macs(name)
         plain, coic = run_flops(m, False), run_flops(m, True)

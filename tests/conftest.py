@@ -3,7 +3,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import NO_NATIVE_BF16_FLAGS, REFERENCE, REFERENCE_SKIP, ROOT
 
 # Fixtures and hooks only; what test files share is in helpers.py.

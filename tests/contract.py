@@ -12,11 +12,16 @@ import copy
 
 import torch
 import torch.nn as nn
-
 from helpers import coic_parameters, scramble_coic, unit_codes
+
 from models import build_model, size_multiple, tile_size
-from models.coim import (ContextEmbedding, ModulatedConv2d, ModulatedConvTranspose2d,
-                         context_embedding_parameters, modulation_parameters)
+from models.coim import (
+    ContextEmbedding,
+    ModulatedConv2d,
+    ModulatedConvTranspose2d,
+    context_embedding_parameters,
+    modulation_parameters,
+)
 from utils.checkpoint import load_weights
 from utils.eval.inference import restore
 from utils.train.config import parse_train_args

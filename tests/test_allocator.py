@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from contract import tiny_args
 from helpers import ROOT
 

@@ -11,8 +11,7 @@ import torch
 import torch.nn as nn
 
 from analysis import dataset_relationships, model_cost, rain_detail, representation_map, temperature_sweep
-from analysis.common import (AnalysisError, dataset_labels, encode_images, pearson, read_embeddings,
-                             write_embeddings)
+from analysis.common import AnalysisError, dataset_labels, encode_images, pearson, read_embeddings, write_embeddings
 from analysis.dataset_relationships import relationship_matrix
 from analysis.model_cost import count_macs, count_parameters, parse_hparams
 from analysis.rain_detail import summarize, z_shift

@@ -1,8 +1,8 @@
 """BRN backbone: the published checkpoints (the contract is in test_models_contract.py)."""
 import pytest
 import torch
-
 from helpers import reference_file
+
 from models import build_model
 from utils.checkpoint import CheckpointError, load_weights
 

@@ -15,11 +15,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from helpers import ROOT, make_trainer, train_flags
+
 from models import build_model
-from utils.checkpoint import (CheckpointError, UnsafeCheckpointError, load_weights, read_checkpoint,
-                              trusted_checkpoints)
+from utils.checkpoint import CheckpointError, UnsafeCheckpointError, load_weights, read_checkpoint, trusted_checkpoints
 
 
 class _Payload:

@@ -5,8 +5,8 @@ import os
 import re
 
 import pytest
-
 from helpers import ROOT
+
 from models import available_models
 from utils.cli import HelpFormatter
 

@@ -2,8 +2,7 @@ import dataclasses
 
 import pytest
 
-from utils.train.config import TrainConfig
-from utils.train.config import parse_train_args
+from utils.train.config import TrainConfig, parse_train_args
 
 
 def test_command_line_builds_a_typed_config_with_backbone_flags():

@@ -16,8 +16,8 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from helpers import make_trainer
+
 from models import available_models
 
 DEVICE = torch.device(os.environ.get("COIC_TEST_DEVICE", "cuda"))

@@ -7,12 +7,12 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from helpers import make_trainer, train_flags
 from PIL import Image
 from torch.utils.data import DataLoader
 
 import datasets
 from datasets import DataError, EpochSampler, MixedRainDataset, SampleKey
-from helpers import make_trainer, train_flags
 from utils import images
 from utils.train import trainer as trainer_module
 from utils.train.trainer import Trainer

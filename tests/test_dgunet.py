@@ -7,12 +7,12 @@ depth=1) on 16 px crops; only the parameter-count test builds the reference conf
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
-
-from contract import tiny_args, tiny_image, tiny_model as _tiny_model
+from contract import tiny_args, tiny_image
+from contract import tiny_model as _tiny_model
 from helpers import scramble_coic, unit_codes
+
 from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, modulation_parameters
 from models.dgunet import DGUNet
 from utils.checkpoint import load_weights

@@ -4,7 +4,6 @@ import socket
 
 import torch
 import torch.multiprocessing as mp
-
 from helpers import make_trainer, train_flags
 
 
@@ -18,8 +17,8 @@ def _worker(rank: int, world: int, port: int, flags: list, out_dir: str) -> None
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from utils.train.distributed import shutdown
     from utils.train.config import parse_train_args
+    from utils.train.distributed import shutdown
     from utils.train.trainer import Trainer
 
     trainer = Trainer(parse_train_args("BRN", flags))
@@ -61,8 +60,8 @@ def test_two_gloo_processes_stay_in_sync_and_resume(tmp_path, tiny_demo):
 
 def test_bf16_autocast_matches_fp32(tmp_path, tiny_demo):
     """bf16 training reaches the fp32 PSNR within 0.3 dB after the same iterations."""
-    from test_model import evaluate, load_model
     from datasets import find_pairs
+    from test_model import evaluate, load_model
 
     data = os.path.join(tiny_demo, "heavy", "train")
     scores = {}

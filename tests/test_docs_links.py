@@ -4,7 +4,6 @@ import os
 import re
 
 import pytest
-
 from helpers import ROOT
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")

@@ -7,9 +7,9 @@ from typing import Optional
 
 import pytest
 import torch
+from helpers import ROOT, train_flags
 
 import test_model
-from helpers import ROOT, train_flags
 from utils import checkpoint
 from utils.checkpoint import save_atomic
 from utils.errors import UserError, cli_main, one_line

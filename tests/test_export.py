@@ -13,9 +13,9 @@ import numpy as np
 import onnxruntime as ort  # a requirement: never skipped
 import pytest
 import torch
-
 from contract import tiny_model
 from helpers import ROOT, scramble_coic
+
 from models import available_models, build_encoder, tile_size
 from utils.checkpoint import save_atomic
 from utils.eval.inference import image_code, restore

@@ -8,9 +8,9 @@ import os
 
 import pytest
 import torch
+from helpers import NATIVE_BF16_FLAGS, NO_NATIVE_BF16_FLAGS
 
 from benchmarks import acceptance, benchmark
-from helpers import NATIVE_BF16_FLAGS, NO_NATIVE_BF16_FLAGS
 from utils.eval.precision import cpu_flags, native_bf16, recommended_setting
 
 CPUS = {"no native bf16": NO_NATIVE_BF16_FLAGS, "native bf16": NATIVE_BF16_FLAGS}

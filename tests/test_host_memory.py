@@ -3,8 +3,8 @@ cache and the tile planner both use."""
 import torch
 
 import datasets
-import utils.host
 import utils.eval.memory
+import utils.host
 from utils.host import available_memory
 
 GIB = 1 << 30

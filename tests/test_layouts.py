@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ROOT
 from PIL import Image
 
-from helpers import ROOT
 from models import build_encoder
 from utils.data import layouts
+from utils.data.layouts import LAYOUTS, FolderScan, Layout, detect_layout, find_images, scan_folder
 from utils.data.specs import DATASET_SPECS
 from utils.eval.evaluation import collect_inputs, encoder_dim, encoder_from_checkpoint
 from utils.images import resize_square
-from utils.data.layouts import LAYOUTS, FolderScan, Layout, detect_layout, find_images, scan_folder
 
 
 def _png(path):

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utils.eval import memory
 from utils.errors import UserError
+from utils.eval import memory
 from utils.eval.inference import restore
-from utils.eval.memory import (GiB, MiB, LiveTensorBytes, MemoryPlanner, TilePlan, forward_peak_bytes, parse_size)
+from utils.eval.memory import GiB, LiveTensorBytes, MemoryPlanner, MiB, TilePlan, forward_peak_bytes, parse_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -253,8 +253,8 @@ def test_matlab_ssim_in_strips_matches_scikit_image(monkeypatch, strip):
     """Scoring a large pair in bounded memory: the SSIM map in strips of rows (one row, 37 pixels
     rounded to rows, all at once) is scikit-image's SSIM of the same Y images."""
     import numpy as np
-
     from test_protocols import _skimage_ssim, _uint8_image, _y8_numpy
+
     from utils import metrics
 
     monkeypatch.setattr(metrics, "SSIM_STRIP_PIXELS", strip)

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
+from helpers import make_trainer
 
 from analysis.common import AnalysisError
 from analysis.modulation_temperature import layer_temperatures, main
-from helpers import make_trainer
 from models import build_model
 from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, log_temperature
 

@@ -19,19 +19,18 @@ import urllib.request
 
 import pytest
 import torch
+from helpers import REFERENCE, reference_file, train_flags
 
 import models
 import test_model
-from helpers import REFERENCE, reference_file, train_flags
-from models import build_encoder, build_model
+from models import build_encoder, build_model, pretrained
 from models.coim import modulation_parameters
-from models import pretrained
+from models.pretrained import PublishedFile, PublishedModel
 from utils.errors import UserError
 from utils.eval.evaluation import load_model
-from utils.images import read_image
 from utils.eval.inference import restore
+from utils.images import read_image
 from utils.train.config import parse_train_args
-from models.pretrained import PublishedFile, PublishedModel
 from utils.train.trainer import Trainer
 
 

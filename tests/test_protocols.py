@@ -6,15 +6,24 @@ import os
 import numpy as np
 import pytest
 import torch
+from test_real_datasets import build_real_tree
 
 import test_model
-from utils.eval import evaluation
 from datasets import dataset_spec, find_pairs, read_image, read_pair, save_image
 from models import build_encoder, build_model
-from test_real_datasets import build_real_tree
 from utils import metrics
-from utils.metrics import (PROTOCOLS, ddn_psnr, ddn_ssim, matlab_box_downsample, matlab_psnr, matlab_ssim,
-                           matlab_y_double, matlab_y_uint8, score)
+from utils.eval import evaluation
+from utils.metrics import (
+    PROTOCOLS,
+    ddn_psnr,
+    ddn_ssim,
+    matlab_box_downsample,
+    matlab_psnr,
+    matlab_ssim,
+    matlab_y_double,
+    matlab_y_uint8,
+    score,
+)
 
 C1, C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 

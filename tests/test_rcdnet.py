@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from contract import tiny_args, tiny_image, tiny_model as _tiny_model
+from contract import tiny_args, tiny_image
+from contract import tiny_model as _tiny_model
 from helpers import scramble_coic, unit_codes
+
 from models.coim import modulation_parameters
 from models.rcdnet import RCDNet, RCDNetStages, load_rain_kernel, streak_kernel_bank
 from utils.checkpoint import load_weights

@@ -11,9 +11,20 @@ import torch
 from PIL import Image
 
 import datasets
+from datasets import (
+    DataError,
+    MixedRainDataset,
+    SampleKey,
+    StackedHalf,
+    check_root,
+    dataset_spec,
+    find_pairs,
+    prepare,
+    read_image,
+    read_pair,
+    scan_folder,
+)
 from utils.data import cli as dataset_cli
-from datasets import (DataError, MixedRainDataset, SampleKey, StackedHalf, check_root, dataset_spec, find_pairs,
-                      prepare, read_image, read_pair, scan_folder)
 
 H, W = 24, 32  # every picture; stacked ones are H x 2W
 RAIN_LIFT = 70  # rainy = clean + RAIN_LIFT (+ streaks): the rainy half is always the brighter one

@@ -9,9 +9,9 @@ import torch
 
 import test_model
 from models import build_model
-from utils.eval import evaluation
 from utils.checkpoint import save_atomic
 from utils.data.demo import add_rain
+from utils.eval import evaluation
 from utils.images import read_image, save_image
 from utils.niqe import niqe
 

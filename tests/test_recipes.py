@@ -12,6 +12,7 @@ from utils.train.recipes import RECIPES
 from utils.train.run import main
 from utils.train.schedulers import CyclicCosineRestart
 
+
 @pytest.mark.parametrize("name", available_models())
 def test_train_script_two_iterations_then_evaluate(name, tmp_path, tiny_demo, monkeypatch, capsys):
     save = str(tmp_path / "run")

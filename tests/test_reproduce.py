@@ -13,8 +13,8 @@ import pytest
 import reproduce
 import test_model
 from models import BACKBONES
-from utils.train.config import parse_train_args
 from utils.paper.experiments import DEMO_SEEDS
+from utils.train.config import parse_train_args
 from utils.train.recipes import RECIPES
 
 # The paper's backbones are those the authors published code for (the registry's published_code).

@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, make_trainer, train_flags
 from PIL import Image
 
 import test_model
-from helpers import ROOT, make_trainer, train_flags
 from models import build_model
 from utils.checkpoint import CheckpointError
 from utils.train.config import parse_train_args

@@ -4,9 +4,9 @@ import os
 
 import pytest
 import torch
-
 from contract import tiny_args, tiny_image, tiny_model
 from helpers import unit_codes
+
 from models import available_models
 from utils.eval.inference import image_code, restore
 from utils.eval.precision import cpu_flags, native_bf16, recommended_setting
@@ -143,8 +143,8 @@ def test_bf16_accuracy_benchmark_tables_both_sets(tmp_path, tiny_demo):
 
     from benchmarks import bf16_accuracy
     from utils.checkpoint import save_atomic
-    from utils.images import read_image
     from utils.eval.inference import restore
+    from utils.images import read_image
 
     model = tiny_model("BRN", dim_in=0).eval()
     path = str(tmp_path / "tiny.pth")

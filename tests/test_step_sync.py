@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-
 from helpers import make_trainer
+
 from models import available_models
 
 # Every Python-level way of copying a tensor's value to the host (a device sync on a GPU).

@@ -13,7 +13,6 @@ import ast
 import os
 
 import pytest
-
 from helpers import ROOT
 
 LIBRARY_DIRS = ("utils", "models", "analysis", "benchmarks")

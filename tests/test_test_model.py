@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import torch
+from helpers import make_trainer, reference_file
 
 import test_model
 from datasets import read_image
-from helpers import make_trainer, reference_file
 from models import build_model
 from utils.eval import evaluation
 from utils.eval.inference import restore

@@ -9,18 +9,20 @@ data of its own fails loudly, naming itself, for a backbone it has no entry for.
 import dataclasses
 import os
 
+import contract
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import make_trainer
 
-import contract
 import models
 import test_model
-from helpers import make_trainer
 from losses import L1Loss
 from models.coim import ModulatedConv2d, ModulatedConvTranspose2d
 from utils.train import recipes
+
+
 class ToyNet(nn.Module):
     """Residual deraining with one stride-2 level. forward(x, z=None): (B,3,H,W) in [0,1] -> same shape."""
 

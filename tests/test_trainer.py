@@ -2,8 +2,8 @@ import os
 
 import pytest
 import torch
-
 from helpers import make_trainer
+
 from utils.train.config import parse_train_args
 from utils.train.trainer import list_checkpoints
 

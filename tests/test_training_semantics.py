@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
+from helpers import make_trainer
 
 from datasets import TrainItem
-from helpers import make_trainer
 from utils.train.recipes import cosine_restarts
 
 MOMENTUM = 0.999  # the published MoCo momentum

@@ -8,10 +8,10 @@ from typing import Optional
 
 from PIL import Image
 
+from utils.data.layouts import STACKED, find_images, scan_folder
 from utils.data.specs import DATASET_SPECS, DatasetSpec, find_dataset_folder, split_folder
 from utils.errors import DataError
 from utils.images import StackedHalf, UnreadableImageError
-from utils.data.layouts import STACKED, find_images, scan_folder
 
 __all__ = ["CheckResult", "check_split", "check_root", "format_check"]
 

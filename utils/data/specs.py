@@ -5,8 +5,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from utils.errors import DataError
 from utils.data.layouts import RULE_PREFIX, RULE_SAME, RULE_VARIANT, RULE_X2, PairRule
+from utils.errors import DataError
 
 __all__ = ["DatasetSpec", "DATASET_SPECS", "dataset_spec", "find_dataset_folder", "split_folder"]
 

@@ -14,14 +14,22 @@ import torch.nn as nn
 
 from models import build_encoder, build_model, model_class
 from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, remap_published_keys
+from utils.data.layouts import claims_pairs, find_images, find_pairs
 from utils.data.specs import dataset_spec, find_dataset_folder, split_folder
 from utils.errors import DataError, one_line
-from utils.images import IMAGE_EXTENSIONS, UnreadableImageError, is_image, list_images, read_image, read_pair, save_image
 from utils.eval.inference import image_code, restore
-from utils.data.layouts import claims_pairs, find_images, find_pairs
+from utils.eval.results import read_table, write_table
+from utils.images import (
+    IMAGE_EXTENSIONS,
+    UnreadableImageError,
+    is_image,
+    list_images,
+    read_image,
+    read_pair,
+    save_image,
+)
 from utils.metrics import score
 from utils.niqe import NIQEUndefined, niqe
-from utils.eval.results import read_table, write_table
 
 logger = logging.getLogger("coic.test")
 

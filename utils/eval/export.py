@@ -142,8 +142,8 @@ def load_for_export(spec: str, model_name: Optional[str] = None, load_mode: Opti
     with ``feat_ext``) is exported with it ("tran"); a published name keeps its own mode.
     """
     from models import available_models
-    from utils.eval.evaluation import load_encoder, load_model
     from models.pretrained import choose_checkpoint
+    from utils.eval.evaluation import load_encoder, load_model
 
     choice = choose_checkpoint(spec, model_name, load_mode)
     if choice.model_name not in available_models():

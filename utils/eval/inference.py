@@ -10,8 +10,8 @@ from torch import Tensor
 
 from models import size_multiple, tile_size
 from utils.errors import UserError
-from utils.images import resize_square
 from utils.eval.precision import default_tile_batch
+from utils.images import resize_square
 from utils.tiling import pad_to_multiple, tiled_apply
 
 # --amp choices of training and evaluation: the autocast dtype (None: float32).

@@ -34,9 +34,10 @@ from torch.utils._pytree import tree_flatten
 
 from models import size_multiple, tile_size
 from utils.errors import UserError
-from utils.host import available_memory as host_available_memory, proc_kib
-from utils.tiling import fewest_pixels_tile
 from utils.eval.precision import default_tile_batch
+from utils.host import available_memory as host_available_memory
+from utils.host import proc_kib
+from utils.tiling import fewest_pixels_tile
 
 logger = logging.getLogger("coic.memory")
 

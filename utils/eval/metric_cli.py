@@ -11,13 +11,13 @@ import logging
 import os
 from typing import Optional, Sequence
 
-from utils.errors import DataError, cli_main
-from utils.images import read_image
-from utils.data.layouts import find_images
-from utils.niqe import CHANNELS, MIN_SIDE, NIQEUndefined, niqe
-from utils.tables import write_csv
 from utils.allocator import keep_freed_memory
 from utils.cli import HelpFormatter
+from utils.data.layouts import find_images
+from utils.errors import DataError, cli_main
+from utils.images import read_image
+from utils.niqe import CHANNELS, MIN_SIDE, NIQEUndefined, niqe
+from utils.tables import write_csv
 
 logger = logging.getLogger("coic.metrics")
 

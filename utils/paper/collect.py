@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 
 from utils.data.specs import dataset_spec
 from utils.errors import DataError
-from utils.paper.experiments import PAPER_PROTOCOL, PAPER_RESULTS, PAPER_SOURCES, Experiment
 from utils.io import atomic_write_text
+from utils.paper.experiments import PAPER_PROTOCOL, PAPER_RESULTS, PAPER_SOURCES, Experiment
 from utils.tables import markdown_row, markdown_table
 
 __all__ = ["read_summary", "summary_name", "write_tables", "CSV_COLUMNS"]
@@ -141,8 +141,10 @@ def _paper_table(exp: Experiment, runs, summaries: dict[str, str], protocol: str
                                  testset=s, psnr=_fmt(g, 4))
     protocol_table = markdown_table(["", *sets], [
         ["ours", *(", ".join(sorted(protocols[s])) or protocol for s in sets)],
-        ["paper", *(PAPER_PROTOCOL if any(k[0] == exp.name and k[3] == s for k in PAPER_RESULTS) else "" for s in sets)]])
-    protocol_table[0] = protocol_table[0].replace("|  |", "| |", 1)  # its empty corner cell has always been written "| |"
+        ["paper", *(PAPER_PROTOCOL if any(k[0] == exp.name and k[3] == s for k in PAPER_RESULTS) else ""
+                    for s in sets)]])
+    # its empty corner cell has always been written "| |"
+    protocol_table[0] = protocol_table[0].replace("|  |", "| |", 1)
     t.md += ["", "Metric protocol per column (`utils/metrics.py`):", "", *protocol_table]
     if mismatch:
         t.md += ["", "⚠ ours were scored with another protocol than the paper's: those differences compare "

@@ -25,16 +25,15 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 from models import available_models
+from utils import ROOT
+from utils.allocator import keep_freed_memory
+from utils.cli import HelpFormatter
 from utils.data.specs import dataset_spec, find_dataset_folder, split_folder
 from utils.errors import DataError, UserError, cli_main
-from utils.paper.experiments import EXPERIMENTS, Experiment, Variant, experiment
 from utils.metrics import PROTOCOLS
-from utils.train.recipes import get_recipe
 from utils.paper.collect import read_summary, summary_name
-from utils.allocator import keep_freed_memory
-from utils import ROOT
-from utils.cli import HelpFormatter
-
+from utils.paper.experiments import EXPERIMENTS, Experiment, Variant, experiment
+from utils.train.recipes import get_recipe
 
 # --tiny: the recipes' tiny configuration and a run of a few iterations (what tests/conftest.py's
 # train_flags uses), so the whole demo runs in seconds.

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from utils.train import distributed as dist_utils
+
 GOOD, EXPLODED, NON_FINITE = 0, 1, 2  # verdict codes
 
 

@@ -22,6 +22,7 @@ from utils.eval.precision import native_bf16
 from utils.train.distributed import add_device_args
 from utils.train.recipes import Recipe, get_recipe
 
+
 @dataclass
 class TrainConfig:
     model_name: str

@@ -12,7 +12,6 @@ import torch.distributed as dist
 
 from utils.errors import UserError
 
-
 logger = logging.getLogger("coic")
 
 

@@ -8,10 +8,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from utils.images import read_image, save_image
-from utils.data.layouts import find_pairs
 from utils.allocator import keep_freed_memory
+from utils.data.layouts import find_pairs
 from utils.errors import UserError, cli_main
+from utils.images import read_image, save_image
 from utils.train.config import REFERENCE_DATA_PATHS, parse_train_args
 
 logger = logging.getLogger("coic")
@@ -23,8 +23,8 @@ def demo_report(checkpoint: str, model_name: str, demo_root: str, save_path: str
     PSNR/SSIM against the clean images, and NIQE (no reference; lower is better) of the rainy
     and the derained images, each a mean over the type's test images.
     """
-    from utils.eval.evaluation import evaluate, load_encoder, load_model, output_name
     from utils.data.demo import RAIN_TYPES
+    from utils.eval.evaluation import evaluate, load_encoder, load_model, output_name
     from utils.metrics import psnr, ssim
 
     model, ckpt = load_model(model_name, checkpoint, "tran", device)

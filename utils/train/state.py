@@ -13,12 +13,18 @@ import re
 
 import torch
 
-from utils.train import distributed as dist_utils
 from models.coim import context_embedding_parameters, modulation_parameters
-from utils.checkpoint import (CheckpointError, UnsafeCheckpointError, load_weights, read_checkpoint, remap_published_keys,
-                              save_atomic)
 from models.pretrained import fetch_model, published_or_path
+from utils.checkpoint import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    load_weights,
+    read_checkpoint,
+    remap_published_keys,
+    save_atomic,
+)
 from utils.rng import rng_state, set_rng_state
+from utils.train import distributed as dist_utils
 
 logger = logging.getLogger("coic")
 

@@ -22,18 +22,18 @@ from datasets import EpochSampler, MixedRainDataset, TrainItem, parse_data_paths
 from losses import ContrastiveLoss
 from models import build_encoder, build_model
 from models.coim import context_embedding_parameters, modulation_parameters
-from utils.train import distributed as dist_utils
-from utils.train.bad_steps import GOOD, BadStepMonitor
 from utils.checkpoint import read_checkpoint
-from utils.train.config import TrainConfig
-from utils.train.exemplars import RainArchive, build_negatives
 from utils.errors import UserError
 from utils.eval.inference import AMP_DTYPES
 from utils.logs import setup_logging
 from utils.metrics import psnr
 from utils.rng import seed_everything
-from utils.train.step import CoICStep
+from utils.train import distributed as dist_utils
+from utils.train.bad_steps import GOOD, BadStepMonitor
+from utils.train.config import TrainConfig
+from utils.train.exemplars import RainArchive, build_negatives
 from utils.train.state import CheckpointedRun, list_checkpoints
+from utils.train.step import CoICStep
 
 logger = logging.getLogger("coic")
 
