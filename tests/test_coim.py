@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, modulation_parameters
+from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, modulation_parameters, sibling_convs
 
 
 def _randomise_generator(layer):
@@ -109,3 +109,27 @@ def test_transposed_attention_formula():
     expected = (torch.softmax(gate[..., None] * c[:, None, None, :], -1) * 4).reshape(2, 3, 5, 2, 2)
     torch.testing.assert_close(att, expected)
     torch.testing.assert_close(att.sum(dim=(-2, -1)), torch.full((2, 3, 5), 4.0))
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+def test_sibling_convs_equal_each_conv_per_sample(modulated):
+    """Stacked convolutions of one input give, per sample, what each conv gives with its own kernel."""
+    torch.manual_seed(0)
+    convs = [ModulatedConv2d(12, c, 3, 1, 1, dim_in=8) for c in (5, 7, 5)]
+    for conv in convs:
+        _randomise_generator(conv)
+    x, z = torch.randn(3, 12, 9, 11), (F.normalize(torch.randn(3, 8), dim=1) if modulated else None)
+    out = sibling_convs(convs, x, z)
+    assert out.shape == (3, 17, 9, 11)
+    for n in range(3):
+        refs = []
+        for conv in convs:
+            weight = conv.weight * conv.kernel_attention(x, z)[n] if modulated else conv.weight
+            refs.append(F.conv2d(x[n:n + 1], weight, conv.bias, padding=1))
+        torch.testing.assert_close(out[n:n + 1], torch.cat(refs, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_sibling_convs_refuse_convs_that_differ_in_more_than_outputs():
+    a, b = ModulatedConv2d(12, 5, 3, 1, 1, dim_in=8), ModulatedConv2d(12, 5, 3, 2, 1, dim_in=8)
+    with pytest.raises(ValueError, match="differ"):
+        sibling_convs([a, b], torch.randn(1, 12, 8, 8))
