@@ -118,12 +118,21 @@ class ModulatedConv2d(nn.Conv2d):
                 out = x * self.weight.view(1, -1, 1, 1)
                 return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
             return super().forward(x)
-        b, _, h, w = x.shape
-        weight = (self.weight.unsqueeze(0) * self.kernel_attention(x, z)).flatten(0, 1)
-        bias = self.bias.repeat(b) if self.bias is not None else None
-        out = F.conv2d(x.reshape(1, -1, h, w), weight, bias, self.stride, self.padding, self.dilation,
-                       groups=b * self.groups)
-        return out.view(b, self.out_channels, *out.shape[-2:])
+        return _per_sample_conv(self, x, self.sample_weight(x, z), self.bias)
+
+    def sample_weight(self, x: Tensor, z: Tensor, mean: Optional[Tensor] = None) -> Tensor:
+        """The kernel each sample is convolved with: W * att, (B, C_out, C_in/g, kh, kw)."""
+        return self.weight.unsqueeze(0) * self.kernel_attention(x, z, mean)
+
+
+def _per_sample_conv(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x (B,C_in,H,W) convolved, sample n with weight[n] (B,C_out,C_in/g,kh,kw) and the shared bias
+    (C_out,), as one grouped convolution with the batch folded into the channels (``conv``'s geometry)."""
+    b, _, h, w = x.shape
+    bias = bias.repeat(b) if bias is not None else None
+    out = F.conv2d(x.reshape(1, -1, h, w), weight.flatten(0, 1), bias, conv.stride, conv.padding, conv.dilation,
+                   groups=b * conv.groups)
+    return out.view(b, weight.shape[1], *out.shape[-2:])
 
 
 def sibling_convs(convs: Sequence[ModulatedConv2d], x: Tensor, z: Optional[Tensor] = None) -> Tensor:
@@ -135,24 +144,18 @@ def sibling_convs(convs: Sequence[ModulatedConv2d], x: Tensor, z: Optional[Tenso
     wider convolution runs faster (BRN's four LSTM gates, 96 -> 4 x 32 channels at 512², one thread:
     1.3 to 1.4 times). The convolutions must agree in everything but their output channels.
     """
+    def geometry(c: ModulatedConv2d) -> tuple:
+        return (c.in_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups, c.padding_mode,
+                c.bias is None, c.modulated)
+
     first = convs[0]
-    shape = (first.in_channels, first.kernel_size, first.stride, first.padding, first.dilation, first.groups,
-             first.padding_mode, first.bias is None, first.modulated)
-    if first.groups != 1 or first.padding_mode != "zeros" or any(
-            (c.in_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups, c.padding_mode,
-             c.bias is None, c.modulated) != shape for c in convs):
+    if first.groups != 1 or first.padding_mode != "zeros" or any(geometry(c) != geometry(first) for c in convs):
         raise ValueError("sibling_convs: the convolutions differ in more than their output channels")
-    has_bias = first.bias is not None
+    bias = torch.cat([c.bias for c in convs]) if first.bias is not None else None
     if z is None or not first.modulated:
-        weight = torch.cat([c.weight for c in convs])
-        bias = torch.cat([c.bias for c in convs]) if has_bias else None
-        return F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation)
-    b, _, h, w = x.shape
+        return F.conv2d(x, torch.cat([c.weight for c in convs]), bias, first.stride, first.padding, first.dilation)
     mean = x.mean(dim=(-2, -1))
-    weight = torch.cat([c.weight.unsqueeze(0) * c.kernel_attention(x, z, mean) for c in convs], 1).flatten(0, 1)
-    bias = torch.cat([c.bias for c in convs]).repeat(b) if has_bias else None
-    out = F.conv2d(x.reshape(1, -1, h, w), weight, bias, first.stride, first.padding, first.dilation, groups=b)
-    return out.view(b, -1, *out.shape[-2:])
+    return _per_sample_conv(first, x, torch.cat([c.sample_weight(x, z, mean) for c in convs], 1), bias)
 
 
 class ModulatedConvTranspose2d(nn.ConvTranspose2d):
