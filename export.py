@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
     p.add_argument("--out", required=True, help="the ONNX file to write")
     p.add_argument("--model_name", default=None,
-                   help=f"backbone: {', '.join(available_models())} (default: a published name's, else BRN)")
+                   help=f"backbone: {', '.join(available_models())} (default: a published name's, a checkpoint's own, else BRN)")
     p.add_argument("--load_mode", default=None, choices=["normal", "base", "tran"],
                    help="tran: the graph holds the encoder and modulates; normal/base: the plain backbone "
                         "(default: tran for a coic-* name or a checkpoint holding an encoder)")

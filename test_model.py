@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load a --test_model/--feat_ext file that holds objects beyond tensors with the full unpickler, "
                         "which runs any code it names: only for files from a source you trust")
     p.add_argument("--model_name", default=None,
-                   help=f"backbone: {', '.join(available_models())} (default: a published name's, else BRN)")
+                   help=f"backbone: {', '.join(available_models())} (default: a published name's, a checkpoint's own, else BRN)")
     p.add_argument("--load_mode", default=None, choices=["normal", "base", "tran"],
                    help="normal/base: no modulation; tran: modulate with z from the encoder "
                         "(default: tran for a coic-* name, else normal)")

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from models import BACKBONES, RegistryError
+from utils.checkpoint import CheckpointError, read_checkpoint
 from utils.errors import UserError
 from utils.io import atomic_path
 
@@ -333,13 +334,27 @@ class CheckpointChoice:
         return model_path, feat_ext if feat_ext is not None else encoder_path
 
 
+def _stored_model_name(path: str) -> Optional[str]:
+    """The backbone a checkpoint of this repository names (``model_name``), None for any other file; the
+    file is read with the safe loader, and one it refuses is left for the real load to report."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        ckpt = read_checkpoint(path, trust=False)
+    except CheckpointError:
+        return None
+    name = ckpt.get("model_name") if isinstance(ckpt, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def choose_checkpoint(spec: str, model_name: Optional[str], load_mode: Optional[str]) -> CheckpointChoice:
     """Resolve ``--test_model`` (no download yet): an existing path wins; else a published name, whose
-    backbone and load mode are the defaults. ``model_name``/``load_mode``: the flags, None when not given.
+    backbone and load mode are the defaults; a file of this repository defaults to the backbone it
+    names. ``model_name``/``load_mode``: the flags, None when not given.
     A spec that is neither is reported by ``files`` (where a missing checkpoint always was)."""
     published = None if os.path.exists(spec) else published_models().get(spec)
     if published is None:
-        return CheckpointChoice(model_name or "BRN", load_mode or "normal", path=spec)
+        return CheckpointChoice(model_name or _stored_model_name(spec) or "BRN", load_mode or "normal", path=spec)
     if model_name is not None and model_name != published.backbone:
         raise UserError(f"--test_model {spec} is a published {published.backbone} model, not {model_name}; "
                         "drop --model_name")

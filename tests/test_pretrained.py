@@ -413,6 +413,22 @@ def test_an_existing_path_wins_over_a_name(server, tmp_path, tiny_demo, monkeypa
     assert server.hits == [] and len(os.listdir("out")) == 7  # 4 images, results.csv, index.html, report/
 
 
+def test_a_checkpoint_of_ours_names_its_backbone(tmp_path, tiny_demo, monkeypatch):
+    """Without --model_name, a checkpoint that names its backbone runs as that backbone; one that names
+    none (a published state_dict) is read as BRN, as the published test script does."""
+    monkeypatch.chdir(tmp_path)
+    hparams = dict(num_map=2, num_channel=4, num_block=1, inter_iter=1)
+    model = build_model("RCDNet", dim_in=0, **hparams)
+    torch.save({"model_name": "RCDNet", "model_hparams": hparams, "model": model.state_dict()}, "ours.pth")
+    torch.save(build_model("BRN", inter_iter=1, dim_in=0).state_dict(), "theirs.pth")
+    assert pretrained.choose_checkpoint("ours.pth", None, None).model_name == "RCDNet"
+    assert pretrained.choose_checkpoint("ours.pth", "BRN", None).model_name == "BRN"  # the flag wins
+    assert pretrained.choose_checkpoint("theirs.pth", None, None).model_name == "BRN"
+    test_dir = os.path.join(tiny_demo, "heavy", "test")
+    assert test_model.main(["--test_model", "ours.pth", "--test_dir", test_dir, "--save_path", "out"]) == 0
+    assert len(os.listdir("out")) == 7
+
+
 # --------------------------------------------------------------------------- training --pretrained NAME
 def _train_config(tmp_path, tiny_demo, **flags):
     return parse_train_args("BRN", train_flags(str(tmp_path / "run"), os.path.join(tiny_demo, "heavy", "train"),
