@@ -203,6 +203,27 @@ def test_unreadable_photos_are_listed_and_the_others_derained(tmp_path, trained,
     assert not (strict / "c.png").exists()
 
 
+def test_compiled_backbone_gives_the_eager_output_with_one_graph(tmp_path, trained, tiny_demo):
+    """--compile: the same PNGs as the eager run, and one graph for every tile of every image."""
+    import torch._dynamo
+
+    test_dir = os.path.join(tiny_demo, "heavy", "test")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    outputs = {}
+    for extra in ([], ["--compile"]):
+        out = tmp_path / ("compiled" if extra else "eager")
+        assert test_model.main(["--test_model", trained, "--load_mode", "tran", "--test_dir", test_dir,
+                                "--save_path", str(out), "--tile", "32", "--tile_overlap", "8", *extra]) == 0
+        outputs[bool(extra)] = {r["name"]: read_image(str(out / r["name"])) for r in _rows(str(out))}
+    assert len(outputs[True]) == 4 and outputs[True].keys() == outputs[False].keys()
+    for name, img in outputs[True].items():  # 8-bit PNGs: at most one level apart
+        assert float((img - outputs[False][name]).abs().max()) <= 1 / 255 + 1e-6, name
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # 4 images x 4 tiles of 32 px
+    assert "Setting: fp32, compiled; tiles of 32 px" in (tmp_path / "compiled" / "index.html").read_text()
+    torch._dynamo.reset()
+
+
 def test_the_report_says_which_model_made_it(tmp_path, trained, tiny_demo):
     from utils.eval.report import project_commit
 

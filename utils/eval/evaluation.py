@@ -17,7 +17,7 @@ from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, rem
 from utils.data.layouts import claims_pairs, find_images, find_pairs
 from utils.data.specs import dataset_spec, find_dataset_folder, split_folder
 from utils.errors import DataError, one_line
-from utils.eval.inference import image_code, restore
+from utils.eval.inference import compile_for_inference, image_code, restore
 from utils.eval.results import read_table, write_table
 from utils.images import (
     IMAGE_EXTENSIONS,
@@ -194,7 +194,8 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
              progress: bool = True, protocol: str = "coic", skip_existing: bool = False,
              table_path: Optional[str] = None, desc: str = "test", amp: Optional[torch.dtype] = None,
              memory_format: torch.memory_format = torch.contiguous_format, metrics: Optional[Sequence[str]] = None,
-             niqe_channel: str = "y", max_memory: Optional[int] = None, strict: bool = True) -> list[dict]:
+             niqe_channel: str = "y", max_memory: Optional[int] = None, strict: bool = True,
+             compile_model: bool = False) -> list[dict]:
     """Derain each (rain, clean or None) item, save it under ``save_path`` and score it.
 
     ``metrics``: names of ``utils.metrics.METRICS``; PSNR/SSIM are computed where there is a
@@ -210,12 +211,15 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
     ``max_memory`` (bytes; only without ``tile``): each image is restored whole or in the tiles
     that ``utils.eval.memory.MemoryPlanner`` fits into that budget. ``strict``: an unreadable image
     stops the run (``UnreadableImageError``); otherwise its row gets an ``error`` (the reason), it
-    is left out of the scores, and the other images are derained.
+    is left out of the scores, and the other images are derained. ``compile_model``: the backbone
+    runs compiled (``utils.eval.inference.compile_for_inference``); the memory planner measures the
+    eager model, which needs more memory, so its plans stay safe.
     """
     from utils.eval.memory import MemoryPlanner
 
     planner = (MemoryPlanner(model, device, max_memory, overlap, amp, memory_format)
                if max_memory is not None and tile is None else None)
+    net = compile_for_inference(model) if compile_model else model
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
@@ -264,7 +268,7 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
                 xb = x.unsqueeze(0).to(device).contiguous(memory_format=memory_format)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     z = image_code(encoder, xb) if encoder is not None else None
-                    y = restore(model, xb, z, tile=tile, overlap=overlap, planner=planner, scored=bool(wanted),
+                    y = restore(net, xb, z, tile=tile, overlap=overlap, planner=planner, scored=bool(wanted),
                                 progress=progress)
                 y = y[0].float().cpu()
                 _score(row, wanted, x, y, clean, protocol, niqe_channel, undefined, (rain_path, clean_path))

@@ -357,10 +357,11 @@ def project_commit() -> str:
 
 
 def run_description(checkpoint: str, backbone: str, load_mode: str, setting, tile: Optional[int], overlap: int,
-                    max_memory: Optional[int], when: Optional[str] = None, commit: Optional[str] = None) -> list[str]:
+                    max_memory: Optional[int], when: Optional[str] = None, commit: Optional[str] = None,
+                    compiled: bool = False) -> list[str]:
     """The report's lines saying what made it: checkpoint (or published name), backbone and mode,
-    precision and layout (``setting``: a ``utils.eval.precision.Setting``), tile plan, date and commit, so two
-    reports opened side by side say which is which."""
+    precision and layout (``setting``: a ``utils.eval.precision.Setting``; ``compiled``: ``--compile``),
+    tile plan, date and commit, so two reports opened side by side say which is which."""
     import datetime
 
     mode = "CoIC (modulated by the encoder's z)" if load_mode == "tran" else "plain (no modulation)"
@@ -371,7 +372,7 @@ def run_description(checkpoint: str, backbone: str, load_mode: str, setting, til
     else:
         tiles = "whole images"
     when = when or datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    return [f"Model: {checkpoint} ({backbone}, {mode})", f"Setting: {setting.label}; {tiles}",
+    return [f"Model: {checkpoint} ({backbone}, {mode})", f"Setting: {setting.label}{', compiled' if compiled else ''}; {tiles}",
             f"Made: {when}, project commit {commit or project_commit()}"]
 
 
