@@ -207,6 +207,10 @@ def test_compiled_backbone_gives_the_eager_output_with_one_graph(tmp_path, train
     """--compile: the same PNGs as the eager run, and one graph for every tile of every image."""
     import torch._dynamo
 
+    from utils.eval.inference import _cpp_compiler
+
+    if _cpp_compiler() is None:
+        pytest.skip("no C++ compiler for TorchInductor here (test_compile_without_a_compiler covers that case)")
     test_dir = os.path.join(tiny_demo, "heavy", "test")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -222,6 +226,16 @@ def test_compiled_backbone_gives_the_eager_output_with_one_graph(tmp_path, train
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # 4 images x 4 tiles of 32 px
     assert "Setting: fp32, compiled; tiles of 32 px" in (tmp_path / "compiled" / "index.html").read_text()
     torch._dynamo.reset()
+
+
+def test_compile_without_a_compiler_is_one_line(tmp_path, trained, tiny_demo, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++, clang++ or c++ to be found
+    monkeypatch.delenv("CXX", raising=False)
+    test_dir = os.path.join(tiny_demo, "heavy", "test")
+    assert test_model.main(["--test_model", trained, "--test_dir", test_dir, "--save_path", str(tmp_path / "o"),
+                            "--compile"]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "--compile needs a C++ compiler" in errors[0], errors
 
 
 def test_the_report_says_which_model_made_it(tmp_path, trained, tiny_demo):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from typing import Optional
 
 import torch
@@ -32,9 +34,24 @@ def compile_for_inference(model: nn.Module) -> nn.Module:
     once and fused with the activation that follows), and shapes are static: one graph per input
     size, built on the first forward at that size (about 20 s for BRN on a 2-core CPU) and kept for
     every later image or tile of that size in the process; inductor's on-disk cache shortens the
-    build in later processes. The returned module forwards attribute reads to ``model``.
+    build in later processes. The returned module forwards attribute reads to ``model``. On a CPU
+    inductor builds C++, so a machine without a C++ compiler gets a one-line error here.
     """
+    if next(model.parameters()).device.type == "cpu" and _cpp_compiler() is None:
+        raise UserError("--compile needs a C++ compiler on a CPU (TorchInductor builds C++; it looks for $CXX, "
+                        "g++ or clang++): install one (e.g. apt-get install g++) or drop --compile")
     return torch.compile(model, dynamic=False, options={"freezing": True})
+
+
+def _cpp_compiler() -> Optional[str]:
+    """The path of the C++ compiler TorchInductor would use on a CPU, None when there is none."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        command = get_cpp_compiler()
+    except Exception:  # a private API that may move or raise when no compiler is found
+        command = os.environ.get("CXX") or "g++"
+    return shutil.which(command.split()[0]) if command else None
 
 
 def effective_tile(model: nn.Module, tile: Optional[int]) -> Optional[int]:
