@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPUs)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone (TorchInductor, weights frozen): about 1.2x faster per forward and "
-                        "40%% less memory for BRN on a CPU, but each new image or tile size first takes about 20 s to "
-                        "compile; worth it for many photos of one size or a tiled large photo (docs/speed.md)")
+                        "40%% less memory for BRN on a CPU, but each new image or tile size first takes about 20 s (BRN) to "
+                        "minutes (DRSformer) to compile; worth it for many photos of one size or a tiled large photo (docs/speed.md)")
     p.add_argument("--recommended", action="store_true",
                    help="the fastest setting of this machine (utils.eval.precision): bf16 + channels_last on GPUs "
                         "and on CPUs with native bf16, fp32 elsewhere; replaces --amp and --channels_last")
