@@ -210,7 +210,7 @@ def test_compiled_backbone_gives_the_eager_output_with_one_graph(tmp_path, train
     from utils.eval.inference import _cpp_compiler
 
     if _cpp_compiler() is None:
-        pytest.skip("no C++ compiler for TorchInductor here (test_compile_without_a_compiler covers that case)")
+        pytest.skip("no C++ compiler for TorchInductor here (test_compile_without_a_compiler_is_one_line covers it)")
     test_dir = os.path.join(tiny_demo, "heavy", "test")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

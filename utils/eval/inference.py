@@ -34,8 +34,9 @@ def compile_for_inference(model: nn.Module) -> nn.Module:
     once and fused with the activation that follows), and shapes are static: one graph per input
     size, built on the first forward at that size (about 20 s for BRN on a 2-core CPU, minutes for
     DRSformer) and kept for every later image or tile of that size in the process; inductor's
-    on-disk cache shortens the build in later processes. The returned module forwards attribute reads to ``model``. On a CPU
-    inductor builds C++, so a machine without a C++ compiler gets a one-line error here.
+    on-disk cache shortens the build in later processes. The returned module forwards attribute
+    reads to ``model``. On a CPU inductor builds C++, so a machine without a C++ compiler gets a
+    one-line error here.
     """
     if next(model.parameters()).device.type == "cpu" and _cpp_compiler() is None:
         raise UserError("--compile needs a C++ compiler on a CPU (TorchInductor builds C++; it looks for $CXX, "
