@@ -47,3 +47,29 @@ def test_demo_keeps_typed_data_paths(tmp_path, tiny_demo, monkeypatch):
     log = (save / "train.log").read_text()
     assert "BRN: 8 training pairs" in log  # light's 8, not the four types' 32
     assert "heavy" not in log.split("training pairs")[0]
+
+
+def _row(kind: str, rain_psnr: float, out_psnr: float) -> dict:
+    return {"type": kind, "rain_psnr": rain_psnr, "rain_ssim": 0.5, "out_psnr": out_psnr, "out_ssim": 0.6,
+            "rain_niqe": None, "out_niqe": None, "picture": f"demo_{kind}.png"}
+
+
+def test_demo_table_explains_a_type_made_worse(capsys):
+    """A type whose derained PSNR is below the rainy input gets one line saying why and what to try;
+    the mean row is the plain mean of the rows; a backbone without published weights gets no
+    --pretrained advice."""
+    from utils.train.run import print_demo_table
+
+    print_demo_table([_row("light", 26.0, 24.5), _row("heavy", 14.0, 20.0)], "BRN")
+    out = capsys.readouterr().out.splitlines()
+    mean = next(line for line in out if line.startswith("mean"))
+    assert mean.split()[1:4] == ["20.00/0.5000", "22.25/0.6000", "+2.25"]
+    hints = [line for line in out if "below the rainy input" in line]
+    assert len(hints) == 1 and hints[0].startswith("light: derained 1.50 dB below")
+    assert "docs/demo.md" in hints[0] and "train_BRN.py --demo --pretrained baseline-brn" in hints[0]
+
+    print_demo_table([_row("light", 26.0, 27.0), _row("heavy", 14.0, 20.0)], "BRN")
+    assert "below the rainy input" not in capsys.readouterr().out
+    print_demo_table([_row("light", 26.0, 25.0)], "IDT")
+    hint = [line for line in capsys.readouterr().out.splitlines() if "below the rainy input" in line]
+    assert len(hint) == 1 and "--pretrained" not in hint[0]

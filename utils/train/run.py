@@ -52,6 +52,13 @@ def demo_report(checkpoint: str, model_name: str, demo_root: str, save_path: str
         save_image(torch.cat([read_image(first[0]), derained, read_image(first[1])], dim=-1), picture)
         row["picture"] = picture
         rows.append(row)
+    print_demo_table(rows, model_name)
+    return rows
+
+
+def print_demo_table(rows: list[dict], model_name: str) -> None:
+    """The demo's table of ``rows`` (one per rain type, as ``demo_report`` builds them), a mean row,
+    the pictures, and one line per type that the model made worse, saying why and what to try."""
     mean = {"type": "mean", **{k: _mean([r[k] for r in rows]) for k in rows[0] if k not in ("type", "picture")}}
     print()
     print(f"{'rain type':<12} {'rainy PSNR/SSIM':>17} {'derained PSNR/SSIM':>20} {'gain dB':>8}   "
@@ -64,7 +71,16 @@ def demo_report(checkpoint: str, model_name: str, demo_root: str, save_path: str
     print("side-by-side pictures (rainy | derained | clean):")
     for r in rows:
         print(f"  {r['picture']}")
-    return rows
+    from models import backbone
+
+    baselines = [name for name in backbone(model_name).published_weights if name.startswith("baseline-")]
+    for r in rows:
+        if r["out_psnr"] < r["rain_psnr"]:
+            hint = (f"; try starting from the published weights: train_{model_name}.py --demo --pretrained "
+                    f"{baselines[0]}" if baselines else "")
+            print(f"{r['type']}: derained {r['rain_psnr'] - r['out_psnr']:.2f} dB below the rainy input. A demo-sized "
+                  "model removes about one amount of rain from every picture, too much for the lightest "
+                  f"(docs/demo.md, 'Known weakness'){hint}")
 
 
 def _mean(values: list) -> Optional[float]:
