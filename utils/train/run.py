@@ -79,8 +79,8 @@ def print_demo_table(rows: list[dict], model_name: str) -> None:
             hint = (f"; try starting from the published weights: train_{model_name}.py --demo --pretrained "
                     f"{baselines[0]}" if baselines else "")
             print(f"{r['type']}: derained {r['rain_psnr'] - r['out_psnr']:.2f} dB below the rainy input. A demo-sized "
-                  "model removes about one amount of rain from every picture, too much for the lightest "
-                  f"(docs/demo.md, 'Known weakness'){hint}")
+                  "model trained for minutes removes about the same amount of rain from every picture, too much "
+                  f"where there is little (docs/demo.md, 'Known weakness'){hint}")
 
 
 def _mean(values: list) -> Optional[float]:
