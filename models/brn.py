@@ -72,7 +72,7 @@ class _Branch(nn.Module):
         g = torch.tanh(gates[:, 2 * self.width:3 * self.width])
         i, f, _, o = gates.sigmoid_().split(self.width, dim=1)
         c = f * c + i * g
-        h = o * torch.tanh(c)
+        h = (o * torch.tanh(c)).to(o.dtype)  # o: the convolutions' dtype (c may be float32)
         y = h
         for k in range(1, self.num_res + 1):
             y = torch.relu_(self.get(f"res_conv{k}")(y, z) + y)
@@ -106,8 +106,14 @@ class BRN(nn.Module):
         self._branches = {"x": image, "r": rain}
 
     def forward(self, x: Tensor, z: Optional[Tensor] = None) -> Tensor:
-        zeros = x.new_zeros(x.shape[0], self.width, *x.shape[-2:])
-        h, c, h_r, c_r = zeros, zeros, zeros, zeros
+        # Mixed precision as for any LSTM: the cell states c (accumulators) in x's dtype, the hidden
+        # states h in the dtype the convolutions compute in. Under bf16 autocast a float32 h would
+        # promote every concatenation and residual sum to float32 (twice the memory traffic, and a
+        # cast before each convolution). Without autocast both are x's dtype, as before.
+        dev = x.device.type
+        state = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        c = c_r = x.new_zeros(x.shape[0], self.width, *x.shape[-2:])
+        h = h_r = c.to(state)
         out, rain = x, x
         image, rain_branch = self._branches["x"], self._branches["r"]
         for _ in range(self.inter_iter):
