@@ -34,7 +34,7 @@ def test_hidden_state_in_the_autocast_dtype_cell_state_in_float32(dim_in):
     bf16, fp32 = torch.bfloat16, torch.float32
     for autocast, expected in ((True, [bf16, bf16, fp32]), (False, [fp32, fp32, fp32])):
         seen = []
-        hooks = [branch.register_forward_hook(lambda m, args, out: seen.append([t.dtype for t in out]))
+        hooks = [branch.register_forward_hook(lambda m, args, out, seen=seen: seen.append([t.dtype for t in out]))
                  for branch in model._branches.values()]
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             model(x, z)
