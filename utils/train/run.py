@@ -74,10 +74,10 @@ def print_demo_table(rows: list[dict], model_name: str) -> None:
     from models import backbone
 
     baselines = [name for name in backbone(model_name).published_weights if name.startswith("baseline-")]
+    hint = (f"; try starting from the published weights: train_{model_name}.py --demo --pretrained {baselines[0]}"
+            if baselines else "")
     for r in rows:
         if r["out_psnr"] < r["rain_psnr"]:
-            hint = (f"; try starting from the published weights: train_{model_name}.py --demo --pretrained "
-                    f"{baselines[0]}" if baselines else "")
             print(f"{r['type']}: derained {r['rain_psnr'] - r['out_psnr']:.2f} dB below the rainy input. A demo-sized "
                   "model trained for minutes removes about the same amount of rain from every picture, too much "
                   f"where there is little (docs/demo.md, 'Known weakness'){hint}")
