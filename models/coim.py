@@ -125,14 +125,44 @@ class ModulatedConv2d(nn.Conv2d):
         return self.weight.unsqueeze(0) * self.kernel_attention(x, z, mean)
 
 
+def _layout_of(layer: nn.Module, weight: Tensor) -> Tensor:
+    """A per-sample ``weight`` in the memory format of ``layer.weight``.
+
+    ``model.to(memory_format=torch.channels_last)`` makes every layer's weight channels-last, and
+    oneDNN gives a channels-last output when the input or the weight is one, so a model in
+    channels-last stays in it. One layer's per-sample kernels inherit the layout from its weight;
+    the kernels that :func:`sibling_convs` stacks do not, and a default-layout input (BRN's first
+    hidden state) then gave a default-layout output that every later layer copied.
+    """
+    if not layer.weight.is_contiguous() and layer.weight.is_contiguous(memory_format=torch.channels_last):
+        return weight.contiguous(memory_format=torch.channels_last)
+    return weight
+
+
 def _per_sample_conv(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """x (B,C_in,H,W) convolved, sample n with weight[n] (B,C_out,C_in/g,kh,kw) and the shared bias
     (C_out,), as one grouped convolution with the batch folded into the channels (``conv``'s geometry)."""
-    b, _, h, w = x.shape
+    b = x.shape[0]
     bias = bias.repeat(b) if bias is not None else None
-    out = F.conv2d(x.reshape(1, -1, h, w), weight.flatten(0, 1), bias, conv.stride, conv.padding, conv.dilation,
-                   groups=b * conv.groups)
-    return out.view(b, weight.shape[1], *out.shape[-2:])
+    out = F.conv2d(_fold_batch(x), _layout_of(conv, weight.flatten(0, 1)), bias, conv.stride, conv.padding,
+                   conv.dilation, groups=b * conv.groups)
+    return _unfold_batch(out, b)
+
+
+def _fold_batch(x: Tensor) -> Tensor:
+    """(B,C,H,W) -> (1,B*C,H,W); x itself at batch 1.
+
+    A view of x to its own shape gets a batch stride of C, and PyTorch then no longer reads a
+    channels-last tensor as channels-last (``suggest_memory_format``): every concatenation with it
+    fell back to the default layout and copied, and so did the convolution after it (BRN's CoIC
+    forward in bf16 + channels-last took 1.2 times the plain one's time at 256²).
+    """
+    return x if x.shape[0] == 1 else x.reshape(1, -1, *x.shape[-2:])
+
+
+def _unfold_batch(out: Tensor, b: int) -> Tensor:
+    """(1,B*C,H,W) -> (B,C,H,W); ``out`` itself at batch 1 (see :func:`_fold_batch`)."""
+    return out if b == 1 else out.view(b, -1, *out.shape[-2:])
 
 
 def sibling_convs(convs: Sequence[ModulatedConv2d], x: Tensor, z: Optional[Tensor] = None) -> Tensor:
@@ -191,12 +221,12 @@ class ModulatedConvTranspose2d(nn.ConvTranspose2d):
     def forward(self, x: Tensor, z: Optional[Tensor] = None, output_size=None) -> Tensor:
         if z is None or not self.modulated:
             return super().forward(x, output_size)
-        b, _, h, w = x.shape
+        b = x.shape[0]
         weight = (self.weight.unsqueeze(0) * self.kernel_attention(x, z)).flatten(0, 1)
         bias = self.bias.repeat(b) if self.bias is not None else None
-        out = F.conv_transpose2d(x.reshape(1, -1, h, w), weight, bias, self.stride, self.padding,
+        out = F.conv_transpose2d(_fold_batch(x), _layout_of(self, weight), bias, self.stride, self.padding,
                                  self.output_padding, groups=b, dilation=self.dilation)
-        return out.view(b, self.out_channels, *out.shape[-2:])
+        return _unfold_batch(out, b)
 
 
 def modulation_parameters(module: nn.Module) -> list[nn.Parameter]:

@@ -133,3 +133,38 @@ def test_sibling_convs_refuse_convs_that_differ_in_more_than_outputs():
     a, b = ModulatedConv2d(12, 5, 3, 1, 1, dim_in=8), ModulatedConv2d(12, 5, 3, 2, 1, dim_in=8)
     with pytest.raises(ValueError, match="differ"):
         sibling_convs([a, b], torch.randn(1, 12, 8, 8))
+
+
+def _channels_last_strides(shape):
+    """The strides of a dense channels-last (N, C, H, W) tensor, written out by hand."""
+    n, c, h, w = shape
+    return (c * h * w, 1, w * c, c)
+
+
+@pytest.mark.parametrize("kind", ["conv", "transposed", "siblings"])
+@pytest.mark.parametrize("input_layout", ["channels_last", "default"])
+def test_a_channels_last_model_keeps_its_layout_in_coic_mode(kind, input_layout):
+    # A model in channels-last must hand on dense channels-last tensors, z or not, at batch 1
+    # (a photo), whatever the layout of its input: a batch stride of C made PyTorch read them as
+    # default-layout, and stacked per-sample kernels (sibling_convs) were default-layout, so every
+    # concatenation and convolution after them copied (DRSformer's CoIC forward in bf16 took twice
+    # its plain one's time). The values stay those of the per-sample convolution.
+    torch.manual_seed(0)
+    if kind == "transposed":
+        layers = [ModulatedConvTranspose2d(8, 6, 2, stride=2, padding=0, dim_in=5)]
+    else:
+        layers = [ModulatedConv2d(8, c, 3, 1, 1, dim_in=5) for c in ((6,) if kind == "conv" else (4, 2))]
+    for layer in layers:
+        _randomise_generator(layer)
+        layer.to(memory_format=torch.channels_last)
+    x, z = torch.randn(1, 8, 7, 9), torch.randn(1, 5)
+    if input_layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = sibling_convs(layers, x, z) if kind == "siblings" else layers[0](x, z)
+    assert out.stride() == _channels_last_strides(out.shape)
+    assert torch.cat([out, out], 1).stride() == _channels_last_strides((1, 12, *out.shape[-2:]))
+    op = F.conv_transpose2d if kind == "transposed" else F.conv2d
+    for layer, ref_slice in zip(layers, out.split([layer.weight.shape[kind == "transposed"] for layer in layers], 1)):
+        weight = layer.weight.detach().contiguous() * layer.kernel_attention(x, z)[0]
+        ref = op(x.contiguous(), weight, layer.bias, stride=layer.stride, padding=layer.padding)
+        torch.testing.assert_close(ref_slice, ref, atol=1e-5, rtol=1e-5)
