@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from models.coim import ModulatedConv2d, sibling_convs
+from models.coim import ModulatedConv2d, is_channels_last, sibling_convs
 
 # In place: each is applied to a convolution's fresh output, which nothing else reads (and whose
 # backward does not need it), so no second map is written.
@@ -112,7 +112,10 @@ class BRN(nn.Module):
         # cast before each convolution). Without autocast both are x's dtype, as before.
         dev = x.device.type
         state = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        c = c_r = x.new_zeros(x.shape[0], self.width, *x.shape[-2:])
+        layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+        # zeros in x's layout: a model in channels-last stays in it from the first iteration
+        c = c_r = torch.empty(x.shape[0], self.width, *x.shape[-2:], dtype=x.dtype, device=x.device,
+                              memory_format=layout).zero_()
         h = h_r = c.to(state)
         out, rain = x, x
         image, rain_branch = self._branches["x"], self._branches["r"]

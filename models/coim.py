@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ModulatedConv2d", "sibling_convs", "ModulatedConvTranspose2d", "ContextEmbedding", "modulation_parameters",
+__all__ = ["ModulatedConv2d", "sibling_convs", "is_channels_last", "ModulatedConvTranspose2d", "ContextEmbedding", "modulation_parameters",
            "context_embedding_parameters", "log_temperature"]
 
 
@@ -125,6 +125,11 @@ class ModulatedConv2d(nn.Conv2d):
         return self.weight.unsqueeze(0) * self.kernel_attention(x, z, mean)
 
 
+def is_channels_last(t: Tensor) -> bool:
+    """Whether a 4-d tensor is laid out channels-last (and not also in the default layout)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def _layout_of(layer: nn.Module, weight: Tensor) -> Tensor:
     """A per-sample ``weight`` in the memory format of ``layer.weight``.
 
@@ -134,7 +139,7 @@ def _layout_of(layer: nn.Module, weight: Tensor) -> Tensor:
     the kernels that :func:`sibling_convs` stacks do not, and a default-layout input (BRN's first
     hidden state) then gave a default-layout output that every later layer copied.
     """
-    if not layer.weight.is_contiguous() and layer.weight.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(layer.weight):
         return weight.contiguous(memory_format=torch.channels_last)
     return weight
 

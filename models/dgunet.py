@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.coim import ModulatedConv2d, ModulatedConvTranspose2d
+from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, is_channels_last
 
 __all__ = ["DGUNet"]
 
@@ -163,7 +163,11 @@ class _SubspaceMerge(nn.Module):
         rhs = basis @ flat.transpose(1, 2)
         with torch.autocast(gram.device.type, enabled=False):
             coeffs = torch.linalg.solve_ex(gram.float(), rhs.float())[0].to(rhs.dtype)  # (B,K,C)
-        projected = (coeffs.transpose(1, 2) @ basis).view_as(previous)
+        if is_channels_last(previous):  # the same products, written out channels-last (no copy before the conv)
+            b, c, h, w = previous.shape
+            projected = (basis.transpose(1, 2) @ coeffs).view(b, h, w, c).permute(0, 3, 1, 2)
+        else:
+            projected = (coeffs.transpose(1, 2) @ basis).view_as(previous)
         return x + self.conv_block(torch.cat([x, projected], dim=1), z)
 
 
@@ -197,7 +201,12 @@ class _UNetBlock(nn.Module):
         out = self.conv_1(x, z)
         if self.norm is not None:
             half = self.norm.num_features
-            out = torch.cat([self.norm(out[:, :half]), out[:, half:]], dim=1)
+            normed = self.norm(out[:, :half])
+            if is_channels_last(out):
+                # instance_norm answers in the default layout; a concatenation of both layouts
+                # falls back to it, and the next convolution would copy the whole map back
+                normed = normed.contiguous(memory_format=torch.channels_last)
+            out = torch.cat([normed, out[:, half:]], dim=1)
         out = F.leaky_relu(out, 0.2)
         out = F.leaky_relu(self.conv_2(out, z), 0.2) + self.identity(x, z)
         if enc is not None and dec is not None:

@@ -4,8 +4,11 @@ Parametrised over ``models.available_models()``: a new backbone is covered by re
 (and giving its recipe a ``tiny`` configuration), without editing this file.
 """
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import contract
+from helpers import unit_codes
 from models import available_models, build_model
 
 NAMES = available_models()
@@ -49,3 +52,48 @@ def test_registry_lists_names_on_unknown():
     with pytest.raises(ValueError, match="BRN"):
         build_model("BRN", depth=3)
     assert available_models()[0] == "BRN"
+
+
+# Whether a model in channels-last feeds every convolution a map that PyTorch reads as channels-last
+# (one entry per backbone). IDT and DRSformer turn tokens into maps and back around their depthwise
+# convolutions, which run faster in the default layout on CPUs without bf16 (docs/speed.md): they
+# are not held to it.
+CHANNELS_LAST_THROUGHOUT = {"BRN": True, "RCDNet": True, "DGUNet": True, "IDT": False, "DRSformer": False}
+
+
+def test_every_backbone_has_a_channels_last_entry():
+    assert sorted(CHANNELS_LAST_THROUGHOUT) == sorted(NAMES), "add the new backbone to CHANNELS_LAST_THROUGHOUT"
+
+
+class _ConvInputs(TorchDispatchMode):
+    """Records the input maps of every convolution run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in ("convolution", "conv2d", "conv_transpose2d"):
+            self.inputs.append(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["plain", "coic"])
+@pytest.mark.parametrize("name", [n for n in NAMES if CHANNELS_LAST_THROUGHOUT.get(n)])
+def test_a_channels_last_model_stays_channels_last(name, mode):
+    # A photo is batch 1. A map that PyTorch no longer reads as channels-last (a batch stride of C,
+    # default-layout zeros, instance norm's output) makes every concatenation with it fall back to
+    # the default layout, and the next convolution copies the whole map back: BRN's, DGUNet's and
+    # DRSformer's CoIC forwards in bf16 took 1.2 to 2 times their plain ones. The probe is PyTorch's
+    # own reading: a concatenation of a map with itself must come out channels-last.
+    model = contract.tiny_model(name).eval().to(memory_format=torch.channels_last)
+    x = contract.tiny_image(name, batch=1).contiguous(memory_format=torch.channels_last)
+    z = unit_codes(1, contract.tiny_args(name).dim_in, seed=0) if mode == "coic" else None
+    spy = _ConvInputs()
+    with torch.no_grad(), spy:
+        model(x, z)
+    maps = [t for t in spy.inputs if t.shape[-1] * t.shape[-2] > 1 and t.shape[1] > 1]
+    assert maps, "no convolution seen"
+    dropped = [tuple(t.shape) for t in maps
+               if not torch.cat([t, t], 1).is_contiguous(memory_format=torch.channels_last)]
+    assert not dropped, f"{name} {mode}: {len(dropped)} of {len(maps)} convolutions read default-layout maps {dropped[:4]}"
