@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ModulatedConv2d", "sibling_convs", "is_channels_last", "ModulatedConvTranspose2d", "ContextEmbedding", "modulation_parameters",
-           "context_embedding_parameters", "log_temperature"]
+__all__ = ["ModulatedConv2d", "sibling_convs", "is_channels_last", "ModulatedConvTranspose2d", "ContextEmbedding",
+           "modulation_parameters", "context_embedding_parameters", "log_temperature"]
 
 
 def _generator(dim_in: int, in_channels: int, hidden: int, out_features: int) -> nn.Sequential:
