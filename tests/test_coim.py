@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, modulation_parameters, sibling_convs
+from models.coim import (ModulatedConv2d, ModulatedConvTranspose2d, channel_means, modulation_parameters,
+                         sibling_convs)
 
 
 def _randomise_generator(layer):
@@ -168,3 +169,21 @@ def test_a_channels_last_model_keeps_its_layout_in_coic_mode(kind, input_layout)
         weight = layer.weight.detach().contiguous() * layer.kernel_attention(x, z)[0]
         ref = op(x.contiguous(), weight, layer.bias, stride=layer.stride, padding=layer.padding)
         torch.testing.assert_close(ref_slice, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_channel_means_by_dtype_and_layout():
+    torch.manual_seed(0)
+    x = torch.rand(2, 5, 40, 30)
+    # float32, and bf16 in the default layout (training): exactly what ``mean`` gives, so a
+    # training run's arithmetic does not depend on this shortcut
+    assert torch.equal(channel_means(x), x.mean(dim=(-2, -1)))
+    assert torch.equal(channel_means(x.bfloat16()), x.bfloat16().mean(dim=(-2, -1)))
+    # bf16 in channels-last: the float64 mean of the same bf16 values, within two bf16 roundings
+    xb = x.bfloat16().contiguous(memory_format=torch.channels_last)
+    got = channel_means(xb)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 5)
+    exact = xb.double().sum(dim=(-2, -1)) / (40 * 30)
+    torch.testing.assert_close(got.double(), exact, rtol=2 * 2 ** -8, atol=0)
+    # float16 keeps ``mean``: a float16 sum of 300 x 300 ones (90,000) would overflow to inf
+    ones = torch.ones(1, 3, 300, 300, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(channel_means(ones), torch.ones(1, 3, dtype=torch.float16))
