@@ -7,6 +7,9 @@ its training resolution, ``tile_size`` (inputs are tiled at it); callers read bo
 ``size_multiple(model)`` and ``tile_size(model)``. ``bf16_verified`` (default: none)
 names the modes ("plain", "coic") whose bf16 output is shown as accurate as float32: there
 ``test_model.py`` runs bf16 by default on a CPU that computes it natively (``utils.eval.precision``).
+``channels_last_throughout`` (default: False) says that, in channels-last, every convolution reads a
+channels-last map (no whole-map layout copies); IDT and DRSformer do not declare it, because their
+token/map round trips around depthwise convolutions run faster in the default layout on CPUs without bf16.
 
 ``BACKBONES`` is the only list of backbones: tests, benchmarks, tools and the table of published
 weights iterate over it. A file that keeps per-backbone data of its own keys it by name and raises

@@ -89,6 +89,9 @@ class BRN(nn.Module):
 
     size_multiple = 1
     tile_size = None
+    # Every convolution reads a channels-last map when the model and its input are channels-last
+    # (tests/test_models_contract.py holds it to that).
+    channels_last_throughout = True
     # Modes whose bf16 + channels-last output is shown as accurate as float32 (per rain type, mean PSNR
     # within 0.05 dB and mean NIQE within 0.05: benchmarks/bf16_accuracy.py on the published baseline).
     bf16_verified = ("plain",)

@@ -323,6 +323,9 @@ class DGUNet(nn.Module):
     """
 
     size_multiple: int = 2 ** (_UNET_LEVELS - 1)
+    # Every convolution reads a channels-last map when the model and its input are channels-last
+    # (tests/test_models_contract.py holds it to that).
+    channels_last_throughout = True
 
     def __init__(self, depth: int = 5, dim_in: int = 128, n_feat: int = 40, scale_unetfeats: int = 20,
                  scale_orsnetfeats: int = 16, kernel_size: int = 3, reduction: int = 4, bias: bool = False):

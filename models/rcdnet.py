@@ -227,6 +227,9 @@ class RCDNet(nn.Module):
     size_multiple: int = 1
     # The reference trains and evaluates RCDNet on 0-255 pixel values.
     value_scale: float = 255.0
+    # Every convolution reads a channels-last map when the model and its input are channels-last
+    # (tests/test_models_contract.py holds it to that).
+    channels_last_throughout = True
 
     def __init__(self, inter_iter: int = 17, num_map: int = 32, num_channel: int = 32,
                  num_block: int = 4, dim_in: int = 128,
