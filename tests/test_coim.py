@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.coim import (ModulatedConv2d, ModulatedConvTranspose2d, channel_means, modulation_parameters,
                          sibling_convs)
@@ -187,3 +188,56 @@ def test_channel_means_by_dtype_and_layout():
     # float16 keeps ``mean``: a float16 sum of 300 x 300 ones (90,000) would overflow to inf
     ones = torch.ones(1, 3, 300, 300, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     assert torch.equal(channel_means(ones), torch.ones(1, 3, dtype=torch.float16))
+
+
+class _ConvShapes(TorchDispatchMode):
+    """Records (weight shape, groups) of every convolution run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] == "convolution":
+            self.calls.append((tuple(args[1].shape), args[8]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("per_group", [2, 3])
+@pytest.mark.parametrize("layout", ["default", "channels_last"])
+@pytest.mark.parametrize("modulated", [False, True])
+def test_several_inputs_one_output_per_group_equals_a_loop_over_groups(per_group, layout, modulated):
+    # DRSformer's second feed-forward stage (two inputs, one output per group) runs on a CPU as a
+    # depthwise convolution whose consecutive outputs are summed (oneDNN's grouped kernel for that
+    # shape is 3-4 times slower). Values and gradients must be those of each group convolved on its
+    # own; the grouped kernel must not run.
+    torch.manual_seed(0)
+    groups = 4
+    layer = ModulatedConv2d(groups * per_group, groups, 3, 1, 2, dilation=2, groups=groups, dim_in=5)
+    _randomise_generator(layer)
+    x = torch.randn(2, groups * per_group, 7, 9, requires_grad=True)
+    z = torch.randn(2, 5) if modulated else None
+    if layout == "channels_last":
+        layer.to(memory_format=torch.channels_last)
+    xin = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    spy = _ConvShapes()
+    with spy:
+        out = layer(xin, z)
+    assert all(shape[1] == 1 for shape, _ in spy.calls), spy.calls  # depthwise only
+    weight = layer.weight.contiguous()
+    ref_rows = []
+    for n in range(2):
+        w = weight * layer.kernel_attention(x[n:n + 1], z[n:n + 1])[0] if modulated else weight
+        ref_rows.append(torch.cat([
+            F.conv2d(x[n:n + 1, g * per_group:(g + 1) * per_group], w[g:g + 1], layer.bias[g:g + 1],
+                     padding=2, dilation=2) for g in range(groups)], 1))
+    ref = torch.cat(ref_rows)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    if layout == "channels_last":  # a photo (batch 1) stays channels-last
+        one = layer(xin[:1], None if z is None else z[:1])
+        assert one.stride() == _channels_last_strides(one.shape)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [x, layer.weight], grad)
+    want = torch.autograd.grad(ref, [x, layer.weight], grad)
+    for g_got, g_want in zip(got, want):
+        torch.testing.assert_close(g_got, g_want, atol=1e-4, rtol=1e-4)
