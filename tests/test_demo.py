@@ -1,6 +1,8 @@
 import os
 
 import numpy as np
+import pytest
+import torch
 
 from datasets import find_pairs, read_image
 from utils.data.demo import RAIN_TYPES, add_rain
@@ -73,3 +75,53 @@ def test_demo_table_explains_a_type_made_worse(capsys):
     print_demo_table([_row("light", 26.0, 25.0)], "IDT")
     hint = [line for line in capsys.readouterr().out.splitlines() if "below the rainy input" in line]
     assert len(hint) == 1 and "--pretrained" not in hint[0]
+
+
+def test_most_even_keeps_the_checkpoint_whose_worst_set_gains_most():
+    from utils.train.selection import most_even
+
+    gains = {
+        "a": {"light": -3.0, "heavy": 9.0},   # best mean (+3.0), worst set -3.0
+        "b": {"light": 0.5, "heavy": 2.0},    # worst set +0.5: the choice
+        "c": {"light": 0.2, "heavy": 6.0},
+    }
+    assert most_even(gains) == "b"
+    assert most_even({**gains, "d": {"light": 0.5, "heavy": 1.0}}) == "d"  # a tie goes to the later one
+    with pytest.raises(ValueError):
+        most_even({})
+
+
+def test_demo_evaluates_the_checkpoint_whose_worst_type_gains_most(tmp_path, tiny_demo, monkeypatch, capsys):
+    """With a checkpoint saved at every CoIC iteration, the demo evaluates the one whose worst rain type
+    gains most on the training pictures; each gain is checked against the evaluation path's PSNR of the
+    derained picture minus the rainy picture's PSNR, computed here."""
+    from utils.eval.evaluation import evaluate, load_encoder, load_model
+    from utils.train.selection import checkpoint_gains, validation_pairs
+
+    monkeypatch.setenv("COIC_DEMO_ROOT", tiny_demo)
+    save = str(tmp_path / "demo")
+    assert main("BRN", ["--demo", "--save_path", save, "--tot_iters", "5", "--stage1_iters", "2", "--save_freq", "1",
+                        "--keep_checkpoints", "10", "--crop_size", "16", "--batch_size", "2", "--inter_iter", "1",
+                        "--num_workers", "0"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("evaluating "))
+    assert "of the 4 checkpoints since CoIC started" in line  # iterations 2, 3, 4, 5
+    folders = {kind: os.path.join(tiny_demo, kind, "train") for kind in RAIN_TYPES}
+    pairs = validation_pairs(folders, 8)
+    cpu = torch.device("cpu")
+    worst = {}
+    for it in range(2, 6):
+        path = os.path.join(save, f"ckpt_{it:07d}.pth")
+        model, ckpt = load_model("BRN", path, "tran", cpu)
+        encoder = load_encoder(None, ckpt, path, cpu)
+        by_hand = {}
+        for kind, items in pairs.items():
+            rows = evaluate(model, encoder, list(items), None, cpu, progress=False, metrics=("psnr",))
+            by_hand[kind] = np.mean([row["psnr"] - psnr(read_image(r), read_image(c))
+                                     for row, (r, c) in zip(rows, items)])
+        got = checkpoint_gains(path, "BRN", pairs, cpu)
+        assert got == pytest.approx(by_hand, abs=1e-4)
+        worst[it] = min(by_hand.values())
+    best = max(sorted(worst), key=lambda it: (worst[it], it))
+    assert line.startswith(f"evaluating ckpt_{best:07d}.pth")
+    assert f"({worst[best]:+.2f} dB; the last one's worst: {worst[5]:+.2f} dB)" in line

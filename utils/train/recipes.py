@@ -101,7 +101,10 @@ RECIPES: dict[str, Recipe] = {
                               model=False, nargs="+"),
         },
         # Measured on 2 CPU cores: see docs/demo.md.
-        demo=dict(inter_iter=2, batch_size=4, crop_size=48, tot_iters=600, stage1_iters=250, save_freq=200),
+        # A checkpoint every 25 iterations of CoIC; the demo evaluates the one whose worst rain type gains
+        # most on training pictures (utils/train/selection.py).
+        demo=dict(inter_iter=2, batch_size=4, crop_size=48, tot_iters=600, stage1_iters=250, save_freq=25,
+                  keep_checkpoints=15),
         tiny=dict(inter_iter=1, batch_size=2, crop_size=16),
     ),
     # RCDNet (reference train_RCDNet.py): stage-output MSE on 0-255, Adam 1e-3, x0.2 at epochs 25/50/75.

@@ -17,6 +17,30 @@ from utils.train.config import REFERENCE_DATA_PATHS, parse_train_args
 logger = logging.getLogger("coic")
 
 
+def demo_checkpoint(last: str, model_name: str, demo_root: str, args, device: torch.device) -> str:
+    """The demo checkpoint to evaluate: of those saved since CoIC started, the one whose worst rain type
+    gains most on a few training pictures of each type (``utils.train.selection``); ``last`` when
+    there is no other. Prints the choice and why."""
+    from utils.data.demo import demo_splits
+    from utils.train.selection import choose_checkpoint
+    from utils.train.state import CKPT_PATTERN, list_checkpoints
+
+    candidates = [p for p in list_checkpoints(args.save_path)
+                  if int(CKPT_PATTERN.match(os.path.basename(p)).group(1)) >= min(args.stage1_iters, args.tot_iters)]
+    if len(candidates) < 2:
+        return last
+    chosen, gains = choose_checkpoint(candidates, model_name, demo_splits(demo_root, "train"), device)
+    worst = {name: min(g.values()) for name, g in gains.items()}
+    for name, g in gains.items():
+        logger.info("%s on training pictures: %s (worst %+.2f dB)", name,
+                    ", ".join(f"{k} {v:+.2f}" for k, v in g.items()), worst[name])
+    name = os.path.basename(chosen)
+    print(f"\nevaluating {name}: of the {len(candidates)} checkpoints since CoIC started, the one whose worst rain "
+          f"type gains most on training pictures ({worst[name]:+.2f} dB; the last one's worst: "
+          f"{worst[os.path.basename(candidates[-1])]:+.2f} dB)")
+    return chosen
+
+
 def demo_report(checkpoint: str, model_name: str, demo_root: str, save_path: str, device: torch.device) -> list[dict]:
     """Evaluate a demo checkpoint on each rain type's test split; print the table, write pictures.
 
@@ -106,7 +130,8 @@ def main(model_name: str, argv: Optional[Sequence[str]] = None) -> int:
             trainer = Trainer(args)
             last = trainer.train()
             if args.demo:
-                demo_report(last, model_name, demo_root, args.save_path, trainer.device)
+                chosen = demo_checkpoint(last, model_name, demo_root, args, trainer.device)
+                demo_report(chosen, model_name, demo_root, args.save_path, trainer.device)
         except TrainingInterrupted as exc:
             print(f"{exc}", file=sys.stderr)
             return 128 + exc.signum
