@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ModulatedConv2d", "sibling_convs", "is_channels_last", "channel_means", "ModulatedConvTranspose2d",
+__all__ = ["ModulatedConv2d", "sibling_convs", "is_channels_last", "weight_is_channels_last", "channel_means",
+           "ModulatedConvTranspose2d",
            "ContextEmbedding", "modulation_parameters", "context_embedding_parameters", "log_temperature"]
 
 
@@ -157,7 +158,25 @@ def _layout_of(layer: nn.Module, weight: Tensor) -> Tensor:
     """
     if is_channels_last(layer.weight):
         return weight.contiguous(memory_format=torch.channels_last)
+    if weight_is_channels_last(layer):
+        # A depthwise kernel (C,1,kh,kw) is the same memory in both layouts, and PyTorch reads its
+        # layout from the strides alone: the per-sample kernels get the channels-last ones on the same
+        # memory, so oneDNN keeps a channels-last map channels-last (IDT's LeFF: no layout copy).
+        return weight.contiguous().as_strided(weight.shape, _channels_last_strides(weight.shape))
     return weight
+
+
+def weight_is_channels_last(layer: nn.Module) -> bool:
+    """Whether ``layer``'s 4-d weight was made channels-last (``model.to(memory_format=...)``), including a
+    depthwise (C,1,kh,kw) kernel, which ``is_channels_last`` cannot tell apart (the same memory in both
+    layouts) but whose strides differ."""
+    w = layer.weight
+    return w.dim() == 4 and (is_channels_last(w) or (w.shape[1] == 1 and w.stride() == _channels_last_strides(w.shape)))
+
+
+def _channels_last_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    n, c, h, w = shape
+    return (c * h * w, 1, w * c, c)
 
 
 def _per_sample_conv(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

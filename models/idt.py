@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import Tensor
 
-from models.coim import ModulatedConv2d, ModulatedConvTranspose2d
+from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, weight_is_channels_last
 from models.coim import ContextEmbedding
 
 __all__ = ["IDT"]
@@ -128,10 +128,14 @@ class LocallyEnhancedFeedForward(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor, z: Optional[Tensor] = None) -> Tensor:
-        # The map is made contiguous (channels first) before the depthwise conv: on the token
-        # layout's strides the conv, the residual sum and the way back to tokens each cost a
-        # layout conversion (LeFF ran 2x slower on a CPU). fc2 reads the map's strides as they are.
-        fmap = _to_map(F.gelu(self.fc1(x))).contiguous()
+        # The tokens are a channels-last map. A model in the default layout makes it contiguous
+        # (channels first) before the depthwise conv: on the token strides the conv, the residual sum
+        # and the way back to tokens each cost a layout conversion (LeFF ran 2x slower on a CPU). A
+        # channels-last model keeps the tokens' layout (no copy either way: IDT at 128², one thread,
+        # fp32 0.97 -> 0.61 s, bf16 0.65 -> 0.41 s). fc2 reads the map's strides as they are.
+        fmap = _to_map(F.gelu(self.fc1(x)))
+        if not weight_is_channels_last(self.dwconv):
+            fmap = fmap.contiguous()
         fmap = fmap + F.gelu(self.dwconv(fmap, z))
         return self.fc2(_to_tokens(fmap))
 

@@ -241,3 +241,29 @@ def test_several_inputs_one_output_per_group_equals_a_loop_over_groups(per_group
     want = torch.autograd.grad(ref, [x, layer.weight], grad)
     for g_got, g_want in zip(got, want):
         torch.testing.assert_close(g_got, g_want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+def test_a_channels_last_depthwise_layer_keeps_its_layout(modulated):
+    # A depthwise kernel (C,1,kh,kw) is the same memory in both layouts; PyTorch tells them apart by
+    # the strides only. A channels-last model's per-sample depthwise kernels must carry the
+    # channels-last strides too, or oneDNN hands back a default-layout map that the next sum copies
+    # (IDT's LeFF in CoIC mode). A default-layout model stays default.
+    torch.manual_seed(0)
+    layer = ModulatedConv2d(6, 6, 3, 1, 1, groups=6, dim_in=5)
+    _randomise_generator(layer)
+    x, z = torch.randn(1, 6, 7, 9), (torch.randn(1, 5) if modulated else None)
+    with torch.no_grad():
+        out = layer(x, z)
+        assert out.stride() == (6 * 7 * 9, 7 * 9, 9, 1)
+        ref = F.conv2d(x, layer.weight * layer.kernel_attention(x, z)[0] if modulated else layer.weight,
+                       layer.bias, padding=1, groups=6)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+        layer.to(memory_format=torch.channels_last)
+        # IDT's tokens seen as a map: (1, H*W, C) -> (1, C, H, W), a channels-last view
+        tokens = x.permute(0, 2, 3, 1).reshape(1, 7 * 9, 6).contiguous()
+        fmap = tokens.transpose(1, 2).reshape(1, 6, 7, 9)  # as models/idt.py's _to_map
+        assert fmap.stride()[1:] == (1, 54, 6)
+        out = layer(fmap, z)
+        assert out.stride() == _channels_last_strides(out.shape)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
