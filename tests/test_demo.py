@@ -91,22 +91,22 @@ def test_most_even_keeps_the_checkpoint_whose_worst_set_gains_most():
         most_even({})
 
 
-def test_demo_evaluates_the_checkpoint_whose_worst_type_gains_most(tmp_path, tiny_demo, monkeypatch, capsys):
+def test_demo_evaluates_the_checkpoint_whose_worst_type_gains_most(tmp_path, tiny_demo, capsys):
     """With a checkpoint saved at every CoIC iteration, the demo evaluates the one whose worst rain type
-    gains most on the training pictures; each gain is checked against the evaluation path's PSNR of the
-    derained picture minus the rainy picture's PSNR, computed here."""
+    gains most on the training pictures, and keeps only it and the last one (15-30 MB each). Each gain
+    is checked against the evaluation path's PSNR of the derained picture minus the rainy picture's
+    PSNR, computed here."""
+    from types import SimpleNamespace
+
     from utils.eval.evaluation import evaluate, load_encoder, load_model
+    from utils.train.run import demo_checkpoint
     from utils.train.selection import checkpoint_gains, validation_pairs
 
-    monkeypatch.setenv("COIC_DEMO_ROOT", tiny_demo)
     save = str(tmp_path / "demo")
-    assert main("BRN", ["--demo", "--save_path", save, "--tot_iters", "5", "--stage1_iters", "2", "--save_freq", "1",
-                        "--keep_checkpoints", "10", "--crop_size", "16", "--batch_size", "2", "--inter_iter", "1",
-                        "--num_workers", "0"]) == 0
-    out = capsys.readouterr().out
-    line = next(ln for ln in out.splitlines() if ln.startswith("evaluating "))
-    assert "of the 4 checkpoints since CoIC started" in line  # iterations 2, 3, 4, 5
     folders = {kind: os.path.join(tiny_demo, kind, "train") for kind in RAIN_TYPES}
+    assert main("BRN", ["--data_paths", ",".join(folders.values()), "--save_path", save, "--tot_iters", "5",
+                        "--stage1_iters", "2", "--save_freq", "1", "--keep_checkpoints", "10", "--crop_size", "16",
+                        "--batch_size", "2", "--inter_iter", "1", "--num_workers", "0"]) == 0
     pairs = validation_pairs(folders, 8)
     cpu = torch.device("cpu")
     worst = {}
@@ -123,5 +123,16 @@ def test_demo_evaluates_the_checkpoint_whose_worst_type_gains_most(tmp_path, tin
         assert got == pytest.approx(by_hand, abs=1e-4)
         worst[it] = min(by_hand.values())
     best = max(sorted(worst), key=lambda it: (worst[it], it))
-    assert line.startswith(f"evaluating ckpt_{best:07d}.pth")
+    last = os.path.join(save, "ckpt_0000005.pth")
+    args = SimpleNamespace(save_path=save, stage1_iters=2, tot_iters=5)
+    capsys.readouterr()
+    chosen = demo_checkpoint(last, "BRN", tiny_demo, args, cpu)
+    assert os.path.basename(chosen) == f"ckpt_{best:07d}.pth"
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("evaluating "))
+    assert line.startswith(f"evaluating ckpt_{best:07d}.pth: of the 4 checkpoints since CoIC started")  # 2, 3, 4, 5
     assert f"({worst[best]:+.2f} dB; the last one's worst: {worst[5]:+.2f} dB)" in line
+    # stage 1 (iterations 0 and 1) is never a candidate; of 2-5 the choice and the last stay
+    left = sorted(f for f in os.listdir(save) if f.startswith("ckpt_"))
+    assert left == sorted({"ckpt_0000000.pth", "ckpt_0000001.pth", os.path.basename(chosen), "ckpt_0000005.pth"})
+    # a rerun chooses the same one from what is left
+    assert demo_checkpoint(last, "BRN", tiny_demo, args, cpu) == chosen

@@ -38,6 +38,14 @@ def demo_checkpoint(last: str, model_name: str, demo_root: str, args, device: to
     print(f"\nevaluating {name}: of the {len(candidates)} checkpoints since CoIC started, the one whose worst rain "
           f"type gains most on training pictures ({worst[name]:+.2f} dB; the last one's worst: "
           f"{worst[os.path.basename(candidates[-1])]:+.2f} dB)")
+    # Keep the choice and the last checkpoint (resume, and the other end of the trade); a rerun picks
+    # the same one from these two. The others are 15-30 MB each.
+    dropped = [p for p in candidates if p not in (chosen, candidates[-1])]
+    for path in dropped:
+        os.remove(path)
+    if dropped:
+        logger.info("kept %s (chosen) and %s (last); removed the other %d candidates", name,
+                    os.path.basename(candidates[-1]), len(dropped))
     return chosen
 
 
