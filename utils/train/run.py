@@ -22,14 +22,14 @@ def demo_checkpoint(last: str, model_name: str, demo_root: str, args, device: to
     gains most on a few training pictures of each type (``utils.train.selection``); ``last`` when
     there is no other. Prints the choice and why."""
     from utils.data.demo import demo_splits
-    from utils.train.selection import choose_checkpoint
+    from utils.train.selection import select_checkpoint
     from utils.train.state import CKPT_PATTERN, list_checkpoints
 
     candidates = [p for p in list_checkpoints(args.save_path)
                   if int(CKPT_PATTERN.match(os.path.basename(p)).group(1)) >= min(args.stage1_iters, args.tot_iters)]
     if len(candidates) < 2:
         return last
-    chosen, gains = choose_checkpoint(candidates, model_name, demo_splits(demo_root, "train"), device)
+    chosen, gains = select_checkpoint(candidates, model_name, demo_splits(demo_root, "train"), device)
     worst = {name: min(g.values()) for name, g in gains.items()}
     for name, g in gains.items():
         logger.info("%s on training pictures: %s (worst %+.2f dB)", name,

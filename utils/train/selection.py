@@ -2,7 +2,7 @@
 
 A small model trained briefly on mixed rain swings between its types from one checkpoint to the
 next (the demo's BRN: light rain from -5.4 to +1.4 dB within 150 iterations, docs/demo.md), and the
-last checkpoint is wherever the swing stopped. ``choose_checkpoint`` scores each candidate on a few
+last checkpoint is wherever the swing stopped. ``select_checkpoint`` scores each candidate on a few
 pictures of each training set (never the test split) and keeps the one whose worst set gains most
 over its rainy input: a model for mixed rain should not make any kind of rain worse.
 """
@@ -18,7 +18,7 @@ from utils.data.layouts import find_pairs
 from utils.images import read_image
 from utils.metrics import psnr
 
-__all__ = ["checkpoint_gains", "choose_checkpoint", "most_even", "validation_pairs"]
+__all__ = ["checkpoint_gains", "select_checkpoint", "most_even", "validation_pairs"]
 
 
 def validation_pairs(folders: Mapping[str, str], per_set: int) -> dict[str, list[tuple[str, str]]]:
@@ -71,7 +71,7 @@ def most_even(gains: Mapping[str, Mapping[str, float]]) -> str:
     return best
 
 
-def choose_checkpoint(paths: Sequence[str], model_name: str, folders: Mapping[str, str], device: torch.device,
+def select_checkpoint(paths: Sequence[str], model_name: str, folders: Mapping[str, str], device: torch.device,
                       per_set: int = 8) -> tuple[str, dict[str, dict[str, float]]]:
     """The checkpoint of ``paths`` (oldest first) whose worst set in ``folders`` gains most, and every
     candidate's gains (checkpoint file name -> set -> dB)."""
