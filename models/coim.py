@@ -156,14 +156,14 @@ def _layout_of(layer: nn.Module, weight: Tensor) -> Tensor:
     the kernels that :func:`sibling_convs` stacks do not, and a default-layout input (BRN's first
     hidden state) then gave a default-layout output that every later layer copied.
     """
-    if is_channels_last(layer.weight):
-        return weight.contiguous(memory_format=torch.channels_last)
-    if weight_is_channels_last(layer):
+    if not weight_is_channels_last(layer):
+        return weight
+    if weight.shape[1] == 1:
         # A depthwise kernel (C,1,kh,kw) is the same memory in both layouts, and PyTorch reads its
         # layout from the strides alone: the per-sample kernels get the channels-last ones on the same
         # memory, so oneDNN keeps a channels-last map channels-last (IDT's LeFF: no layout copy).
         return weight.contiguous().as_strided(weight.shape, _channels_last_strides(weight.shape))
-    return weight
+    return weight.contiguous(memory_format=torch.channels_last)
 
 
 def weight_is_channels_last(layer: nn.Module) -> bool:

@@ -23,10 +23,10 @@ def demo_checkpoint(last: str, model_name: str, demo_root: str, args, device: to
     there is no other. Prints the choice and why."""
     from utils.data.demo import demo_splits
     from utils.train.selection import select_checkpoint
-    from utils.train.state import CKPT_PATTERN, list_checkpoints
+    from utils.train.state import checkpoint_iteration, list_checkpoints
 
     candidates = [p for p in list_checkpoints(args.save_path)
-                  if int(CKPT_PATTERN.match(os.path.basename(p)).group(1)) >= min(args.stage1_iters, args.tot_iters)]
+                  if checkpoint_iteration(p) >= min(args.stage1_iters, args.tot_iters)]
     if len(candidates) < 2:
         return last
     chosen, gains = select_checkpoint(candidates, model_name, demo_splits(demo_root, "train"), device)

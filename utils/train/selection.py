@@ -32,29 +32,30 @@ def validation_pairs(folders: Mapping[str, str], per_set: int) -> dict[str, list
 
 
 def checkpoint_gains(path: str, model_name: str, pairs: Mapping[str, Sequence[tuple[str, str]]],
-                     device: torch.device, images: Optional[dict] = None) -> dict[str, float]:
+                     device: torch.device, cache: Optional[dict] = None) -> dict[str, float]:
     """Mean PSNR gain (dB: derained minus rainy, the "coic" protocol's PSNR) of checkpoint ``path``
-    (CoIC when it has an encoder) on each named list of (rain, clean) pairs. ``images``: a cache of
-    decoded pictures, shared between checkpoints."""
+    (CoIC when it has an encoder) on each named list of (rain, clean) pairs. ``cache``: the decoded
+    pictures and their rainy PSNR, shared between checkpoints."""
     from utils.eval.evaluation import load_encoder, load_model
     from utils.eval.inference import image_code, restore
 
-    images = {} if images is None else images
+    cache = {} if cache is None else cache
     model, ckpt = load_model(model_name, path, "tran", device)
     encoder = load_encoder(None, ckpt, path, device)
     gains = {}
     with torch.inference_mode():
         for name, items in pairs.items():
             total = 0.0
-            for rain_path, clean_path in items:
-                for p in (rain_path, clean_path):
-                    if p not in images:
-                        images[p] = read_image(p)
-                rain, clean = images[rain_path], images[clean_path]
+            for item in items:
+                item = tuple(item)
+                if item not in cache:
+                    rain, clean = read_image(item[0]), read_image(item[1])
+                    cache[item] = (rain, clean, psnr(rain, clean))
+                rain, clean, rainy_psnr = cache[item]
                 x = rain.unsqueeze(0).to(device)
                 z = image_code(encoder, x) if encoder is not None else None
                 y = restore(model, x, z)[0].float().cpu()
-                total += psnr(y, clean) - psnr(rain, clean)
+                total += psnr(y, clean) - rainy_psnr
             gains[name] = total / len(items)
     return gains
 
@@ -76,7 +77,7 @@ def select_checkpoint(paths: Sequence[str], model_name: str, folders: Mapping[st
     """The checkpoint of ``paths`` (oldest first) whose worst set in ``folders`` gains most, and every
     candidate's gains (checkpoint file name -> set -> dB)."""
     pairs = validation_pairs(folders, per_set)
-    images: dict = {}
-    gains = {path: checkpoint_gains(path, model_name, pairs, device, images) for path in paths}
+    cache: dict = {}
+    gains = {path: checkpoint_gains(path, model_name, pairs, device, cache) for path in paths}
     best = most_even(gains)
     return best, {os.path.basename(p): g for p, g in gains.items()}

@@ -10,6 +10,7 @@ import glob
 import logging
 import os
 import re
+from typing import Optional
 
 import torch
 
@@ -31,14 +32,16 @@ logger = logging.getLogger("coic")
 CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.pth$")
 
 
+def checkpoint_iteration(path: str) -> Optional[int]:
+    """The iteration in a checkpoint's file name (``ckpt_<iteration>.pth``); None for any other name."""
+    m = CKPT_PATTERN.match(os.path.basename(path))
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(save_path: str) -> list[str]:
     """Our checkpoints in ``save_path``, oldest first."""
-    found = []
-    for path in glob.glob(os.path.join(save_path, "ckpt_*.pth")):
-        m = CKPT_PATTERN.match(os.path.basename(path))
-        if m:
-            found.append((int(m.group(1)), path))
-    return [p for _, p in sorted(found)]
+    found = [(checkpoint_iteration(p), p) for p in glob.glob(os.path.join(save_path, "ckpt_*.pth"))]
+    return [p for it, p in sorted((it, p) for it, p in found if it is not None)]
 
 
 class CheckpointedRun:
