@@ -62,8 +62,11 @@ def _attention(rows: Tensor, cols: Tensor, taps: Tensor, shape: tuple) -> Tensor
     are only correct under the same reading, so we keep it.
     """
     gate = torch.sigmoid(rows.unsqueeze(2) + cols.unsqueeze(1))
-    logits = gate.unsqueeze(-1) * taps[:, None, None, :]
-    return (torch.softmax(logits, dim=-1) * taps.shape[-1]).reshape(shape)
+    # The taps lead, (B, k², R, C): a softmax over an outer axis runs vectorized along the R·C
+    # inner entries, where one over a last axis of 9 ran entry by entry on a CPU (10 times slower,
+    # 10 % of DGUNet's CoIC forward in bf16). The reshape then copies into the (B, R, C, k²) order.
+    logits = taps[:, :, None, None] * gate.unsqueeze(1)
+    return (torch.softmax(logits, dim=1) * taps.shape[-1]).permute(0, 2, 3, 1).reshape(shape)
 
 
 class ModulatedConv2d(nn.Conv2d):

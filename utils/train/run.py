@@ -44,8 +44,9 @@ def demo_checkpoint(last: str, model_name: str, demo_root: str, args, device: to
     for path in dropped:
         os.remove(path)
     if dropped:
-        logger.info("kept %s (chosen) and %s (last); removed the other %d candidates", name,
-                    os.path.basename(candidates[-1]), len(dropped))
+        kept = f"{name} (chosen, the last)" if chosen == candidates[-1] else \
+            f"{name} (chosen) and {os.path.basename(candidates[-1])} (last)"
+        logger.info("kept %s; removed the other %d candidate%s", kept, len(dropped), "s" * (len(dropped) > 1))
     return chosen
 
 
