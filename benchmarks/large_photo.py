@@ -15,6 +15,7 @@ and the PNG are not reached), and the seconds are extrapolated as the time to th
 
     python -m benchmarks.large_photo                                 # every backbone, full runs
     python -m benchmarks.large_photo --max_forwards 2 --max_memory 4G
+    python -m benchmarks.large_photo --models DRSformer --threads 2 --max_memory 14G --precision bf16
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ def measure(request: dict) -> dict:
     import torch
 
     import utils.eval.inference
+    import utils.eval.precision
     from utils.eval import memory
     from utils.tiling import tile_boxes
 
@@ -119,11 +121,19 @@ def measure(request: dict) -> dict:
 
         return real_tiled(timed, x, tile, overlap=overlap, batch=batch, **options)
 
+    real_setting, settings = utils.eval.precision.inference_setting, []
+
+    def setting(*args, **kwargs):
+        chosen = real_setting(*args, **kwargs)
+        settings.append(chosen.label)
+        return chosen
+
     memory.MemoryPlanner.plan, utils.eval.inference.tiled_apply = plan, tiled
+    utils.eval.precision.inference_setting = setting
     stopped, rc = False, 0
     sys.argv = ["test_model.py", "--test_model", request["checkpoint"], "--model_name", request["model"],
                 "--load_mode", "tran", "--test_dir", request["photos"], "--save_path", request["out"],
-                "--max_memory", request["max_memory"]]
+                "--max_memory", request["max_memory"], "--precision", request.get("precision", "auto")]
     try:  # the script itself, as `python test_model.py ...` runs it (with the two hooks above)
         runpy.run_path(os.path.join(ROOT, "test_model.py"), run_name="__main__")
     except SystemExit as done:
@@ -131,7 +141,7 @@ def measure(request: dict) -> dict:
     except _Enough:
         stopped = True
     return {"model": request["model"], "rc": rc, "stopped": stopped, "seconds": time.perf_counter() - started,
-            "forwards": forwards, "cpu_forwards": cpu, "total_forwards": counts[0] if counts else 1, "plans": plans,
+            "setting": settings[0] if settings else None, "forwards": forwards, "cpu_forwards": cpu, "total_forwards": counts[0] if counts else 1, "plans": plans,
             "to_first_forward": first_forward[0] if first_forward else None, "peak_mib": peak_rss_mib()}
 
 
@@ -140,7 +150,8 @@ def summarise(result: dict) -> dict:
     plan = result["plans"][0] if result["plans"] else {}
     row = {"model": result["model"], "tile": plan.get("tile"), "batch": plan.get("batch"),
            "forwards": result["total_forwards"], "estimate_mib": plan.get("estimate_mib"),
-           "budget_mib": plan.get("budget_mib"), "peak_mib": result["peak_mib"], "rc": result["rc"]}
+           "budget_mib": plan.get("budget_mib"), "peak_mib": result["peak_mib"], "rc": result["rc"],
+           "setting": result.get("setting")}
     row["cpu_per_forward"] = statistics.median(result["cpu_forwards"]) if result["cpu_forwards"] else None
     row["within_budget"] = row["budget_mib"] is not None and row["peak_mib"] <= row["budget_mib"]
     if result["stopped"]:
@@ -159,10 +170,10 @@ def markdown(rows: list[dict], header: str) -> str:
         plan = "whole image" if r["tile"] is None else f"{r['tile']}² tiles, {r['batch']} per forward"
         secs = f"{r['seconds']:.0f}" + (f" (extrapolated from {r['measured_forwards']})" if r["extrapolated"] else "")
         per = "" if r["seconds_per_forward"] is None else f"{r['seconds_per_forward']:.1f} ({r['cpu_per_forward']:.1f})"
-        cells.append([r["model"], plan, r["forwards"], f"{r['estimate_mib']:.0f}", f"{r['peak_mib']:.0f}",
+        cells.append([r["model"], r.get("setting") or "", plan, r["forwards"], f"{r['estimate_mib']:.0f}", f"{r['peak_mib']:.0f}",
                       f"{r['budget_mib']:.0f}", "yes" if r["within_budget"] else "**no**", secs, per])
     lines = ["# test_model.py on a large photo", "", header, "",
-             *markdown_table(["backbone (CoIC)", "plan", "forwards", "estimated peak MiB", "measured peak MiB (VmHWM)",
+             *markdown_table(["backbone (CoIC)", "setting", "plan", "forwards", "estimated peak MiB", "measured peak MiB (VmHWM)",
                               "budget MiB", "within budget", "seconds", "s per forward (CPU s)"], cells)]
     lines += ["", "- measured peak: the kernel's high-water mark of the test_model.py process's resident memory",
               "- extrapolated: the run stopped after that many forwards; seconds = time to the first forward "
@@ -198,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_memory", default="4G", help="test_model.py's --max_memory")
     p.add_argument("--max_forwards", type=int, default=0, help="stop each run after this many forwards (0: all)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of each run")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="test_model.py's --precision (auto: its default for the backbone's CoIC mode)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_path", default="benchmarks/results", help="large_photo.json and .md go here")
     return p
@@ -237,7 +250,8 @@ def run(args: argparse.Namespace, width: int, height: int) -> int:
             print(f"{name}: {width}x{height}, --max_memory {args.max_memory} ...", file=sys.stderr, flush=True)
             request = {"model": name, "checkpoint": os.path.join(tmp, f"{name}.pth"), "seed": args.seed,
                        "photos": photos, "out": os.path.join(tmp, f"out_{name}"), "threads": args.threads,
-                       "max_memory": args.max_memory, "max_forwards": args.max_forwards}
+                       "max_memory": args.max_memory, "max_forwards": args.max_forwards,
+                       "precision": args.precision}
             _call("--prepare", request)
             result = _call("--measure", request)
             if result["rc"] != 0:
@@ -248,7 +262,7 @@ def run(args: argparse.Namespace, width: int, height: int) -> int:
             print(f"{name}: peak {row['peak_mib']:.0f} MiB of {row['budget_mib']:.0f}, {row['seconds']:.0f} s",
                   file=sys.stderr, flush=True)
     header = (f"{width}x{height} photo | {cpu_model_name()}, {args.threads} thread(s) | torch {torch.__version__} | "
-              f"{time.strftime('%Y-%m-%d %H:%M')} | --max_memory {args.max_memory}")
+              f"{time.strftime('%Y-%m-%d %H:%M')} | --max_memory {args.max_memory} | --precision {args.precision}")
     text = markdown(rows, header)
     atomic_write_text(os.path.join(args.save_path, "large_photo.md"), text)
     atomic_write_text(os.path.join(args.save_path, "large_photo.json"), json.dumps({"header": header, "rows": rows},

@@ -21,10 +21,10 @@ def tiny_run(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
 
-    def request(width, height, max_forwards):
+    def request(width, height, max_forwards, precision="auto"):
         large_photo.make_photo(str(photos / "p.png"), width, height)
         return {"model": "IDT", "checkpoint": ckpt, "photos": str(photos), "out": str(tmp_path / "out"),
-                "threads": 1, "max_memory": "8G", "max_forwards": max_forwards}
+                "threads": 1, "max_memory": "8G", "max_forwards": max_forwards, "precision": precision}
 
     return request
 
@@ -71,16 +71,24 @@ def test_full_run_writes_the_output_and_times_every_forward(tiny_run, tmp_path):
 def test_summarise_extrapolates_from_the_median_forward():
     result = {"model": "BRN", "rc": 0, "stopped": True, "seconds": 99.0, "forwards": [2.0, 4.0, 3.0],
               "cpu_forwards": [1.0, 1.0, 5.0], "total_forwards": 10, "to_first_forward": 5.0, "peak_mib": 3000.0,
-              "plans": [{"tile": 656, "batch": 1, "estimate_mib": 3900.0, "budget_mib": 4096.0}]}
+              "setting": "fp32", "plans": [{"tile": 656, "batch": 1, "estimate_mib": 3900.0, "budget_mib": 4096.0}]}
     row = large_photo.summarise(result)
     assert row["seconds"] == 5.0 + 3.0 * 10 and row["seconds_per_forward"] == 3.0 and row["cpu_per_forward"] == 1.0
     assert row["within_budget"] and row["measured_forwards"] == 3
     over = large_photo.summarise(dict(result, peak_mib=4097.0))
     assert not over["within_budget"]
     text = large_photo.markdown([row, over], "header")
-    assert "| BRN | 656² tiles, 1 per forward | 10 | 3900 | 3000 | 4096 | yes | 35 (extrapolated from 3) | 3.0 (1.0) |" \
+    assert "| BRN | fp32 | 656² tiles, 1 per forward | 10 | 3900 | 3000 | 4096 | yes | 35 (extrapolated from 3) | 3.0 (1.0) |" \
         in text
     assert "| 4097 | 4096 | **no** |" in text
+
+
+@pytest.mark.parametrize("precision, setting", [("fp32", "fp32"), ("bf16", "bf16 + channels_last")])
+def test_measure_passes_the_precision_to_test_model(tiny_run, monkeypatch, precision, setting):
+    monkeypatch.setenv("COIC_CPU_FLAGS", "fpu avx2")  # no native bf16: the default would be fp32
+    result = large_photo._call("--measure", tiny_run(100, 70, 1, precision))
+    assert result["rc"] == 0 and result["setting"] == setting
+    assert large_photo.summarise(result)["setting"] == setting
 
 
 def test_bad_size_is_one_line(capsys):
