@@ -52,6 +52,24 @@ def test_attention_formula_and_scale():
     torch.testing.assert_close(att, expected)
 
 
+def test_attention_under_bf16_autocast_follows_the_formula():
+    """Under autocast the taps lead during the softmax (a faster axis order on a CPU); the multipliers
+    are still read in the published order."""
+    torch.manual_seed(0)
+    layer = ModulatedConv2d(4, 6, 3, dim_in=5)
+    with torch.no_grad():
+        layer.generator[4].weight.mul_(30)  # sharp softmaxes: a misplaced multiplier is far off
+    x, z = torch.randn(2, 4, 7, 7), torch.randn(2, 5)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        att = layer.kernel_attention(x, z)
+        a, b, c = (t.float() for t in layer.modulation_codes(x, z))
+    assert att.dtype == torch.bfloat16 and att.shape == (2, 6, 4, 3, 3)
+    gate = torch.sigmoid(b[:, :, None] + a[:, None, :])
+    expected = (torch.softmax(gate[..., None] * c[:, None, None, :], -1) * 9).reshape(2, 6, 4, 3, 3)
+    assert expected.amax() > 3 * expected.amin() + 1  # far from uniform
+    torch.testing.assert_close(att.float(), expected, atol=0.03, rtol=0.02)
+
+
 def test_differs_per_sample_when_z_differs():
     torch.manual_seed(0)
     layer = ModulatedConv2d(8, 8, 3, dim_in=4)

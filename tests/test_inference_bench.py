@@ -138,3 +138,14 @@ def test_recommended_layout_is_chosen_per_mode(monkeypatch):
         server.run({"mode": mode, "n": 1})
         assert conv.weight.is_contiguous(memory_format=torch.channels_last) is cl
         assert conv.weight.is_contiguous() is (not cl)
+
+
+def test_output_difference_is_absolute_up_to_one_and_relative_above():
+    from benchmarks.inference import output_difference
+
+    ref = torch.tensor([0.5, -0.25, 0.75])
+    assert output_difference(ref, torch.tensor([0.5, -0.5, 0.75])) == 0.25  # outputs within 1: absolute
+    big = torch.tensor([4.0e10, -1.0, 2.0], dtype=torch.float64)
+    off = torch.tensor([4.0e10 + 8192.0, -1.0, 2.0], dtype=torch.float64)
+    assert output_difference(big, off) == 8192.0 / 4.0e10  # above 1: relative to the largest |output|
+    assert output_difference(big, big.clone()) == 0.0
