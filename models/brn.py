@@ -20,6 +20,16 @@ from models.coim import ModulatedConv2d, is_channels_last, sibling_convs
 _ACTIVATIONS = {"relu": torch.relu_, "sigmoid": torch.sigmoid_, "tanh": torch.tanh_, None: lambda t: t}
 
 
+def _cell_tanh(c: Tensor, h_dtype: torch.dtype) -> Tensor:
+    """tanh(c) of a cell state. Under autocast (c float32, h bf16/fp16) as 2·sigmoid(2c) - 1: float32's
+    tanh runs at a sixth of sigmoid's speed on a CPU (5.4 against 0.9 ms for a 32-channel 256² map),
+    and the difference (1.8e-7 at most) is far under the rounding of h. Float32 throughout keeps
+    torch.tanh, the published computation."""
+    if c.dtype == h_dtype:
+        return torch.tanh(c)
+    return 2 * torch.sigmoid(2 * c) - 1
+
+
 class ConvAct(nn.Module):
     """3x3 modulated conv followed by an activation."""
 
@@ -72,7 +82,7 @@ class _Branch(nn.Module):
         g = torch.tanh(gates[:, 2 * self.width:3 * self.width])
         i, f, _, o = gates.sigmoid_().split(self.width, dim=1)
         c = f * c + i * g
-        h = (o * torch.tanh(c)).to(o.dtype)  # o: the convolutions' dtype (c may be float32)
+        h = (o * _cell_tanh(c, o.dtype)).to(o.dtype)  # o: the convolutions' dtype (c may be float32)
         y = h
         for k in range(1, self.num_res + 1):
             y = torch.relu_(self.get(f"res_conv{k}")(y, z) + y)

@@ -41,3 +41,18 @@ def test_hidden_state_in_the_autocast_dtype_cell_state_in_float32(dim_in):
         for hook in hooks:
             hook.remove()
         assert len(seen) == 2 * 2 and all(dtypes == expected for dtypes in seen), (autocast, seen)
+
+
+def test_cell_tanh_under_autocast_is_tanh_to_float32_rounding():
+    """The cell state's tanh under autocast is 2·sigmoid(2c) - 1: within float32 rounding of tanh
+    (checked against float64) with tanh's gradient; float32 throughout keeps torch.tanh itself."""
+    from models.brn import _cell_tanh
+
+    c = torch.linspace(-12, 12, 20001, requires_grad=True)
+    fast = _cell_tanh(c, torch.bfloat16)
+    assert fast.dtype == torch.float32
+    assert (fast.double() - torch.tanh(c.detach().double())).abs().max() < 3e-7
+    fast.sum().backward()
+    expected_grad = 1 - torch.tanh(c.detach().double()) ** 2
+    assert (c.grad.double() - expected_grad).abs().max() < 1e-6
+    assert torch.equal(_cell_tanh(c.detach(), torch.float32), torch.tanh(c.detach()))
