@@ -134,14 +134,15 @@ def measure(request: dict) -> dict:
     sys.argv = ["test_model.py", "--test_model", request["checkpoint"], "--model_name", request["model"],
                 "--load_mode", "tran", "--test_dir", request["photos"], "--save_path", request["out"],
                 "--max_memory", request["max_memory"], "--precision", request.get("precision", "auto")]
-    try:  # the script itself, as `python test_model.py ...` runs it (with the two hooks above)
+    try:  # the script itself, as `python test_model.py ...` runs it (with the three hooks above)
         runpy.run_path(os.path.join(ROOT, "test_model.py"), run_name="__main__")
     except SystemExit as done:
         rc = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except _Enough:
         stopped = True
     return {"model": request["model"], "rc": rc, "stopped": stopped, "seconds": time.perf_counter() - started,
-            "setting": settings[0] if settings else None, "forwards": forwards, "cpu_forwards": cpu, "total_forwards": counts[0] if counts else 1, "plans": plans,
+            "setting": settings[0] if settings else None, "forwards": forwards, "cpu_forwards": cpu,
+            "total_forwards": counts[0] if counts else 1, "plans": plans,
             "to_first_forward": first_forward[0] if first_forward else None, "peak_mib": peak_rss_mib()}
 
 
@@ -170,11 +171,11 @@ def markdown(rows: list[dict], header: str) -> str:
         plan = "whole image" if r["tile"] is None else f"{r['tile']}² tiles, {r['batch']} per forward"
         secs = f"{r['seconds']:.0f}" + (f" (extrapolated from {r['measured_forwards']})" if r["extrapolated"] else "")
         per = "" if r["seconds_per_forward"] is None else f"{r['seconds_per_forward']:.1f} ({r['cpu_per_forward']:.1f})"
-        cells.append([r["model"], r.get("setting") or "", plan, r["forwards"], f"{r['estimate_mib']:.0f}", f"{r['peak_mib']:.0f}",
-                      f"{r['budget_mib']:.0f}", "yes" if r["within_budget"] else "**no**", secs, per])
+        cells.append([r["model"], r.get("setting") or "", plan, r["forwards"], f"{r['estimate_mib']:.0f}",
+                      f"{r['peak_mib']:.0f}", f"{r['budget_mib']:.0f}", "yes" if r["within_budget"] else "**no**", secs, per])
     lines = ["# test_model.py on a large photo", "", header, "",
-             *markdown_table(["backbone (CoIC)", "setting", "plan", "forwards", "estimated peak MiB", "measured peak MiB (VmHWM)",
-                              "budget MiB", "within budget", "seconds", "s per forward (CPU s)"], cells)]
+             *markdown_table(["backbone (CoIC)", "setting", "plan", "forwards", "estimated peak MiB",
+                              "measured peak MiB (VmHWM)", "budget MiB", "within budget", "seconds", "s per forward (CPU s)"], cells)]
     lines += ["", "- measured peak: the kernel's high-water mark of the test_model.py process's resident memory",
               "- extrapolated: the run stopped after that many forwards; seconds = time to the first forward "
               "+ forwards × their median",
