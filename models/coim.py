@@ -62,14 +62,14 @@ def _attention(rows: Tensor, cols: Tensor, taps: Tensor, shape: tuple) -> Tensor
     are only correct under the same reading, so we keep it.
     """
     gate = torch.sigmoid(rows.unsqueeze(2) + cols.unsqueeze(1))
-    if gate.dtype == torch.float32:
+    if gate.dtype == torch.float32 or gate.device.type != "cpu":
         # The published order, bit for bit: an untrained RCDNet's CoIC output (1e10 after 17 stages)
         # turns out entirely different from the published one after a one-ulp change here.
         logits = gate.unsqueeze(-1) * taps[:, None, None, :]
         return (torch.softmax(logits, dim=-1) * taps.shape[-1]).reshape(shape)
-    # Under bf16/fp16 autocast the taps lead, (B, k², R, C): a softmax over an outer axis runs vectorized
-    # along the R·C inner entries, where one over a last axis of 9 ran entry by entry on a CPU (6 times
-    # slower, 4 % of DGUNet's and BRN's CoIC forwards). The reshape copies into the (B, R, C, k²) order.
+    # Under autocast on a CPU the taps lead, (B, k², R, C): a softmax over an outer axis runs vectorized
+    # along the R·C inner entries, where one over a last axis of 9 runs entry by entry (6 times slower;
+    # DGUNet's CoIC forward in bf16 3 % faster). The reshape copies into the (B, R, C, k²) order.
     logits = taps[:, :, None, None] * gate.unsqueeze(1)
     return (torch.softmax(logits, dim=1) * taps.shape[-1]).permute(0, 2, 3, 1).reshape(shape)
 
