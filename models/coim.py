@@ -67,9 +67,9 @@ def _attention(rows: Tensor, cols: Tensor, taps: Tensor, shape: tuple) -> Tensor
         # turns out entirely different from the published one after a one-ulp change here.
         logits = gate.unsqueeze(-1) * taps[:, None, None, :]
         return (torch.softmax(logits, dim=-1) * taps.shape[-1]).reshape(shape)
-    # Under autocast on a CPU the taps lead, (B, k², R, C): a softmax over an outer axis runs vectorized
-    # along the R·C inner entries, where one over a last axis of 9 runs entry by entry (6 times slower;
-    # DGUNet's CoIC forward in bf16 3 % faster). The reshape copies into the (B, R, C, k²) order.
+    # Under autocast on a CPU the taps lead, (B, k², R, C): a softmax over an outer axis is vectorized
+    # along the R·C entries, where one over a last axis of 9 runs entry by entry. The reshape copies
+    # into the (B, R, C, k²) order.
     logits = taps[:, :, None, None] * gate.unsqueeze(1)
     return (torch.softmax(logits, dim=1) * taps.shape[-1]).permute(0, 2, 3, 1).reshape(shape)
 
@@ -202,8 +202,8 @@ def _conv2d(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     On a CPU, a grouped convolution with one output and several inputs per group (DRSformer's
     second feed-forward stage: two inputs per group) runs as a depthwise convolution over every
     input channel, whose consecutive outputs are then summed: the same products, added in another
-    order. oneDNN's grouped kernel for that shape is slow: at 510 -> 255 channels, 5x5, 128², one
-    thread, 77 -> 19 ms in float32 and 52 -> 11 ms in bf16 + channels-last.
+    order, because oneDNN's grouped kernel for several inputs per group is several times slower than
+    its depthwise one.
     """
     per_group = weight.shape[1]
     if x.device.type != "cpu" or per_group == 1 or weight.shape[0] != groups:
@@ -237,9 +237,9 @@ def sibling_convs(convs: Sequence[ModulatedConv2d], x: Tensor, z: Optional[Tenso
 
     The convolutions read the same input, so their kernels are stacked along the output channels
     and x is read once (and its channel means once, for the generators). Each output channel is
-    the same dot product as in its own convolution: on a CPU oneDNN gives the same bits, and the
-    wider convolution runs faster (BRN's four LSTM gates, 96 -> 4 x 32 channels at 512², one thread:
-    1.3 to 1.4 times). The convolutions must agree in everything but their output channels.
+    the same dot product as in its own convolution: on a CPU oneDNN gives the same bits, and one
+    wide convolution runs faster than several narrow ones. The convolutions must agree in
+    everything but their output channels.
     """
     def geometry(c: ModulatedConv2d) -> tuple:
         return (c.in_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups, c.padding_mode,

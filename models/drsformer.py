@@ -47,7 +47,7 @@ class ChannelLayerNorm(nn.Module):
             t = t * torch.rsqrt(t.var(dim=-1, keepdim=True, unbiased=False) + 1e-5) * self.weight
         out = t.permute(0, 3, 1, 2)
         # Give the map back in x's own layout: a channels-last result inside a contiguous network
-        # made every following convolution and addition convert it (DRSformer ran 1.3x slower).
+        # would make every following convolution and addition convert it.
         return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
 

@@ -9,9 +9,9 @@ spent 60 % of its CPU time in the kernel that way, with 10 million page faults.
 ``keep_freed_memory()`` raises the mmap threshold and turns trimming off with ``mallopt`` once at
 start-up: large blocks then come from the heap, and a freed block stays there for the next
 allocation. Trimming is off rather than at a high threshold because a large photo's working set
-exceeds any threshold an ``int`` can hold: with trimming at 2 GiB, a 3-megapixel BRN forward gave
-its top 2+ GiB back after each forward and faulted it in again (2.3 million page faults, 16 s of
-system time per forward); never trimmed, the next forward faults almost nothing.
+exceeds any threshold an ``int`` can hold: with any threshold, a large forward gives its top back
+after each forward and faults it in again (millions of page faults); never trimmed, the next
+forward faults almost nothing.
 The cost is resident memory: what a peak needed is not given back to the system until the process
 exits (``benchmarks/page_faults.py`` measures both). A process that is forked afterwards (DataLoader
 workers under the default ``fork`` start method) inherits the setting; one that is spawned starts

@@ -46,14 +46,14 @@ __all__ = ["parse_size", "format_size", "available_memory", "current_usage", "de
 
 MiB, GiB = 2 ** 20, 2 ** 30
 DEFAULT_SHARE = {"cpu": 0.6, "cuda": 0.85}  # of the memory available when the run starts
-KERNEL_FACTOR = 2.5  # real / counted tensor bytes (1.3-2.2 measured on this project's CPU at 128-256 px)
+KERNEL_FACTOR = 2.5  # real / counted tensor bytes: above what kernels were seen to add, to stay on the safe side
 MARGIN = 1.15        # on top of every measured activation
 RESERVE = 64 * MiB   # heap growth between images
 # Bytes per image pixel besides the model's activations. CPU: the float input, the next image
 # being decoded, a padded copy, the blended output and its weights, up to two outputs waiting to
 # be written; scoring adds the clean image and float64 metric maps (PSNR/SSIM) or NIQE's float64
-# maps of the full output (measured: 1.04 GiB for a 12-megapixel photo, 87 B per pixel). GPU:
-# the input, a padded copy, the output and weights.
+# maps of the full output (about 90 B per pixel). GPU: the input, a padded copy, the output and
+# weights.
 IMAGE_BYTES_PER_PIXEL = {"cpu": 100, "cuda": 40}
 SCORING_BYTES_PER_PIXEL = 130
 MAX_TILE_BATCH = 16
