@@ -9,7 +9,11 @@ Four rain types, each written in the standard layout ``<root>/<type>/{train,test
 | hazy        | heavy rain with a veil   | medium streaks plus a haze veil (I = J·t + A(1-t)) |
 | multiangle  | DDN-Data                 | three layers at different angles and lengths     |
 
-Training and test pictures come from different source images. Nothing is downloaded.
+Every scene is rendered under all four rain types (the same clean picture, the same file name in
+each type's folder), so the same scene under two rains can be compared with two scenes under one
+rain (``analysis.probe``). Three splits: ``train``; ``val`` (other crops of the training sources, at
+the test size: for choices made during or after training, never the test split); ``test`` (other
+source images). Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -32,7 +36,10 @@ logger = logging.getLogger(__name__)
 RAIN_TYPES = ("light", "heavy", "hazy", "multiangle")
 TRAIN_SOURCES = ("astronaut", "coffee", "rocket", "retina", "immunohistochemistry", "camera", "brick", "grass")
 TEST_SOURCES = ("chelsea", "coins", "gravel", "hubble_deep_field")
+SPLITS = ("train", "val", "test")
 _DONE = ".complete"
+# Bumped whenever the pictures a given set of settings produces change, so that an older folder is rebuilt.
+DATA_VERSION = 2
 
 
 class DemoDataExists(UserError, FileExistsError):
@@ -125,41 +132,49 @@ def _settings(root: str) -> Optional[dict]:
 
 
 def build_demo_data(root: str = "demo_data", train_per_source: int = 6, train_size: int = 96,
-                    test_size: int = 288, seed: int = 0) -> str:
+                    test_size: int = 288, seed: int = 0, val_per_source: int = 1) -> str:
     """Write the demo data under ``root`` unless it is already complete; returns ``root``.
 
     Built in a temporary folder and renamed into place, so an interrupted build leaves
-    nothing half-written behind. The completion marker records the settings; a complete folder
-    from before they were recorded (160-pixel test images) is rebuilt. Test images are 288
-    pixels so that NIQE (at least 192 x 192) scores them with 3 x 3 blocks.
+    nothing half-written behind. The completion marker records the settings and the data version;
+    a complete folder of another version is rebuilt, one of this version is kept whatever its sizes
+    (the tests build small ones). Test and validation images are ``test_size`` pixels so that NIQE
+    (at least 192 x 192) scores them with 3 x 3 blocks.
     """
-    settings = {"train_per_source": train_per_source, "train_size": train_size, "test_size": test_size, "seed": seed}
+    settings = {"version": DATA_VERSION, "train_per_source": train_per_source, "train_size": train_size,
+                "test_size": test_size, "seed": seed, "val_per_source": val_per_source}
     if is_complete(root):
-        if _settings(root) is not None:  # built by this version (maybe with other sizes, e.g. the tests'): keep it
+        found = _settings(root)
+        if found is not None and found.get("version") == DATA_VERSION:
             return root
-        # our own folder from a release that did not record its settings (160-pixel test images, too
-        # small for NIQE): rebuild it with these settings
         logger.info("demo data in %s is from an older release; rebuilding it with %s", root, settings)
     elif os.path.exists(root) and os.listdir(root):
         raise DemoDataExists(f"{root} exists but is not a complete demo data folder; remove it or pick another path")
     sources = {name: source_picture(name) for name in TRAIN_SOURCES + TEST_SOURCES}
+    plan = (("train", TRAIN_SOURCES, train_per_source, train_size),
+            ("val", TRAIN_SOURCES, val_per_source, test_size),
+            ("test", TEST_SOURCES, 1, test_size))
     from tqdm import tqdm
 
     with atomic_dir(root) as tmp:
-        for t, kind in enumerate(tqdm(RAIN_TYPES, desc="demo data", unit="type")):
-            rng = np.random.default_rng([seed, t])
-            for split, names, per, size in (("train", TRAIN_SOURCES, train_per_source, train_size),
-                                            ("test", TEST_SOURCES, 1, test_size)):
+        for kind in RAIN_TYPES:
+            for split in SPLITS:
                 for sub in ("rain", "norain"):
                     os.makedirs(os.path.join(tmp, kind, split, sub), exist_ok=True)
+        total = sum(len(names) * per for _, names, per, _ in plan)
+        with tqdm(total=total, desc="demo data", unit="scene") as bar:
+            for s, (split, names, per, size) in enumerate(plan):
                 i = 0
                 for name in names:
                     for _ in range(per):
-                        clean = _patch(sources[name], size, rng)
-                        rainy = add_rain(clean, kind, rng)
-                        _write(clean, os.path.join(tmp, kind, split, "norain", f"{i:03d}.png"))
-                        _write(rainy, os.path.join(tmp, kind, split, "rain", f"{i:03d}.png"))
+                        # One clean scene, then each rain type drawn from its own stream.
+                        clean = _patch(sources[name], size, np.random.default_rng([seed, s, i]))
+                        for t, kind in enumerate(RAIN_TYPES):
+                            rainy = add_rain(clean, kind, np.random.default_rng([seed, s, i, t + 1]))
+                            _write(clean, os.path.join(tmp, kind, split, "norain", f"{i:03d}.png"))
+                            _write(rainy, os.path.join(tmp, kind, split, "rain", f"{i:03d}.png"))
                         i += 1
+                        bar.update(1)
         with open(os.path.join(tmp, _DONE), "w") as f:
             json.dump(settings, f)
     logger.info("demo data written to %s (%d rain types)", root, len(RAIN_TYPES))

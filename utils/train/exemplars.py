@@ -1,12 +1,22 @@
 """Positive and negative exemplars of the rain-/detail-aware contrastive loss.
 
-For a batch of rainy queries (each image resized to crop x crop):
+Two constructions (``--exemplars``), for a batch of rainy queries (each image resized to crop x crop):
+
+``query`` (``build_negatives``):
 - positive key: the query, randomly flipped (same rain, same detail);
-- rain-aware negative: the query's clean image plus the rain layer (rainy - clean) that is
-  most different (L1) among the recent rain layers kept in a ``RainArchive``;
+- rain-aware negative: the query's clean image plus the rain layer (rainy - clean) of the resized
+  images that is most different (L1) among the recent rain layers kept in a ``RainArchive``, so
+  it differs from the query in its rain alone;
 - detail-aware negatives: ``n_neg`` copies of the clean image, Gaussian-blurred
   (kernel 11, σ ~ U[0.3, 1.5]) and randomly flipped (same background, less detail, no rain).
-All randomness is drawn per sample from the given generator.
+All randomness is drawn per sample.
+
+``published`` (``build_negatives_published``), as the published train scripts build them:
+- positive key and detail-aware negatives as above, but with one flip pair and one σ for the
+  whole batch (torchvision transforms applied to a batch tensor);
+- rain-aware negative: the training *crop's* clean patch plus the most different crop rain layer,
+  searched in the current batch (BRN, IDT) or in the archive of the last 64 images (the others):
+  the recipe's ``rain_pool``.
 """
 from __future__ import annotations
 
@@ -91,3 +101,37 @@ def build_negatives(query: Tensor, query_clean: Tensor, archive: RainArchive, n_
     detail_negatives = random_flips(gaussian_blur(copies, sigma), generator).view(b, n_neg, *query_clean.shape[1:])
     negatives = torch.cat([rain_negative.unsqueeze(1), detail_negatives], dim=1)
     return random_flips(query, generator), negatives
+
+
+def _batch_flips(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """One horizontal then one vertical flip decision (probability 1/2 each) for the whole batch."""
+    h_flip, v_flip = torch.rand(2, generator=generator, device=generator.device if generator else None).tolist()
+    if h_flip < 0.5:
+        x = x.flip(-1)
+    if v_flip < 0.5:
+        x = x.flip(-2)
+    return x
+
+
+def build_negatives_published(rain: Tensor, clean: Tensor, query: Tensor, query_clean: Tensor,
+                              archive: RainArchive, n_neg: int, generator: Optional[torch.Generator] = None,
+                              gather: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor]:
+    """Positive keys (B,3,h,w) and negatives (B,1+n_neg,3,h,w), built as the published scripts do.
+
+    ``rain``/``clean``: the training crops; ``query``/``query_clean``: the whole images resized (the
+    dataset's ``TrainItem``). Draws, in order: the positive's two flips, the blur σ, the detail
+    negatives' two flips, one each for the batch. ``archive`` holds the pool of crop rain layers:
+    capacity 1 is the published in-batch search (BRN, IDT). The crop and the resized query have
+    the same size (``crop_size``), so the crop-based negative sits beside the resized query.
+    """
+    b = query.shape[0]
+    positive = _batch_flips(query, generator)
+    copies = query_clean.unsqueeze(1).expand(b, n_neg, *query_clean.shape[1:]).flatten(0, 1)
+    sigma = torch.empty(1, device=generator.device if generator else None).uniform_(0.3, 1.5, generator=generator)
+    detail_negatives = _batch_flips(gaussian_blur(copies, sigma.expand(b * n_neg)), generator)
+    rain_layers = rain - clean
+    archive.push(gather(rain_layers) if gather is not None else rain_layers)
+    rain_negative = (clean + archive.most_different(rain_layers)).clamp(0.0, 1.0)
+    negatives = torch.cat([rain_negative.unsqueeze(1), detail_negatives.view(b, n_neg, *query_clean.shape[1:])],
+                          dim=1)
+    return positive, negatives

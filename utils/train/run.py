@@ -136,6 +136,8 @@ def main(model_name: str, argv: Optional[Sequence[str]] = None) -> int:
                 demo_root = build_demo_data(default_root())
                 if args.data_paths == REFERENCE_DATA_PATHS:  # not typed: the demo's own training splits
                     args.data_paths = ",".join(demo_splits(demo_root, "train").values())
+                    if args.probe_paths is None:  # the probe scores z on the held-out validation scenes
+                        args.probe_paths = ",".join(demo_splits(demo_root, "val").values())
             trainer = Trainer(args)
             last = trainer.train()
             if args.demo:
