@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_fit", type=int, default=32, help="fit images per rain type, drawn with --seed (0: all)")
     g.add_argument("--num_images", type=int, default=0, help="held-out images per rain type (0: all)")
     g.add_argument("--seed", type=int, default=0, help="seed of the fit draw and of --untrained")
+    g.add_argument("--feature", choices=["z", "feat"], default="z",
+                   help="z: the code that modulates the model; feat: the encoder's pooled feature map, which the "
+                        "contrastive loss trains (z is an MLP on it)")
     add_output_args(p, "analysis_results/probe")
     return p
 
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace, device: torch.device) -> str:
         encoders["untrained"] = build_encoder().to(device).eval()
     results = {}
     for name, encoder in encoders.items():
-        enc = key_encoder(encoder)
+        enc = key_encoder(encoder, args.feature)
         results[name] = probe(lambda x, enc=enc: enc(x.to(device)).cpu(), fit, held)
     os.makedirs(args.save_path, exist_ok=True)
     with open(os.path.join(args.save_path, "probe.json"), "w") as f:

@@ -36,11 +36,19 @@ class ProbeResult:
     scenes: int  # held-out scenes found under every class (0: no rain gap)
 
 
-def key_encoder(encoder: torch.nn.Module) -> Encode:
-    """z as ``test_model.py`` computes it: the key encoder on the image resized to ``ENCODER_SIZE``."""
+def key_encoder(encoder: torch.nn.Module, feature: str = "z") -> Encode:
+    """z as ``test_model.py`` computes it: the key encoder on the image resized to ``ENCODER_SIZE``.
+
+    ``feature="feat"``: the spatial mean of the encoder's feature map instead, the representation
+    the contrastive loss trains (z is the MLP head on it, trained by the restoration loss through CoI-M).
+    """
+    if feature not in ("z", "feat"):
+        raise ValueError(f"feature must be z or feat, got {feature!r}")
+
     @torch.no_grad()
     def encode(x: Tensor) -> Tensor:
-        return encoder.encoder_k(resize_square(x, ENCODER_SIZE))[0]
+        z, feat = encoder.encoder_k(resize_square(x, ENCODER_SIZE))
+        return z if feature == "z" else feat.mean(dim=(-2, -1))
     return encode
 
 
