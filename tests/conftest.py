@@ -3,7 +3,7 @@ import sys
 
 import pytest
 import torch
-from helpers import NO_NATIVE_BF16_FLAGS, REFERENCE, REFERENCE_SKIP, ROOT
+from helpers import NO_NATIVE_BF16_FLAGS, REFERENCE, REFERENCE_SKIP, ROOT, make_trainer
 
 # Fixtures and hooks only; what test files share is in helpers.py.
 sys.path.insert(0, ROOT)
@@ -17,6 +17,19 @@ os.environ["COIC_WEIGHTS_URL"] = "http://127.0.0.1:9/no-downloads-in-tests"
 # bf16 (utils.eval.precision.cpu_flags reads $COIC_CPU_FLAGS before /proc/cpuinfo). Tests of the other answer
 # set the variable themselves (tests/test_host_independence.py).
 os.environ["COIC_CPU_FLAGS"] = NO_NATIVE_BF16_FLAGS
+# TorchInductor (the --compile tests) compiles in this process: its default pool of compile workers would
+# start and import torch once more per worker, which costs more than the few tiny kernels take to build.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject.toml's addopts): one worker per core this process may use, at most 8 (each
+    worker imports torch and builds the session fixtures; a few tests hold over 1 GB)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -36,3 +49,11 @@ def tiny_demo(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("demo") / "demo_data")
     return build_demo_data(root, train_per_source=1, train_size=32, test_size=40)
 
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_demo) -> str:
+    """The last checkpoint of one tiny BRN CoIC run on ``tiny_demo``'s heavy rain (3 iterations, CoIC from
+    iteration 1), trained once per test process for every test that only reads a trained checkpoint.
+    Tests must not write into its folder: copy it first."""
+    save = tmp_path_factory.mktemp("tiny_run")
+    return make_trainer(save, os.path.join(tiny_demo, "heavy", "train"), tot_iters=3, stage1_iters=1).train()
