@@ -1,8 +1,10 @@
 """Loading a checkpoint never runs its code: the safe unpickler everywhere, one line for a refused
 file, and ``--trust_checkpoint`` as the loud, explicit opt-out.
 
-The payload files are real pickles whose ``__reduce__`` names ``os.system``; each command line runs in
-a subprocess, and the marker file the payload would write must not appear.
+The payload files are real pickles whose ``__reduce__`` names ``os.system``; the marker file the payload
+would write must not appear. ``test_model.py`` runs as a command line in a subprocess; the training
+commands run their ``main`` in this process (tests/test_robustness.py and tests/test_errors.py start
+``train_BRN.py`` itself), where a payload that ran would touch the marker just the same.
 """
 from __future__ import annotations
 
@@ -41,6 +43,16 @@ def _run(args: list[str], cwd: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
 
 
+def _train(flags: list[str], capsys) -> subprocess.CompletedProcess:
+    """``python train_BRN.py FLAGS`` run through its ``main`` in this process, as a finished command."""
+    from utils.train.run import main
+
+    capsys.readouterr()
+    code = main("BRN", flags)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["train_BRN.py", *flags], code, out, err)
+
+
 def _assert_refused_in_one_line(done: subprocess.CompletedProcess, path: str, marker: str) -> None:
     assert not os.path.exists(marker), "the checkpoint's code ran"
     assert done.returncode == 2, done.stderr
@@ -63,21 +75,20 @@ def test_test_model_refuses_a_malicious_checkpoint(tmp_path):
     _assert_refused_in_one_line(done, path, str(tmp_path / "pwned"))
 
 
-def test_resume_refuses_a_planted_newest_checkpoint(tmp_path, tiny_demo):
+def test_resume_refuses_a_planted_newest_checkpoint(tmp_path, tiny_demo, capsys):
     """A planted ``ckpt_*.pth`` newer than the run's own is refused, not skipped for an older one."""
     save = tmp_path / "run"
     save.mkdir()
     data = os.path.join(tiny_demo, "heavy", "train")
     path = plant_payload(str(save / "ckpt_9999999.pth"), str(tmp_path / "pwned"), wrap=lambda p: {"iteration": p})
-    done = _run([os.path.join(ROOT, "train_BRN.py"), *train_flags(str(save), data), "--device", "cpu"], str(tmp_path))
+    done = _train([*train_flags(str(save), data), "--device", "cpu"], capsys)
     _assert_refused_in_one_line(done, path, str(tmp_path / "pwned"))
 
 
-def test_pretrained_refuses_a_malicious_checkpoint(tmp_path, tiny_demo):
+def test_pretrained_refuses_a_malicious_checkpoint(tmp_path, tiny_demo, capsys):
     path = plant_payload(str(tmp_path / "forum_model.pth"), str(tmp_path / "pwned"))
     data = os.path.join(tiny_demo, "heavy", "train")
-    done = _run([os.path.join(ROOT, "train_BRN.py"), *train_flags(str(tmp_path / "run"), data),
-                 "--pretrained", path, "--device", "cpu"], str(tmp_path))
+    done = _train([*train_flags(str(tmp_path / "run"), data), "--pretrained", path, "--device", "cpu"], capsys)
     _assert_refused_in_one_line(done, path, str(tmp_path / "pwned"))
 
 

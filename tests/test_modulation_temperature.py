@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-from helpers import make_trainer
 
 from analysis.common import AnalysisError
 from analysis.modulation_temperature import layer_temperatures, main
@@ -61,9 +60,8 @@ def test_hooks_see_every_modulated_call_in_forward_order_and_need_a_code():
         layer_temperatures(model, x, None)
 
 
-def test_tool_on_identical_images_gives_zero_std(tmp_path, tiny_demo):
-    ckpt = make_trainer(tmp_path / "run", os.path.join(tiny_demo, "heavy", "train"), tot_iters=2,
-                        stage1_iters=1).train()
+def test_tool_on_identical_images_gives_zero_std(tmp_path, tiny_demo, tiny_run):
+    ckpt = tiny_run
     same = tmp_path / "same"
     same.mkdir()
     source = os.path.join(tiny_demo, "heavy", "test", "rain", sorted(os.listdir(os.path.join(tiny_demo, "heavy",

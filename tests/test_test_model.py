@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import make_trainer, reference_file
+from helpers import reference_file
 
 import test_model
 from datasets import read_image
@@ -14,11 +14,10 @@ from utils.eval import evaluation
 from utils.eval.inference import restore
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_demo):
-    save = tmp_path_factory.mktemp("run")
-    trainer = make_trainer(save, os.path.join(tiny_demo, "heavy", "train"), tot_iters=3, stage1_iters=1)
-    return trainer.train()
+@pytest.fixture
+def trained(tiny_run):
+    """The suite's tiny CoIC BRN run (conftest.py), read only."""
+    return tiny_run
 
 
 def _y(img):
