@@ -25,7 +25,6 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
@@ -118,22 +117,14 @@ _CACHE_SIZE_SAMPLE = 1000  # headers read to estimate the cache's size (all of t
 _KEPT_DRAWS = 4  # per-epoch real-pair draws kept per process (a rollback may revisit an epoch)
 
 
-def _decoded_size(path: str) -> int:
-    """Bytes ``images.decode_native`` will hold for ``path``, from the file's header only."""
-    with Image.open(path) as img:
-        (w, h), bands, mode = img.size, len(img.getbands()), img.mode
-    per_value = 2 if "16" in mode else 4 if mode in ("I", "F", "I;32") else 1
-    return w * h * bands * per_value
-
-
 def estimate_decoded_bytes(paths: Sequence[str], sample: int = _CACHE_SIZE_SAMPLE) -> int:
     """Estimated bytes of all ``paths`` decoded (headers of at most ``sample`` evenly spaced files)."""
     picked = list(paths)[::max(1, math.ceil(len(paths) / sample))]
     sizes = []
     for path in picked:
         try:
-            sizes.append(_decoded_size(path))
-        except Exception:  # unreadable: the decoding pass names it
+            sizes.append(images.read_header(path).native_bytes)
+        except UnreadableImageError:  # the decoding pass names it
             pass
     return int(sum(sizes) / len(sizes) * len(paths)) if sizes else 0
 

@@ -25,7 +25,7 @@ from utils.data.layouts import find_pairs
 from utils.errors import UserError, cli_main
 from utils.eval.evaluation import encoder_from_checkpoint
 from utils.eval.inference import ENCODER_SIZE
-from utils.images import is_image, read_image, resize_square
+from utils.images import UnreadableImageError, is_image, read_image, resize_square
 from utils.io import atomic_dir, atomic_path
 from utils.train.distributed import resolve_device
 
@@ -188,18 +188,29 @@ def encode_batch(encoder: nn.Module, x: Tensor, feature: str = "z") -> Tensor:
 
 @torch.no_grad()
 def encode_images(encoder: nn.Module, paths: Sequence[str], device: torch.device, feature: str = "z",
-                  batch_size: int = 16, progress: Optional[Callable[[int], Any]] = None) -> Tensor:
+                  batch_size: int = 16, progress: Optional[Callable[[int], Any]] = None,
+                  unreadable: Optional[list] = None) -> Tensor:
     """Embeddings (N,D) float32 on the CPU of the images at ``paths``.
 
     Each image is resized to 128x128 as a whole, exactly as ``utils.eval.inference.image_code`` does
     at test time, so z here is the z that modulates the model. ``progress(n)`` is called after
-    each batch with its size.
+    each batch with its size. An image that cannot be read raises ``UnreadableImageError``; with an
+    ``unreadable`` list it is appended there instead and has no row (N counts the others).
     """
     out = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        x = torch.cat([resize_square(read_image(p)[None].to(device), ENCODER_SIZE) for p in chunk])
-        out.append(encode_batch(encoder, x, feature).float().cpu())
+        views = []
+        for p in chunk:
+            try:
+                views.append(resize_square(read_image(p)[None].to(device), ENCODER_SIZE))
+            except UnreadableImageError as exc:
+                if unreadable is None:
+                    raise
+                logging.getLogger(__name__).warning("%s; left out", exc)
+                unreadable.append(p)
+        if views:
+            out.append(encode_batch(encoder, torch.cat(views), feature).float().cpu())
         if progress is not None:
             progress(len(chunk))
     return torch.cat(out) if out else torch.zeros(0, 0)
@@ -336,10 +347,18 @@ def gather_embeddings(args: argparse.Namespace, device: torch.device,
     encoder, _ = load_encoder_file(args.encoder, device)
     from tqdm import tqdm
 
-    chunks = []
+    chunks, unreadable = [], []
     with tqdm(total=sum(map(len, images)), desc=desc, unit="img", dynamic_ncols=True) as bar:
         for files in images:
-            chunks.append(encode_images(encoder, files, device, args.feature, args.batch_size, bar.update))
+            chunks.append(encode_images(encoder, files, device, args.feature, args.batch_size, bar.update,
+                                        unreadable))
+    if unreadable:  # the analysis goes on without them; each was named as it was met
+        logging.getLogger(__name__).warning("%d unreadable image(s) left out of the embeddings", len(unreadable))
+        left_out = set(unreadable)
+        images = [[f for f in files if f not in left_out] for files in images]
+        chunks = [c for c in chunks if c.numel()]
+        if not chunks:
+            raise AnalysisError(f"none of the {len(unreadable)} images drawn could be read, e.g. {unreadable[0]}")
     row_labels = [lab for lab, files in zip(labels, images) for _ in files]
     names = [os.path.basename(f) for files in images for f in files]
     return torch.cat(chunks).double(), row_labels, names

@@ -95,10 +95,10 @@ def compare(model, encoder, folders: dict[str, str], device: torch.device, label
 
 
 def _size(path: str) -> tuple[int, int]:
-    from PIL import Image
+    from utils.images import read_header
 
-    with Image.open(path) as im:
-        return im.size
+    header = read_header(path)
+    return header.width, header.height
 
 
 def markdown(rows: list[dict], header: str) -> str:

@@ -6,12 +6,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from PIL import Image
-
 from utils.data.layouts import STACKED, find_images, scan_folder
 from utils.data.specs import DATASET_SPECS, DatasetSpec, find_dataset_folder, split_folder
 from utils.errors import DataError
-from utils.images import StackedHalf, UnreadableImageError
+from utils.images import StackedHalf, UnreadableImageError, check_header, decode_native
 
 __all__ = ["CheckResult", "check_split", "check_root", "format_check"]
 
@@ -50,15 +48,17 @@ class CheckResult:
 
 
 def _image_size(path: str, cache: dict, full: bool) -> tuple:
-    """(H, W) of an image, or raises UnreadableImageError; decoded fully unless ``full`` is False."""
+    """(H, W) of an image, or raises UnreadableImageError: read as training reads it, or only its header
+    (still refused where training would refuse it: larger than its decoder or the memory) unless ``full``."""
     if path not in cache:
         try:
-            with Image.open(path) as img:
-                if full:
-                    img.load()
-                cache[path] = (img.height, img.width)
-        except Exception as exc:
-            cache[path] = UnreadableImageError(f"{path} ({type(exc).__name__}: {exc})", path)
+            if full:
+                cache[path] = decode_native(path)[0].shape[:2]
+            else:
+                header = check_header(path)
+                cache[path] = (header.height, header.width)
+        except UnreadableImageError as exc:
+            cache[path] = exc
     if isinstance(cache[path], Exception):
         raise cache[path]
     return cache[path]

@@ -182,10 +182,11 @@ def output_name(rain_path: str) -> str:
     return os.path.splitext(os.path.basename(rain_path))[0] + ".png"
 
 
-def _read_item(rain_path: str, clean_path: Optional[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _read_item(rain_path: str, clean_path: Optional[str],
+               max_memory: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     if clean_path is not None:
-        return read_pair(rain_path, clean_path)
-    return read_image(rain_path), None
+        return read_pair(rain_path, clean_path, max_memory=max_memory)
+    return read_image(rain_path, max_memory=max_memory), None
 
 
 @torch.inference_mode()
@@ -209,7 +210,8 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
     ``table_path`` scored with the same protocol, else from the saved PNG. ``table_path`` is
     also rewritten (atomically) every 50 images, so an interrupted run loses little.
     ``max_memory`` (bytes; only without ``tile``): each image is restored whole or in the tiles
-    that ``utils.eval.memory.MemoryPlanner`` fits into that budget. ``strict``: an unreadable image
+    that ``utils.eval.memory.MemoryPlanner`` fits into that budget; an image whose header claims
+    more than the budget is unreadable, refused before it is decoded. ``strict``: an unreadable image
     stops the run (``UnreadableImageError``); otherwise its row gets an ``error`` (the reason), it
     is left out of the scores, and the other images are derained. ``compile_model``: the backbone
     runs compiled (``utils.eval.inference.compile_for_inference``); the memory planner measures the
@@ -231,7 +233,7 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
     next_todo = dict(zip(todo, todo[1:]))
     rows, skipped, rescored, undefined = [], 0, 0, []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="coic-io") as io_pool:
-        reads = {i: io_pool.submit(_read_item, *items[i]) for i in todo[:1]}
+        reads = {i: io_pool.submit(_read_item, *items[i], max_memory) for i in todo[:1]}
         writes: deque = deque()
         for k, (rain_path, clean_path) in enumerate(tqdm(items, desc=desc, unit="img", disable=not progress,
                                                          dynamic_ncols=True)):
@@ -256,7 +258,7 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
                 pending = reads.pop(k)
                 following = next_todo.get(k)
                 if following is not None:  # decode the next image while this one is derained
-                    reads[following] = io_pool.submit(_read_item, *items[following])
+                    reads[following] = io_pool.submit(_read_item, *items[following], max_memory)
                 try:
                     x, clean = pending.result()
                 except UnreadableImageError as exc:

@@ -15,7 +15,7 @@ from utils.allocator import keep_freed_memory
 from utils.cli import HelpFormatter
 from utils.data.layouts import find_images
 from utils.errors import DataError, cli_main
-from utils.images import read_image
+from utils.images import UnreadableImageError, read_image
 from utils.niqe import CHANNELS, MIN_SIDE, NIQEUndefined, niqe
 from utils.tables import write_csv
 
@@ -38,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def score_folder(folder: str, channel: str = "y", progress: bool = True) -> list[tuple[str, Optional[float]]]:
-    """(file name, NIQE or None where it is undefined: under ``MIN_SIDE`` or flat) of every image under ``folder``."""
+def score_folder(folder: str, channel: str = "y",
+                 progress: bool = True) -> list[tuple[str, Optional[float], str]]:
+    """(file name, NIQE or None, why there is none) of every image under ``folder``: NIQE is undefined
+    under ``MIN_SIDE`` or on a flat image (no reason given), and an unreadable image gets its reason."""
     from tqdm import tqdm
 
     if not os.path.isdir(folder):
@@ -51,10 +53,13 @@ def score_folder(folder: str, channel: str = "y", progress: bool = True) -> list
     for path in tqdm(images, desc="niqe", unit="img", disable=not progress, dynamic_ncols=True):
         name = os.path.basename(path)
         try:
-            rows.append((name, niqe(read_image(path), channel)))
+            rows.append((name, niqe(read_image(path), channel), ""))
         except NIQEUndefined as exc:  # smaller than MIN_SIDE or flat
             undefined.append(f"{name}: {exc}")
-            rows.append((name, None))
+            rows.append((name, None, ""))
+        except UnreadableImageError as exc:  # listed at the end; the other images are scored
+            logger.warning("%s", exc)
+            rows.append((name, None, str(exc)))
     if undefined:
         logger.warning("%d images have no NIQE (left empty), e.g. %s", len(undefined), undefined[0])
     return rows
@@ -68,13 +73,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def run() -> int:
         rows = score_folder(args.folder, args.channel, progress=not args.no_progress)
         out = args.csv or os.path.join(args.folder, f"niqe_{args.channel}.csv")
-        write_csv(out, ["name", "niqe", "channel"],
-                  [[name, "" if value is None else f"{value:.4f}", args.channel] for name, value in rows])
-        scored = [v for _, v in rows if v is not None]
+        write_csv(out, ["name", "niqe", "channel", "error"],
+                  [[name, "" if value is None else f"{value:.4f}", args.channel, error] for name, value, error in rows])
+        scored = [v for _, v, _ in rows if v is not None]
+        unreadable = [name for name, _, error in rows if error]
+        if scored:
+            print(f"NIQE ({args.channel}) of {len(scored)} images in {args.folder}: mean "
+                  f"{sum(scored) / len(scored):.4f}  (lower is better) -> {out}")
+        if unreadable:
+            shown = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
+            raise DataError(f"{len(unreadable)} image(s) in {args.folder} could not be read and have no NIQE: {shown} "
+                            f"(reasons in {out}); the other images were scored")
         if not scored:
             raise DataError(f"no image in {args.folder} is at least {MIN_SIDE}x{MIN_SIDE} pixels; NIQE needs that")
-        print(f"NIQE ({args.channel}) of {len(scored)} images in {args.folder}: mean {sum(scored) / len(scored):.4f}"
-              f"  (lower is better) -> {out}")
         return 0
 
     return cli_main(run)

@@ -30,7 +30,7 @@ from PIL import Image
 
 from utils import ROOT
 from utils.errors import DataError
-from utils.images import read_image, resize_to_fit
+from utils.images import read_header, read_image, resize_to_fit
 from utils.io import atomic_write, atomic_write_text
 
 logger = logging.getLogger("coic.test")
@@ -76,8 +76,8 @@ class _Shown:
 def _preview(source: str, target: str, side: int) -> tuple[int, int]:
     """Write (or reuse, when newer than ``source``) the JPEG preview of ``source``; its (width, height)."""
     if os.path.isfile(target) and os.path.getmtime(target) >= os.path.getmtime(str(source)):
-        with Image.open(target) as img:
-            return img.size
+        header = read_header(target)
+        return header.width, header.height
     small = resize_to_fit(read_image(source), side)
     arr = small.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
     atomic_write(target, lambda tmp: Image.fromarray(arr).save(tmp, quality=JPEG_QUALITY))
