@@ -221,8 +221,7 @@ def _fold_batch(x: Tensor) -> Tensor:
 
     A view of x to its own shape gets a batch stride of C, and PyTorch then no longer reads a
     channels-last tensor as channels-last (``suggest_memory_format``): every concatenation with it
-    fell back to the default layout and copied, and so did the convolution after it (BRN's CoIC
-    forward in bf16 + channels-last took 1.2 times the plain one's time at 256²).
+    would fall back to the default layout and copy, and so would the convolution after it.
     """
     return x if x.shape[0] == 1 else x.reshape(1, -1, *x.shape[-2:])
 

@@ -108,7 +108,7 @@ class PositionalWindowAttention(nn.Module):
         q = self.to_q(x).view(b, n, heads, hd).transpose(1, 2) * self.scale
         k, v = self.to_kv(kv).view(b, n, 2, heads, hd).permute(2, 0, 3, 1, 4)
         bias = self.relative_position_bias_table[self.relative_position_index.flatten()]
-        # A contiguous (heads, n, n) bias: broadcasting the permuted view made this addition 5x slower.
+        # A contiguous (heads, n, n) bias: broadcasting from the permuted view is several times slower.
         logits = q @ k.transpose(-2, -1) + bias.view(n, n, heads).permute(2, 0, 1).contiguous()
         out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
         pos_map = self.to_pos(x).transpose(1, 2).reshape(b, c, self.grid, self.grid)

@@ -3,8 +3,8 @@
 PyTorch allocates CPU tensors with ``malloc``. glibc serves a request above its mmap threshold
 (dynamic, never above 32 MiB on 64-bit) with a fresh ``mmap`` and gives it back with ``munmap``
 on ``free``, so every large activation of a forward is mapped, zero-filled by the kernel one 4 KiB
-page fault at a time, and unmapped again. A BRN forward at 512x512 (activations of 32-128 MiB)
-spent 60 % of its CPU time in the kernel that way, with 10 million page faults.
+page fault at a time, and unmapped again: a BRN forward at 512x512 (activations of 32-128 MiB)
+spends over a third of its CPU time in the kernel that way (docs/speed.md).
 
 ``keep_freed_memory()`` raises the mmap threshold and turns trimming off with ``mallopt`` once at
 start-up: large blocks then come from the heap, and a freed block stays there for the next
