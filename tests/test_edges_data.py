@@ -1,0 +1,177 @@
+"""Both sides of the size and count edges of the training data (datasets.py) and the exemplars
+(utils/train/exemplars.py). Datasets are built without folders (``__new__`` and the fields the
+method reads), so each test is about one edge and runs in milliseconds."""
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import datasets
+from datasets import MAX_CONSECUTIVE_SKIPS, EpochSampler, MixedRainDataset, estimate_decoded_bytes
+from utils.errors import DataError
+from utils.train.exemplars import RainArchive, random_flips
+
+
+def _no_flip_rng(seed_from: int = 0) -> random.Random:
+    """A Random whose third draw (the flip, after top and left) is neither 1 nor 2: no flip."""
+    for seed in range(seed_from, seed_from + 100):
+        r = random.Random(seed)
+        r.randint(0, 0), r.randint(0, 0)
+        if r.randint(0, 3) in (0, 3):
+            return random.Random(seed)
+    raise AssertionError("no seed without a flip")
+
+
+def _augment(rain: torch.Tensor, crop: int):
+    ds = SimpleNamespace(crop_size=crop, channel_shuffle=False)
+    return MixedRainDataset._augment(ds, rain, rain.clone(), _no_flip_rng())
+
+
+def _np_pad(x: torch.Tensor, ph: int, pw: int, mode: str) -> np.ndarray:
+    return np.pad(x.numpy(), ((0, 0), (0, ph), (0, pw)), mode=mode)
+
+
+@pytest.mark.parametrize("h, w", [(8, 8)])
+def test_augment_crop_equal_to_the_image_takes_it_whole(h, w):
+    x = torch.rand(3, h, w)
+    item = _augment(x, 8)
+    torch.testing.assert_close(item.rain, x)
+
+
+@pytest.mark.parametrize("h, w, mode", [
+    (5, 8, "reflect"),   # 5 > 8 // 2: reflection (its pad of 3 is shorter than the side)
+    (4, 8, "edge"),      # 4 = 8 // 2: replication (a reflection of 4 rows would need 5)
+    (8, 5, "reflect"),   # only the width is smaller
+    (8, 4, "edge"),
+    (7, 7, "reflect"),   # one short on both sides
+])
+def test_augment_pads_a_small_side_by_reflection_above_half_the_crop(h, w, mode):
+    x = torch.rand(3, h, w)
+    item = _augment(x, 8)
+    assert item.rain.shape == (3, 8, 8)
+    np.testing.assert_array_equal(item.rain.numpy(), _np_pad(x, 8 - h, 8 - w, mode))
+    torch.testing.assert_close(item.clean, item.rain)
+
+
+def test_augment_one_side_larger_than_the_crop_is_cropped_not_padded():
+    x = torch.rand(3, 5, 12)
+    item = _augment(x, 8)
+    assert item.rain.shape == (3, 8, 8)
+    left = next(j for j in range(5) if torch.equal(item.rain[:, :5], x[:, :, j:j + 8]))  # the crop of x, whichever
+    np.testing.assert_array_equal(item.rain.numpy(), _np_pad(x[:, :, left:left + 8], 3, 0, "reflect"))
+
+
+# ------------------------------------------------------------------ the sampler's counts
+@pytest.mark.parametrize("n, batch, world, expected", [
+    (0, 4, 1, 1), (1, 4, 1, 1), (4, 4, 1, 1), (5, 4, 1, 2), (8, 4, 1, 2), (9, 2, 2, 3), (8, 2, 2, 2)])
+def test_batches_per_epoch_edges(n, batch, world, expected):
+    assert EpochSampler.batches_per_epoch(n, batch, world) == expected
+
+
+@pytest.mark.parametrize("start, length", [(0, 6), (2, 2), (3, 0), (4, 0)])
+def test_sampler_length_from_a_start_batch(start, length):
+    sampler = EpochSampler(5, batch_size=2, seed=0, start_batch=start)  # 5 items: 3 batches of 2
+    assert len(sampler) == length == len(list(sampler))
+
+
+def test_sampler_pads_to_whole_batches_with_every_item():
+    keys = list(EpochSampler(5, batch_size=2, seed=3))
+    assert len(keys) == 6 and {k.index for k in keys} == set(range(5))
+
+
+def test_sampler_ranks_share_each_step():
+    both = [list(EpochSampler(6, batch_size=2, seed=1, rank=r, world_size=2)) for r in (0, 1)]
+    assert [len(k) for k in both] == [4, 4]  # ceil(6 / (2 x 2)) = 2 steps of 2 per rank: 8 keys, 2 repeated
+    indices = [k.index for keys in both for k in keys]
+    assert set(indices) == set(range(6)) and len(indices) == 8
+
+
+# ------------------------------------------------------------------ mix, cache, skips
+def _dataset(n_syn: int, n_real: int) -> MixedRainDataset:
+    ds = MixedRainDataset.__new__(MixedRainDataset)
+    ds.synthetic_pairs = [(f"s{i}r", f"s{i}c") for i in range(n_syn)]
+    ds.real_pairs = [(f"r{i}r", f"r{i}c") for i in range(n_real)]
+    ds.synthetic_sources, ds.real_sources = ["syn"] * n_syn, ["real"] * n_real
+    ds._draws_real = n_syn > 0 and n_real > n_syn
+    ds._len = n_syn + (n_syn if ds._draws_real else n_real)
+    ds._draws, ds.strict, ds._skipped = {}, False, datasets._SharedCounter()
+    ds._images, ds._unreadable = None, {}
+    return ds
+
+
+def test_pair_at_switches_to_real_pairs_at_the_synthetic_count():
+    ds = _dataset(3, 5)
+    assert ds._pair_at(2, 0, 0) == ("s2r", "s2c")
+    assert ds._pair_at(3, 0, 0) == ds.real_pairs[int(ds.real_draw(0, 0)[0])]
+
+
+def test_real_draws_kept_per_process():
+    ds = _dataset(2, 5)
+    for epoch in range(datasets._KEPT_DRAWS):
+        ds.real_draw(epoch, 0)
+    assert len(ds._draws) == datasets._KEPT_DRAWS
+    ds.real_draw(datasets._KEPT_DRAWS, 0)
+    assert len(ds._draws) == datasets._KEPT_DRAWS and (0, 0) not in ds._draws
+
+
+@pytest.mark.parametrize("n, tried", [(3, 3), (MAX_CONSECUTIVE_SKIPS, MAX_CONSECUTIVE_SKIPS),
+                                      (MAX_CONSECUTIVE_SKIPS + 1, MAX_CONSECUTIVE_SKIPS)])
+def test_consecutive_skips_stop_at_the_limit(n, tried):
+    ds = _dataset(n, 0)
+    ds._images = {}
+    ds._unreadable = {p: "broken" for pair in ds.synthetic_pairs for p in pair}
+    with pytest.raises(DataError, match=f"^{tried} unreadable training pairs in a row"):
+        ds[0]
+    assert ds.skipped == tried
+
+
+def test_estimated_bytes_read_every_header_up_to_the_sample(monkeypatch):
+    read = []
+
+    def header(path):
+        read.append(path)
+        return SimpleNamespace(native_bytes=int(path[1:]))
+
+    monkeypatch.setattr(datasets.images, "read_header", header)
+    paths = [f"p{i}" for i in range(10)]
+    assert estimate_decoded_bytes(paths, sample=10) == sum(range(10)) and len(read) == 10
+    read.clear()
+    assert estimate_decoded_bytes(paths, sample=9) == int((0 + 2 + 4 + 6 + 8) / 5 * 10) and len(read) == 5
+
+
+@pytest.mark.parametrize("extra, refused", [(0, False), (1, True)])
+def test_cache_refuses_only_above_the_memory_fraction(monkeypatch, extra, refused):
+    monkeypatch.setattr(datasets, "available_memory", lambda: 1000)
+    monkeypatch.setattr(datasets, "estimate_decoded_bytes", lambda paths: 800 + extra)
+    ds = _dataset(0, 0)
+    if refused:
+        with pytest.raises(DataError, match="--cache_images needs"):
+            ds.cache_images(progress=False, memory_fraction=0.8)
+    else:
+        ds.cache_images(progress=False, memory_fraction=0.8)
+        assert ds._images == {}
+
+
+# ------------------------------------------------------------------ exemplars
+@pytest.mark.parametrize("batch, capacity", [(64, 1), (65, 1), (32, 2), (33, 1), (0, 64), (1, 64)])
+def test_rain_archive_capacity_from_the_batch_size(batch, capacity):
+    assert RainArchive.for_batch_size(batch, images=64).capacity == capacity
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 3])
+def test_rain_archive_keeps_exactly_capacity_batches(capacity):
+    archive = RainArchive(capacity)
+    for k in range(capacity + 2):
+        archive.push(torch.full((1, 1, 1, 1), float(k)))
+    assert [float(t) for t in archive.layers] == [float(k) for k in range(2, capacity + 2)]
+    assert RainArchive(0).capacity == 1
+
+
+def test_random_flips_flip_with_probability_one_half():
+    x = torch.arange(4.0).view(1, 1, 2, 2).expand(4000, 1, 2, 2)
+    out = random_flips(x, torch.Generator().manual_seed(0))
+    h = (out[:, 0, 0, 0] == 1) | (out[:, 0, 0, 0] == 3)  # the top-left pixel came from the right column
+    v = out[:, 0, 0, 0] >= 2  # ... from the bottom row
+    assert abs(float(h.float().mean()) - 0.5) < 0.03 and abs(float(v.float().mean()) - 0.5) < 0.03
