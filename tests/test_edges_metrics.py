@@ -155,3 +155,13 @@ def test_metric_digits_are_the_table_digits(monkeypatch, digits):
     row = {"dataset": "set", "images": 1, "niqe_rain": 5.123456, "niqe_out": 4.0, "niqe_change": -1.123456}
     line = format_markdown([row], "coic").splitlines()[-1]
     assert f"{5.123456:.{digits}f}" in line and f"{-1.123456:+.{digits}f}" in line
+
+
+@pytest.mark.parametrize("needs", [False, True])
+def test_needs_reference_decides_what_an_image_without_ground_truth_gets(monkeypatch, needs):
+    from utils.eval.evaluation import _wanted
+
+    assert _wanted(["psnr", "ssim", "niqe"], has_clean=True) == {"psnr", "ssim", "niqe"}
+    monkeypatch.setitem(METRICS, "niqe", dataclasses.replace(METRICS["niqe"], needs_reference=needs))
+    monkeypatch.setitem(METRICS, "psnr", dataclasses.replace(METRICS["psnr"], needs_reference=not needs))
+    assert _wanted(["psnr", "ssim", "niqe"], has_clean=False) == ({"psnr"} if needs else {"niqe"})

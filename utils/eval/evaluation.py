@@ -28,7 +28,7 @@ from utils.images import (
     read_pair,
     save_image,
 )
-from utils.metrics import score
+from utils.metrics import METRICS, score
 from utils.niqe import NIQEUndefined, niqe
 
 logger = logging.getLogger("coic.test")
@@ -302,7 +302,7 @@ def _wanted(metrics: Optional[Sequence[str]], has_clean: bool) -> set[str]:
     """The metrics an item gets: those asked for that it can have (default: by reference, else NIQE)."""
     if metrics is None:
         return {"psnr", "ssim"} if has_clean else {"niqe"}
-    return {m for m in metrics if m == "niqe" or has_clean}
+    return {m for m in metrics if has_clean or not METRICS[m].needs_reference}
 
 
 def _keys(wanted: set[str]) -> list[str]:
