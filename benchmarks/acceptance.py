@@ -80,7 +80,8 @@ def run_tests(device_type: str, timeout: float) -> dict:
     env = dict(os.environ, COIC_TEST_DEVICE=device_type)
     with tempfile.TemporaryDirectory(prefix="coic_accept_tests_") as tmp:
         junit = os.path.join(tmp, "junit.xml")
-        cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "-rfE",
+        # -n 0: in one process, whatever pyproject.toml's addopts say (the tests share one GPU)
+        cmd = [sys.executable, "-m", "pytest", "-n", "0", "-m", "cuda", "-p", "no:cacheprovider", "-rfE",
                f"--junitxml={junit}", os.path.join("tests", "test_cuda.py")]
         start = time.monotonic()
         try:

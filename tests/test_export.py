@@ -4,6 +4,10 @@ For every registered backbone, plain and with the CoIC encoder inside the graph,
 runs at two image sizes (H and W are dynamic): onnxruntime's output equals the PyTorch fp32
 ``restore(model, rain, image_code(encoder, rain))`` within 1e-4. A tiled backbone (IDT) is
 checked at one tile and at several. The command line's user errors are one line each.
+
+Each export costs 20-35 s of CPU (torch.export and its decompositions, whatever the model's size): the
+plain ``pytest`` exports BRN with its encoder (the deploy path: a recurrent backbone and the encoder in
+one graph); the other backbones and the plain graphs are marked ``slow``, and CI runs them.
 """
 import os
 import subprocess
@@ -53,8 +57,12 @@ def _max_diffs(path: str, model, encoder) -> list[float]:
     return diffs
 
 
-@pytest.mark.parametrize("coic", [False, True], ids=["plain", "coic"])
-@pytest.mark.parametrize("name", available_models())
+EXPORTS = [pytest.param(name, coic, id=f"{name}-{'coic' if coic else 'plain'}",
+                        marks=() if (name, coic) == ("BRN", True) else pytest.mark.slow)
+           for name in available_models() for coic in (False, True)]
+
+
+@pytest.mark.parametrize("name,coic", EXPORTS)
 def test_onnxruntime_matches_restore(name, coic, tmp_path):
     from utils.eval.export import export_onnx
 

@@ -127,7 +127,7 @@ def test_read_ahead_keeps_order_and_reads_each_image_once(tmp_path, trained, tin
     model, _ = test_model.load_model("BRN", trained, "normal", torch.device("cpu"))
     reads = []
     real = evaluation.read_pair
-    monkeypatch.setattr(evaluation, "read_pair", lambda a, b, **kw: (reads.append(a), real(a, b, **kw))[1])
+    monkeypatch.setattr(evaluation, "read_pair", lambda a, b: (reads.append(a), real(a, b))[1])
     out = tmp_path / "out"
     out.mkdir()
     first = test_model.evaluate(model, None, items, str(out), torch.device("cpu"), progress=False)
@@ -202,6 +202,7 @@ def test_unreadable_photos_are_listed_and_the_others_derained(tmp_path, trained,
     assert not (strict / "c.png").exists()
 
 
+@pytest.mark.slow  # TorchInductor builds C++ kernels: a minute or more of CPU on a cold cache
 def test_compiled_backbone_gives_the_eager_output_with_one_graph(tmp_path, trained, tiny_demo):
     """--compile: the same PNGs as the eager run, and one graph for every tile of every image."""
     import torch._dynamo
