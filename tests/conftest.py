@@ -24,7 +24,10 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto`` (pyproject.toml's addopts): one worker per core this process may use, at most 8 (each
-    worker imports torch and builds the session fixtures; a few tests hold over 1 GB)."""
+    worker imports torch and builds the session fixtures; a few tests hold over 1 GB). None under mutmut
+    (tools/mutate.py): it records which tests reach which function in its own process."""
+    if "mutmut" in sys.modules or "MUTANT_UNDER_TEST" in os.environ:
+        return 0
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
