@@ -11,16 +11,29 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator, Mapping
 from typing import Sequence
 
 import torch
 
-# (in, out, kernel, stride, groups): the costliest modulated shape of each backbone (``inference._check``
-# wants one per backbone measured).
-CONV_SHAPES = {
-    "BRN": (96, 32, 3, 1, 1), "RCDNet": (35, 35, 3, 1, 1), "DGUNet": (80, 80, 3, 1, 1),
-    "IDT": (256, 256, 3, 1, 256), "DRSformer": (254, 254, 5, 1, 254),
-}
+from models import BACKBONES, ConvShape
+
+
+class _ConvShapes(Mapping):
+    """name -> (in, out, kernel, stride, groups): each backbone's costliest modulated convolution, as its
+    registry entry declares it (``costliest_conv``)."""
+
+    def __getitem__(self, name: str) -> ConvShape:
+        return BACKBONES[name].costliest_conv
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(BACKBONES)
+
+    def __len__(self) -> int:
+        return len(BACKBONES)
+
+
+CONV_SHAPES: Mapping[str, ConvShape] = _ConvShapes()
 
 RATE_CHANNELS, RATE_SIDE = 32, 256
 

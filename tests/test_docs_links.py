@@ -48,22 +48,32 @@ def test_the_check_sees_a_broken_link(tmp_path):
     assert "licence-and-citation" in _anchors(os.path.join(ROOT, "README.md"))
 
 
-def test_readme_backbone_table_is_the_registry():
-    """The README's table of backbones lists the registry's backbones, in its order, each with its
-    training script and exactly its published weights (the registry is the only list; this keeps
-    the page true to it)."""
-    from models import BACKBONES
+def test_the_tables_of_backbones_are_the_registrys():
+    """README.md's table of backbones and docs/training.md's recipes are rendered from models/__init__.py
+    (``python -m utils.train.backbone_tables`` rewrites them): no page keeps a list of its own."""
+    from utils.train.backbone_tables import stale_pages
 
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    section = text[text.index("## The five backbones"):]
-    section = section[:section.index("\n## ", 1)]
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
-            if line.startswith("| ") and not line.startswith("| backbone")]
-    assert [r[0] for r in rows] == list(BACKBONES)
-    for name, _, script, weights in rows:
-        assert script == f"`train_{name}.py`" and os.path.isfile(os.path.join(ROOT, script.strip("`")))
-        listed = () if weights == "—" else tuple(w.strip(" `") for w in weights.split(","))
-        assert listed == BACKBONES[name].published_weights, name
+    assert stale_pages() == [], "run: python -m utils.train.backbone_tables"
+
+
+def test_the_table_check_sees_a_stale_or_missing_table(tmp_path):
+    from models import available_models
+    from utils.train.backbone_tables import TABLES, current_table, replace_table, stale_pages, write_tables
+
+    for page, _ in TABLES:
+        (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / page).write_text(open(os.path.join(ROOT, page), encoding="utf-8").read(), encoding="utf-8")
+    assert stale_pages(str(tmp_path)) == []
+    readme = tmp_path / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    rows = current_table(text, "backbones")
+    assert rows[2].startswith("| BRN | ") and len(rows) == 2 + len(available_models())
+    readme.write_text(replace_table(text, "backbones", rows[:-1]), encoding="utf-8")  # a backbone dropped
+    assert stale_pages(str(tmp_path)) == ["README.md (backbones)"]
+    assert write_tables(str(tmp_path)) == ["README.md"] and stale_pages(str(tmp_path)) == []
+    assert readme.read_text(encoding="utf-8") == text  # rewritten, not appended: prose kept
+    readme.write_text(text.replace("<!-- /generated: backbones -->", ""), encoding="utf-8")
+    assert stale_pages(str(tmp_path)) == ["README.md (backbones)"]  # markers gone: never silently skipped
 
 
 @pytest.mark.parametrize("page", _pages())

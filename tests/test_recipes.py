@@ -104,8 +104,18 @@ def test_idt_tiles_any_image_size():
         assert y.shape == x.shape and torch.isfinite(y).all()
 
 
-def test_every_recipe_is_of_a_registered_backbone():
-    assert sorted(RECIPES) == sorted(available_models())
+@pytest.mark.parametrize("name", available_models())
+def test_every_registered_backbone_has_a_recipe_that_builds(name):
+    """The registry's plain data names real things: a loss of losses.py, an optimizer pair, a schedule
+    whose milestone flag exists, flags that parse."""
+    recipe, args = RECIPES[name], parse_train_args(name, [])
+    assert recipe.model_name == name and list(RECIPES) == available_models()
+    assert isinstance(recipe.make_loss(), torch.nn.Module)
+    params = [torch.nn.Parameter(torch.zeros(1))], [torch.nn.Parameter(torch.zeros(1))]
+    base, coic = recipe.make_optimizers(*params, args)
+    if recipe.make_scheduler is not None:
+        recipe.make_scheduler(base, args, 100)
+    assert recipe.scheduler_unit in ("epoch", "iter") and recipe.rain_pool in ("batch", "archive")
 
 
 # The backbones the authors published code for (the registry's ``published_code``): their recipes

@@ -1,26 +1,30 @@
-"""A sixth backbone needs a model class, a registry entry and a recipe, nothing else.
+"""A sixth backbone is its model file, its registry entry and its ``train_<name>.py``, nothing else.
 
-A toy backbone is registered at run time the way the real ones are (a ``models.Backbone`` in
-``models.BACKBONES``, a ``utils.train.recipes.RECIPES`` entry); the contract checks, the Trainer in both
-stages, evaluation through ``test_model``, the benchmarks' and tools' model lists and, when it
-declares them, the published names all take it with no other edit. A file that keeps per-backbone
-data of its own fails loudly, naming itself, for a backbone it has no entry for.
+A toy backbone is registered at run time the way the real ones are: one ``models.Backbone`` in
+``models.BACKBONES``, which carries its training settings, its costliest convolution and its docs
+line. The contract checks, the Trainer in both stages, evaluation through ``test_model``, the
+benchmarks (the roofline's convolution check included), the tools' model lists, the docs' tables and,
+when it declares them, the published names all take it with no other edit. Data the paper's
+backbones alone have (the published files, the published code's adapter) fails loudly, naming its
+file, for a backbone that declares it without the data. The last test greps the code for a
+backbone's name: it appears in that backbone's own files only.
 """
+import ast
 import dataclasses
 import os
+import re
 
 import contract
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import make_trainer
+from helpers import ROOT, make_trainer
 
 import models
 import test_model
-from losses import L1Loss
 from models.coim import ModulatedConv2d, ModulatedConvTranspose2d
-from utils.train import recipes
+from utils.train import backbone_tables, recipes
 
 
 class ToyNet(nn.Module):
@@ -41,21 +45,22 @@ class ToyNet(nn.Module):
         return x + self.up(F.relu(self.mix(f, z)), z)
 
 
-TOY_RECIPE = recipes.Recipe(
-    model_name="Toy", batch_size=4, crop_size=32, lr=1e-3, tot_iters=1000, stage1_iters=500,
-    contra_loss_weight=0.2, make_loss=lambda: recipes.ImageLoss(L1Loss()),
-    flags={"width": recipes.Flag(int, 16, "channels of the features")},
-    tiny=dict(width=4, batch_size=2, crop_size=16),
+# Everything the rest of the code knows of the toy: its registry entry.
+TOY = models.Backbone(
+    "Toy", f"{__name__}:ToyNet", "a residual toy", "Nobody et al., 2026",
+    models.Training(batch_size=4, crop_size=32, lr=1e-3, tot_iters=1000, stage1_iters=500, contra_loss_weight=0.2,
+                    loss="L1Loss", schedule=models.MultiStep("milestone", 0.5),
+                    flags={"width": models.Flag(int, 16, "channels of the features"),
+                           "milestone": models.Flag(int, [2, 3], "epochs of the rate's steps", model=False,
+                                                    nargs="+")},
+                    tiny=dict(width=4, batch_size=2, crop_size=16)),
+    models.ConvShape(16, 16, 3, stride=2),
 )
-
-
-TOY = models.Backbone("Toy", f"{__name__}:ToyNet")
 
 
 @pytest.fixture
 def toy(monkeypatch):
     monkeypatch.setitem(models.BACKBONES, "Toy", TOY)
-    monkeypatch.setitem(recipes.RECIPES, "Toy", TOY_RECIPE)
     return "Toy"
 
 
@@ -113,7 +118,10 @@ def test_every_list_of_backbones_takes_the_toy(toy):
     assert models.MODELS[toy] == TOY.target and list(models.MODELS) == models.available_models()
     assert models.model_class(toy) is ToyNet and models.backbone(toy) is TOY
     assert (models.size_multiple(ToyNet), models.tile_size(ToyNet)) == (2, None)
-    assert recipes.get_recipe(toy) is TOY_RECIPE
+    recipe = recipes.get_recipe(toy)
+    assert (recipe.model_name, recipe.batch_size, recipe.crop_size, recipe.lr, recipe.tot_iters, recipe.seed,
+            recipe.scheduler_unit) == ("Toy", 4, 32, 1e-3, 1000, 0, "epoch")
+    assert toy in recipes.RECIPES and list(recipes.RECIPES) == models.available_models()
     for tool in (benchmark, inference, large_photo, model_cost):
         assert tool.build_parser().parse_args([]).models == models.available_models(), tool.__name__
     assert inference.check_size(toy) == 64  # no tile of its own: the default check input
@@ -164,22 +172,105 @@ def test_published_code_is_declared_by_the_registry_and_adapted_by_the_benchmark
         published.counterparts([toy])  # an adapter of no registered backbone
 
 
-def test_data_the_inference_benchmark_keeps_per_backbone_is_asked_not_skipped(toy, tmp_path):
-    from benchmarks import inference
+def test_the_roofline_times_the_convolution_the_toy_declares(toy, tmp_path):
+    from benchmarks import inference, roofline
 
-    assert set(inference.CONV_SHAPES) == set(models.available_models()) - {toy}
+    assert roofline.CONV_SHAPES[toy] == (16, 16, 3, 2, 1) and list(roofline.CONV_SHAPES) == models.available_models()
+    (row,) = roofline.conv_check(size=12, rounds=1, threads=1, names=[toy])
+    assert row["backbone"] == toy and row["shape"] == "16->16, 3x3, groups 1, 12x12"
+    assert row["plain_ms"] > 0 and row["modulated_ms"] > 0
     args = inference.build_parser().parse_args(["--models", toy, "--device", "cpu", "--save_path", str(tmp_path)])
-    with pytest.raises(models.RegistryError, match="CONV_SHAPES has no shape for Toy"):
-        inference._check(args)
-    args.conv_size = 0
-    assert inference._check(args).type == "cpu"
+    assert args.conv_size > 0 and inference._check(args).type == "cpu"  # nothing to add for its conv check
     (tmp_path / "published" / "models").mkdir(parents=True)
     args.published = str(tmp_path / "published")
     with pytest.raises(inference.InferenceBenchError, match="published counterpart.*Toy"):
         inference._check(args)
 
 
-def test_a_registered_backbone_without_a_recipe_names_the_file_to_edit(monkeypatch):
-    monkeypatch.setitem(models.BACKBONES, "Toy", TOY)
-    with pytest.raises(ValueError, match="'Toy'.*utils/train/recipes.py"):
-        recipes.get_recipe("Toy")
+def test_the_docs_tables_take_the_toy_from_its_entry(toy):
+    assert backbone_tables.readme_table()[-1] == "| Toy | a residual toy (Nobody et al., 2026) | `train_Toy.py` | — |"
+    assert backbone_tables.recipe_table()[-1] == (
+        "| Toy | `--width 16 --milestone 2 3` | `L1Loss`: mean \\|x - y\\| | Adam 1e-3, ×0.5 at epochs 2/3 | 4 / 32 | 1k | "
+        "0.2 |")
+    # The pages are regenerated, not edited: until then the check names both.
+    assert backbone_tables.stale_pages() == ["README.md (backbones)", os.path.join("docs", "training.md") + " (recipes)"]
+
+
+def test_training_settings_that_name_nothing_say_where_to_look(toy, monkeypatch):
+    monkeypatch.setitem(models.BACKBONES, toy, dataclasses.replace(
+        TOY, training=dataclasses.replace(TOY.training, loss="NoSuchLoss")))
+    with pytest.raises(ValueError, match="'NoSuchLoss' in losses.py"):
+        recipes.get_recipe(toy)
+    monkeypatch.setitem(models.BACKBONES, toy, dataclasses.replace(
+        TOY, training=dataclasses.replace(TOY.training, optimizer="sgd")))
+    with pytest.raises(ValueError, match="Toy: unknown optimizer 'sgd' in models/__init__.py"):
+        recipes.get_recipe(toy)
+    with pytest.raises(ValueError, match="'Ghost'.*models/__init__.py"):
+        recipes.get_recipe("Ghost")
+
+
+# --------------------------------------------------------------------------- the files a backbone touches
+# DGUNet stands for any backbone: it has no role of its own (not the default, no published weights,
+# no tiles), so wherever the code names it, a sixth backbone would need a line too. Names in prose
+# (docstrings, comments, the docs outside their generated tables) are not code and are not counted.
+PROBE = "DGUNet"
+PROBE_FILES = {"models/__init__.py", "models/dgunet.py", "train_DGUNet.py"}
+# Data only the paper's backbones have, which a new backbone declares or not: the adapter that runs
+# the authors' code (``Backbone.published_code``) and the paper's experiments (``reproduce.py``).
+PAPER_ONLY = {"benchmarks/published.py", "utils/paper/experiments.py"}
+CODE_DIRS = ("models", "utils", "analysis", "benchmarks")
+
+
+def _code_files() -> list[str]:
+    """Every Python file of the project outside tests/ (the root's scripts and the library folders)."""
+    found = [f for f in os.listdir(ROOT) if f.endswith(".py")]
+    for folder in CODE_DIRS:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, folder)):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            found += [os.path.relpath(os.path.join(dirpath, f), ROOT).replace(os.sep, "/")
+                      for f in filenames if f.endswith(".py")]
+    return sorted(found)
+
+
+def _names_in_code(source: str, name: str) -> bool:
+    """Whether a string constant of ``source`` other than a docstring names ``name`` as a word."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    word = re.compile(rf"(?<![A-Za-z]){re.escape(name)}(?![A-Za-z])")
+    return any(isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+               and word.search(node.value) for node in ast.walk(tree))
+
+
+def test_a_backbone_is_named_in_its_own_files_only():
+    """What a sixth backbone touches: models/<name>.py, its entry in models/__init__.py, train_<name>.py
+    (and its own tests/test_<name>.py); the docs' tables are regenerated from the registry."""
+    naming = {f for f in _code_files() if _names_in_code(open(os.path.join(ROOT, f), encoding="utf-8").read(), PROBE)}
+    assert PROBE_FILES <= naming, "the scan misses the backbone's own files"
+    assert naming - PROBE_FILES - PAPER_ONLY == set(), (
+        f"{PROBE} is named in code outside its own files: read it from its registry entry instead")
+    text = open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8").read()
+    assert PROBE not in text  # the package's description lists no backbone
+
+
+def test_the_scan_sees_a_name_in_code_but_not_in_prose():
+    source = '''"""DGUNet in a docstring."""
+# DGUNet in a comment
+def f():
+    """DGUNet again."""
+    return {"x": 1}
+'''
+    assert not _names_in_code(source, PROBE)
+    assert _names_in_code(source + "SHAPES = {'DGUNet': 1}\n", PROBE)
+    assert _names_in_code(source + "x = f'train_DGUNet.py'\n", PROBE)
+    assert not _names_in_code(source + "x = 'DGUNets2'\n", PROBE)  # another word
+
+
+@pytest.mark.parametrize("name", models.available_models())
+def test_every_backbone_has_its_own_files(name):
+    module = models.BACKBONES[name].target.split(":")[0]
+    assert os.path.isfile(os.path.join(ROOT, *module.split(".")) + ".py")
+    script = open(os.path.join(ROOT, f"train_{name}.py"), encoding="utf-8").read()
+    assert f'main("{name}")' in script  # the thin script: the shared flags, this backbone's recipe, the Trainer
+    assert os.path.isfile(os.path.join(ROOT, "tests", f"test_{module.split('.')[-1]}.py"))
