@@ -106,7 +106,7 @@ def test_is_channels_last_edges():
     assert not is_channels_last(torch.rand(3, 4, 5))
 
 
-@pytest.mark.parametrize("groups", [1, 4])  # a full kernel and a depthwise one (the same memory in both layouts)
+@pytest.mark.parametrize("groups", [1, 4, 8])  # full, grouped, depthwise (the same memory in both layouts)
 def test_weight_layout_decides_the_output_layout(groups):
     conv = _conv(8, 8, 3, groups=groups).float()  # oneDNN keeps layouts in float32 (float64 has no such path)
     x, z = _x(b=1, c=8).float(), _z(b=1).float()  # batch 1: inference, where the layout is kept
@@ -126,9 +126,10 @@ def test_channel_means_in_bf16_channels_last_equal_the_mean():
         got = channel_means(t)
         assert got.dtype == t.dtype
         torch.testing.assert_close(got.double(), reference, atol=2e-2, rtol=0)
-    x = torch.rand(1, 1, 4, 4) + 10  # the sum / (H * W) path: a wrong divisor is 1/16 off
-    got = channel_means(x.bfloat16().contiguous(memory_format=CL))
-    assert abs(float(got) - float(x.mean())) < 0.1
+    x = torch.rand(1, 2, 4, 4) + 10  # the sum / (H * W) path: a divisor one off is 1/16 off (0.6 here)
+    t = x.bfloat16().contiguous(memory_format=CL)
+    assert is_channels_last(t)
+    assert (channel_means(t).double() - x.double().mean(dim=(-2, -1))).abs().max() < 0.1
 
 
 # ------------------------------------------------------------------ backbones' declared sizes
