@@ -1,7 +1,7 @@
 """Command-line analysis tools for trained CoIC encoders and models.
 
 Each tool is a module with ``main(argv) -> exit code`` and runs as ``python -m analysis.<tool>``
-(or ``python analysis/<tool>.py``):
+from the repository's root:
 
 - ``representation_map``: z of N images per dataset -> TensorBoard projector + 2-D scatter;
 - ``dataset_relationships``: mean cosine similarity of z between/within datasets (heat-map, CSV);

@@ -24,11 +24,8 @@ import argparse
 import math
 import os
 import random
-import sys
 from typing import Optional, Sequence
 
-if __package__ in (None, ""):  # run as ``python analysis/temperature_sweep.py``: find the repository
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import torch.nn as nn

@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from typing import Optional, Sequence
 
-if __package__ in (None, ""):  # run as ``python analysis/dataset_relationships.py``: find the repository
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import torch.nn.functional as F

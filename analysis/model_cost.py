@@ -31,12 +31,9 @@ import functools
 import math
 import os
 import statistics
-import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
-if __package__ in (None, ""):  # run as ``python analysis/model_cost.py``: find the repository
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import torch.nn as nn

@@ -1,6 +1,6 @@
 """CoI-M kernel temperature per layer: how strongly each modulated layer reshapes its kernels.
 
-    python analysis/modulation_temperature.py --checkpoint CKPT [--feat_ext ENCODER] \
+    python -m analysis.modulation_temperature --checkpoint CKPT [--feat_ext ENCODER] \
         --data_paths datasets/Rain800/test datasets/Rain200H/test --num_images 100
 
 For every image and every modulated layer (1x1 layers are never modulated), with the layer's
@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Optional, Sequence
 
-if __package__ in (None, ""):  # run as ``python analysis/modulation_temperature.py``: find the repository
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import torch.nn as nn

@@ -17,11 +17,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from typing import Optional, Sequence
 
-if __package__ in (None, ""):  # run as ``python analysis/representation_map.py``: find the repository
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 from torch import Tensor

@@ -37,8 +37,6 @@ from utils.cli import HelpFormatter
 from utils.tables import markdown_table
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __package__ in (None, ""):
-    sys.path.insert(0, REPO_ROOT)
 
 TIME_LIMIT_S = 8 * 60
 TARGETS = {"coic_speedup_recommended": 2.0, "coic_speedup_fp32": 1.0, "infer_speedup": 1.5}

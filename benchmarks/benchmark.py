@@ -45,8 +45,6 @@ from typing import Optional, Sequence
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __package__ in (None, ""):  # run as ``python benchmarks/benchmark.py``: find the repository
-    sys.path.insert(0, REPO_ROOT)
 
 # The measuring helpers live in ``benchmarks.timing`` (``benchmarks.published`` imports them in a
 # process whose ``models`` package must be the published code's); the names are re-exported here.
@@ -365,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
                         args.save_path, f"profile_ours_{case.model}_{label}.txt"))
                 ours_rounds, published_rounds = [], []
                 for r in range(args.rounds):  # alternate, so that drift of the machine hits both alike
-                    ours_job = functools.partial(run_worker, os.path.abspath(__file__), vars(case), REPO_ROOT,
+                    ours_job = functools.partial(run_worker, "benchmarks.benchmark", vars(case), REPO_ROOT,
                                                  args.case_timeout)
                     with_published = bool(args.published) and case.model not in published
                     if with_published and args.concurrent:  # same moment, one core each

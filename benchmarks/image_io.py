@@ -1,6 +1,6 @@
 """Image loading speed: Pillow vs OpenCV for what the training loader does per item.
 
-    python benchmarks/image_io.py [--demo_root demo_data] [--repeats 15]
+    python -m benchmarks.image_io [--demo_root demo_data] [--repeats 15]
 
 Per image set (the demo training PNGs when present, and synthetic 481x321 and 2000x1500 PNG
 pairs): PNG decode, one training item (decode rain + clean, crop, flip, the 128x128 encoder
@@ -16,12 +16,9 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
-if __package__ in (None, ""):  # run as a script: the repository root on the path
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cv2
 import numpy as np

@@ -32,13 +32,11 @@ from typing import Optional, Sequence
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __package__ in (None, ""):  # run as a script (the workers are): find the repository
-    sys.path.insert(0, REPO_ROOT)
 
 from benchmarks.published import counterparts  # noqa: E402
-from benchmarks.roofline import CONV_SHAPES, conv_check, conv_rate  # noqa: E402
+from benchmarks.roofline import conv_check, conv_rate  # noqa: E402
 from benchmarks.serve import Worker, WorkerError, serve  # noqa: E402
-from models import RegistryError, available_models, model_class, tile_size  # noqa: E402
+from models import available_models, model_class, tile_size  # noqa: E402
 from utils.allocator import keep_freed_memory  # noqa: E402
 from utils.cli import HelpFormatter  # noqa: E402
 from utils.tables import markdown_table  # noqa: E402
@@ -183,7 +181,7 @@ def measure_backbone(name: str, args: argparse.Namespace, settings: list, device
             pub.call("setup", state_path=state_path, published_code=counterparts([name])[name], **common)
         aliases, chosen, recommended, amps = {}, {}, None, {}
         for label, amp, channels_last, auto in settings:
-            w = Worker(f"ours {label}", [os.path.abspath(__file__), "--serve"], cwd=REPO_ROOT)
+            w = Worker(f"ours {label}", ["-m", "benchmarks.inference", "--serve"], cwd=REPO_ROOT)
             workers[label] = w
             got = w.call("setup", amp=amp, channels_last=channels_last, auto=auto, state_path=state_path, **common)
             amps[label] = got["amp"]
@@ -380,10 +378,6 @@ def _check(args: argparse.Namespace) -> torch.device:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InferenceBenchError(f"--device {args.device} asks for CUDA, which is not available here")
-    missing = [m for m in args.models if m not in CONV_SHAPES] if args.conv_size and device.type == "cpu" else []
-    if missing:
-        raise RegistryError(f"benchmarks/inference.py CONV_SHAPES has no shape for {', '.join(missing)}: add its "
-                            "costliest modulated convolution there (or pass --conv_size 0)")
     return device
 
 

@@ -30,8 +30,6 @@ import time
 from typing import Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 from models import available_models  # noqa: E402
 from utils.cli import HelpFormatter  # noqa: E402

@@ -1,8 +1,8 @@
 """Kernel time and page faults of BRN on the CPU, with and without ``utils.allocator.keep_freed_memory``.
 
-    python benchmarks/page_faults.py                              # 512x512, 2 forwards, plain and CoIC
-    python benchmarks/page_faults.py --size 256 --forwards 1 --threads 1
-    python benchmarks/page_faults.py --cases train --forwards 1 --warmup 0   # the training step
+    python -m benchmarks.page_faults                            # 512x512, 2 forwards, plain and CoIC
+    python -m benchmarks.page_faults --size 256 --forwards 1 --threads 1
+    python -m benchmarks.page_faults --cases train --forwards 1 --warmup 0   # the training step
 
 Reference BRN (``build_model("BRN")``) under ``torch.inference_mode``, plain (z=None) and CoIC
 (a random unit z of the model's ``dim_in``), each case in a fresh process: a heap grown by an
@@ -26,8 +26,6 @@ import time
 from typing import Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __package__ in (None, ""):  # run as ``python benchmarks/page_faults.py``: find the repository
-    sys.path.insert(0, REPO_ROOT)
 
 import torch  # noqa: E402
 
@@ -146,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for keep in (False, True):
             params = {"case": case, "keep": keep, "size": args.size, "forwards": args.forwards,
                       "warmup": args.warmup, "threads": args.threads}
-            rows.append(table_row(params, run_worker(os.path.abspath(__file__), params, REPO_ROOT,
+            rows.append(table_row(params, run_worker("benchmarks.page_faults", params, REPO_ROOT,
                                                      args.case_timeout)))
             print(f"done: {case}, {'kept' if keep else 'glibc default'}", file=sys.stderr)
     print(f"CPU: {cpu_model_name()}, {args.threads} thread{'s' if args.threads != 1 else ''} | torch "

@@ -283,7 +283,9 @@ def measure_ours(case: Case) -> dict:
 
 # --------------------------------------------------------------------------- processes
 def run_worker(script: str, payload: dict, cwd: str, timeout: float) -> dict:
-    """Run ``script --worker_params P --worker_out O`` in a fresh Python; its result dict.
+    """Run ``script --worker_params P --worker_out O`` in a fresh Python started in ``cwd``; its result dict.
+    ``script`` is a file (``.py``) or a module run with ``-m`` (``benchmarks.benchmark``, with ``cwd`` the
+    repository's root).
 
     A failure comes back as ``{"error": <last line the worker printed to stderr>}``.
     """
@@ -292,7 +294,8 @@ def run_worker(script: str, payload: dict, cwd: str, timeout: float) -> dict:
         with open(params, "w") as f:
             json.dump(payload, f)
         try:
-            proc = subprocess.run([sys.executable, script, "--worker_params", params, "--worker_out", out],
+            proc = subprocess.run([sys.executable, *([script] if script.endswith(".py") else ["-m", script]), "--worker_params",
+                                   params, "--worker_out", out],
                                   cwd=cwd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {timeout:g} s (--case_timeout)"}

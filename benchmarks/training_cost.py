@@ -7,17 +7,13 @@ encoder on the crop-sized query, the key encoder on the positive and the 1 + ``n
 A training step costs about 3x its forward (the backward pass about 2x), the key encoder forward
 only. The hours are compute / ``--tflops`` (sustained, not peak): an assumption, not a measurement.
 
-    python benchmarks/training_cost.py --tflops 25
+    python -m benchmarks.training_cost --tflops 25
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import Optional, Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 

@@ -517,12 +517,11 @@ def test_one_line_errors(tmp_path, checkpoints, tiny_demo, capsys):
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
 
 
-def test_runs_as_a_script(tmp_path):
+def test_runs_as_a_module_from_the_root(tmp_path):
     planted = str(tmp_path / "p.csv")
     write_embeddings(planted, torch.eye(3, dtype=torch.float64), ["a", "b", "a"], ["0", "1", "2"])
     out = str(tmp_path / "rel")
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "analysis", "dataset_relationships.py"),
-                           "--embeddings", planted, "--save_path", out], cwd=str(tmp_path), capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "analysis.dataset_relationships", "--embeddings", planted,
+                           "--save_path", out], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert os.path.isfile(os.path.join(out, "relationships.csv"))

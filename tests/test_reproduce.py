@@ -130,15 +130,15 @@ def test_analysis_commands_parse_with_the_tools(capsys, tmp_path):
     from analysis import dataset_relationships, modulation_temperature, representation_map
 
     commands = dry_run(capsys, "analysis", *roots(tmp_path))
-    tools = {"analysis/representation_map.py": representation_map, "analysis/dataset_relationships.py":
-             dataset_relationships, "analysis/modulation_temperature.py": modulation_temperature}
-    assert [c[1] for c in commands] == ["train_DGUNet.py", *tools]
+    tools = {"analysis.representation_map": representation_map, "analysis.dataset_relationships":
+             dataset_relationships, "analysis.modulation_temperature": modulation_temperature}
+    assert commands[0][1] == "train_DGUNet.py" and [c[1:3] for c in commands[1:]] == [["-m", t] for t in tools]
     checkpoint = os.path.join(flag(commands[0], "--save_path"), "ckpt_0400000.pth")
     for cmd in commands[1:]:
-        args = tools[cmd[1]].build_parser().parse_args(cmd[2:])
+        args = tools[cmd[2]].build_parser().parse_args(cmd[3:])
         assert checkpoint in (getattr(args, "encoder", None), getattr(args, "checkpoint", None))
-    assert representation_map.build_parser().parse_args(commands[1][2:]).projection == "sphere"
-    assert [c[1] for c in dry_run(capsys, "analysis", "--only", "eval", *roots(tmp_path))] == list(tools)
+    assert representation_map.build_parser().parse_args(commands[1][3:]).projection == "sphere"
+    assert [c[2] for c in dry_run(capsys, "analysis", "--only", "eval", *roots(tmp_path))] == list(tools)
 
 
 def test_paper_table_beside_ours(tmp_path, capsys):

@@ -140,3 +140,17 @@ def test_test_files_share_helpers_not_conftest():
                  if name.endswith(".py") and any(m.split(".")[0] == "conftest"
                                                  for m in _imports(os.path.join("tests", name), False))]
     assert not importers, f"{importers} import conftest as a module; import the helper from helpers.py instead"
+
+
+def test_tools_run_as_modules_without_patching_sys_path():
+    """``python -m analysis.<tool>`` / ``python -m benchmarks.<tool>`` from the root find the project by
+    themselves. benchmarks/published.py is the exception: its worker runs inside the authors' checkout
+    and must put their ``models`` package before ours."""
+    patching = []
+    for rel, _ in _sources():
+        if rel.split(os.sep)[0] in ("analysis", "benchmarks") and rel != os.path.join("benchmarks", "published.py"):
+            tree = ast.parse(open(os.path.join(ROOT, rel)).read())
+            if any(isinstance(n, ast.Attribute) and n.attr == "path" and isinstance(n.value, ast.Name)
+                   and n.value.id == "sys" for n in ast.walk(tree)):
+                patching.append(rel)
+    assert patching == [], f"modules that touch sys.path: {patching}"

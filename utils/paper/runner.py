@@ -1,6 +1,6 @@
 """``reproduce.py EXPERIMENT``: an experiment of ``utils.paper.experiments`` as a list of ordinary commands.
 
-Each step is a ``train_<Backbone>.py``, ``test_model.py``, ``python analysis/<tool>.py`` (or, for the
+Each step is a ``train_<Backbone>.py``, ``test_model.py``, ``python -m analysis.<tool>`` (or, for the
 demo, ``datasets.py demo``) command line, printed before it runs in a subprocess, so that any step
 can be rerun by hand. A step is skipped when its result is complete:
 
@@ -236,7 +236,7 @@ def plan(opts: Options) -> list[Step]:
             out = analysis_folder(run, tool.tool, opts)
             data = [dataset_folder(n, opts.data_root, tool.split) for n in tool.data]
             model_flag = ["--model_name", run.backbone] if tool.checkpoint_flag == "--checkpoint" else []
-            command = ("python", script(os.path.join(*tool.tool.split(".")) + ".py"), tool.checkpoint_flag,
+            command = ("python", "-m", tool.tool, tool.checkpoint_flag,
                        run.checkpoint, *model_flag, "--data_paths", *data, "--labels", *tool.data, *tool.flags,
                        "--save_path", out)
             outputs = [os.path.join(out, f) for f in tool.outputs]
@@ -267,7 +267,9 @@ def _argv(command: Sequence[str]) -> list[str]:
 
 
 def _run_command(command: Sequence[str]) -> int:
-    proc = subprocess.Popen(_argv(command))
+    # ``python -m analysis.<tool>`` finds this repository from any working directory.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.Popen(_argv(command), env=env)
     while True:
         try:
             return proc.wait()
