@@ -24,9 +24,14 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto`` (pyproject.toml's addopts): one worker per core this process may use, at most 8 (each
-    worker imports torch and builds the session fixtures; a few tests hold over 1 GB). None under mutmut
-    (tools/mutate.py): it records which tests reach which function in its own process."""
+    worker imports torch and builds the session fixtures; a few tests hold over 1 GB). None for one test
+    file named on the command line (workers would only add their start and build its module fixtures
+    twice; ``-n 2`` asks for them) and under mutmut (tools/mutate.py), which records in its own process
+    which tests reach which function."""
     if "mutmut" in sys.modules or "MUTANT_UNDER_TEST" in os.environ:
+        return 0
+    files = {str(arg).split("::")[0] for arg in config.args}
+    if len(files) == 1 and files.pop().endswith(".py"):
         return 0
     try:
         cores = len(os.sched_getaffinity(0))
