@@ -31,7 +31,7 @@ from models import available_models
 from models.pretrained import WEIGHTS_DIR_ENV, choose_checkpoint, describe_published, published_names
 from utils.allocator import keep_freed_memory
 from utils.checkpoint import trusted_checkpoints
-from utils.cli import HelpFormatter
+from utils.cli import Parser, add_alias, add_device_args, add_list, add_precision_args
 from utils.data.specs import DATASET_SPECS
 from utils.errors import DataError, UserError, cli_main
 from utils.eval.evaluation import (  # noqa: F401
@@ -45,77 +45,80 @@ from utils.eval.evaluation import (  # noqa: F401
 )
 from utils.eval.inference import AMP_DTYPES, image_code
 from utils.eval.memory import default_budget, format_size, parse_size
-from utils.eval.precision import inference_setting
+from utils.eval.precision import setting_from_flags
 from utils.eval.report import ReportColumn, ReportSet, run_description, write_report
 from utils.eval.results import format_markdown, protocol_notes, summarize, with_mean, write_summary
 from utils.metrics import METRICS, PROTOCOLS, parse_metrics
-from utils.train.distributed import add_device_args, resolve_device
+from utils.train.distributed import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Derain a folder with a (CoIC) checkpoint and report PSNR/SSIM.",
-                                formatter_class=HelpFormatter)
-    p.add_argument("--test_model", default=None,
-                   help="backbone checkpoint (ours, or a published state_dict), or a published name, downloaded once: "
-                   + ", ".join(published_names()) + " (--list_models)")
-    p.add_argument("--list_models", action="store_true", help="list the published names and whether they are cached")
-    p.add_argument("--weights_dir", default=None,
-                   help=f"offline: take the published files from this folder (else ${WEIGHTS_DIR_ENV}), never download")
-    p.add_argument("--feat_ext", default=None,
-                   help="encoder checkpoint for --load_mode tran (default: the encoder inside --test_model, or the "
-                        "published name's)")
-    p.add_argument("--trust_checkpoint", action="store_true",
-                   help="load a --test_model/--feat_ext file that holds objects beyond tensors with the full unpickler, "
-                        "which runs any code it names: only for files from a source you trust")
-    p.add_argument("--model_name", default=None,
-                   help=f"backbone: {', '.join(available_models())} (default: a published name's, a checkpoint's own, else BRN)")
-    p.add_argument("--load_mode", default=None, choices=["normal", "base", "tran"],
-                   help="normal/base: no modulation; tran: modulate with z from the encoder "
-                        "(default: tran for a coic-* name, else normal)")
-    p.add_argument("--test_dir", nargs="+", default=["datasets/Rain200H/test"], metavar="PATH",
-                   help="folder with rain/ and norain/, a folder of rainy images, or rainy photos and glob patterns "
-                        "('photos/*.jpg')")
-    p.add_argument("--strict", action="store_true",
+    p = Parser(description="Derain a folder with a (CoIC) checkpoint and report PSNR/SSIM.")
+    g = p.add_argument_group("input")
+    add_list(g, "--test_dir", default=["datasets/Rain200H/test"], metavar="PATH",
+             help="folder with rain/ and norain/, a folder of rainy images, or rainy photos and glob patterns "
+                  "('photos/*.jpg'); space- or comma-separated (default: datasets/Rain200H/test)")
+    add_list(g, "--testset", default=None, metavar="NAME",
+             help="test sets under --data_root (" + ", ".join(s.name for s in DATASET_SPECS)
+             + "), space- or comma-separated; replaces --test_dir")
+    g.add_argument("--data_root", default="datasets", help="folder holding the datasets, for --testset")
+    g.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image (default: derain the others, list it at the end and in "
                         "results.csv, exit 2)")
-    p.add_argument("--testset", default=None,
-                   help="comma-separated test sets under --data_root (" + ", ".join(s.name for s in DATASET_SPECS)
-                   + "); replaces --test_dir")
-    p.add_argument("--data_root", default="datasets", help="folder holding the datasets, for --testset")
-    p.add_argument("--metric_protocol", default="coic", choices=list(PROTOCOLS),
-                   help="coic: the paper's Python metrics; matlab: Restormer/DRSformer evaluate_PSNR_SSIM.m "
-                        "(Rain200L/H, SPA); matlab-ddn: DID/DDN statistic.m")
-    p.add_argument("--metrics", default=None,
-                   help="comma-separated scores: " + ", ".join(f"{m.name} ({m.description})" for m in METRICS.values())
-                   + ". Default: psnr,ssim where there is ground truth, niqe where there is none")
-    p.add_argument("--niqe_channel", default="y", choices=["y", "gray"],
+    g = p.add_argument_group("model")
+    g.add_argument("--test_model", default=None,
+                   help="backbone checkpoint (ours, or a published state_dict), or a published name, downloaded once: "
+                   + ", ".join(published_names()) + " (--list_models)")
+    add_alias(g, "--checkpoint", "--test_model")
+    g.add_argument("--list_models", action="store_true", help="list the published names and whether they are cached")
+    g.add_argument("--weights_dir", default=None,
+                   help=f"offline: take the published files from this folder (else ${WEIGHTS_DIR_ENV}), never download")
+    g.add_argument("--feat_ext", default=None,
+                   help="encoder checkpoint for --load_mode tran (default: the encoder inside --test_model, or the "
+                        "published name's)")
+    add_alias(g, "--encoder", "--feat_ext")
+    g.add_argument("--trust_checkpoint", action="store_true",
+                   help="load a --test_model/--feat_ext file that holds objects beyond tensors with the full unpickler, "
+                        "which runs any code it names: only for files from a source you trust")
+    g.add_argument("--model_name", default=None,
+                   help=f"backbone: {', '.join(available_models())} (default: a published name's, a checkpoint's own, else BRN)")
+    g.add_argument("--load_mode", default=None, choices=["normal", "base", "tran"],
+                   help="normal/base: no modulation; tran: modulate with z from the encoder "
+                        "(default: tran for a coic-* name, else normal)")
+    g.add_argument("--inter_iter", type=int, default=None, help="override the backbone's recurrent stages")
+    g = p.add_argument_group("output")
+    g.add_argument("--save_path", default="results", help="where derained images and results.csv go")
+    add_alias(g, "--out", "--save_path")
+    g.add_argument("--metric_protocol", default="coic", choices=list(PROTOCOLS),
+                   help="coic: the paper's Python metrics (the default, as the paper's tables were computed); "
+                        "matlab: Restormer/DRSformer evaluate_PSNR_SSIM.m (Rain200L/H, SPA); matlab-ddn: DID/DDN "
+                        "statistic.m")
+    add_list(g, "--metrics", default=None, metavar="NAME",
+             help="scores, space- or comma-separated: " + ", ".join(f"{m.name} ({m.description})" for m in METRICS.values())
+             + ". Default: psnr,ssim where there is ground truth, niqe where there is none")
+    g.add_argument("--niqe_channel", default="y", choices=["y", "gray"],
                    help="NIQE on MATLAB's rgb2ycbcr Y (niqe_release) or on 0.299R+0.587G+0.114B (pyiqa's default, "
                         "the published eval_niqe.py)")
-    p.add_argument("--skip_existing", action="store_true",
+    g.add_argument("--skip_existing", action="store_true",
                    help="skip images whose derained PNG exists, reusing their scores from results.csv when present")
-    p.add_argument("--save_path", default="results", help="where derained images and results.csv go")
-    p.add_argument("--tile", type=int, default=None,
-                   help="tile images larger than this (default: whole images; IDT always tiles at 128)")
-    p.add_argument("--tile_overlap", type=int, default=32, help="overlap of neighbouring tiles in pixels")
-    add_device_args(p)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 + channels_last on a CPU with native bf16 where the backbone's mode is shown "
-                        "accurate in it (utils.eval.precision.default_setting), float32 elsewhere; "
-                        "fp32 forces float32; bf16: bf16 autocast + channels_last")
-    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
-                   help="autocast the model and encoder to bf16/fp16 (faster on recent GPUs; scores use float32)")
-    p.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPUs)")
-    p.add_argument("--compile", action="store_true",
+    g = p.add_argument_group("speed")
+    add_precision_args(g, "auto (the default): bf16 on a CPU with native bf16 where the backbone's mode is shown accurate in it "
+                          "(utils.eval.precision.default_setting), float32 elsewhere (GPUs included); fp32, bf16, "
+                          "fp16: autocast the model and encoder to that type (scores use float32)",
+                       "auto (the default): channels-last with bf16/fp16 (tensor cores, oneDNN's bf16 kernels), the default layout "
+                       "with float32; contiguous or channels_last: that layout")
+    g.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone (TorchInductor, weights frozen): about 1.2x faster per forward and "
                         "40%% less memory for BRN on a CPU, but each new image or tile size first takes about 20 s (BRN) to "
                         "minutes (DRSformer) to compile; worth it for many photos of one size or a tiled large photo (docs/speed.md)")
-    p.add_argument("--recommended", action="store_true",
-                   help="the fastest setting of this machine (utils.eval.precision): bf16 + channels_last on GPUs "
-                        "and on CPUs with native bf16, fp32 elsewhere; replaces --amp and --channels_last")
-    p.add_argument("--max_memory", default=None,
-                   help="memory budget without --tile (8G, 1500M): each image is restored whole or in the largest "
-                        "tiles that fit (default: what the run holds + 60%% of the free RAM, 85%% of free GPU memory)")
-    p.add_argument("--inter_iter", type=int, default=None, help="override the backbone's recurrent stages")
+    g.add_argument("--tile", type=int, default=None,
+                   help="tile images larger than this (default: whole images; IDT always tiles at 128)")
+    g.add_argument("--tile_overlap", type=int, default=32, help="overlap of neighbouring tiles in pixels")
+    g.add_argument("--max_memory", default=None,
+                   help="memory budget without --tile (8G, 1500M): each image is restored whole when it fits, else "
+                        "in the fewest tiles that fit, each as small as that number allows, so the fewest pixels are "
+                        "computed (default: what the run holds + 60%% of the free RAM, 85%% of free GPU memory)")
+    add_device_args(p.add_argument_group("device"))
     return p
 
 
@@ -144,15 +147,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--tile must be a positive number of pixels, got {args.tile}; "
                         "leave --tile out to derain whole images")
     try:
-        metrics = parse_metrics(args.metrics) if args.metrics is not None else None
+        metrics = parse_metrics(",".join(args.metrics)) if args.metrics is not None else None
     except ValueError as exc:
         raise UserError(f"--metrics: {exc}") from None
     # Resolve the inputs before loading the model: a typo in a path fails at once.
     if args.testset:
-        names = [n.strip() for n in args.testset.split(",") if n.strip()]
-        if not names:
-            raise DataError("--testset is empty; pass names such as Rain200L,Rain200H,SPA")
-        sets = [collect_testset(n, args.data_root) for n in names]
+        sets = [collect_testset(n, args.data_root) for n in args.testset]
     else:
         sets = [(None, *collect_test_inputs(args.test_dir))]
     model_path, feat_ext = choice.files(args.feat_ext, args.weights_dir)  # published files: downloaded, verified
@@ -161,8 +161,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tile and args.max_memory:
         raise UserError("--max_memory chooses the tiles when --tile is not given; pass one of them")
     example_z = image_code(encoder, torch.rand(1, 3, 64, 64, device=device)) if encoder is not None else None
-    setting = inference_setting(args.amp, args.channels_last, args.recommended, device, model, example_z,
-                                args.precision)
+    setting = setting_from_flags(args.precision, args.memory_format, device, model, example_z)
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     amp = AMP_DTYPES[setting.amp or "off"]

@@ -27,6 +27,7 @@ from utils.eval.evaluation import encoder_from_checkpoint
 from utils.eval.inference import ENCODER_SIZE
 from utils.images import UnreadableImageError, is_image, read_image, resize_square
 from utils.io import atomic_dir, atomic_path
+from utils.cli import add_alias, add_device_args, add_list, split_list
 from utils.train.distributed import resolve_device
 
 logger = logging.getLogger("coic.analysis")
@@ -50,8 +51,7 @@ class AnalysisError(UserError, ValueError):
 # ---------------------------------------------------------------------------- command line
 def add_output_args(p: argparse.ArgumentParser, default_save: str) -> None:
     p.add_argument("--save_path", default=default_save, help="folder for the tables and figures")
-    p.add_argument("--device", default=None,
-                   help="torch device (cpu, cuda, cuda:1); default: cuda when available, else cpu")
+    add_device_args(p)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; on a small, shared CPU 1 can be much faster)")
     p.add_argument("--trust_checkpoint", action="store_true",
@@ -67,8 +67,9 @@ def add_restore_args(p, model_help: str = "backbone of checkpoints that do not n
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """What every tool does first: pick the device, set the CPU threads, check the figures can be drawn."""
-    device = resolve_device(args, prefer_cuda=True)
+    """What every tool does first: pick the device (the CPU unless --use_GPU), set the CPU threads, check the
+    figures can be drawn."""
+    device = resolve_device(args)
     if args.threads is not None:
         if args.threads < 1:
             raise AnalysisError(f"--threads must be at least 1, got {args.threads}")
@@ -78,8 +79,8 @@ def setup(args: argparse.Namespace) -> torch.device:
 
 
 def split_paths(values: Sequence[str]) -> list[str]:
-    """Flatten ``--data_paths a b,c`` into [a, b, c] (the train scripts take comma-separated lists)."""
-    return [p for v in values for p in v.split(",") if p]
+    """Flatten ``--data_paths a b,c`` into [a, b, c] (``utils.cli.split_list``)."""
+    return split_list(values)
 
 
 def dataset_labels(paths: Sequence[str]) -> list[str]:
@@ -313,13 +314,15 @@ def read_embeddings(path: str) -> tuple[Tensor, list[str], list[str]]:
 def add_embedding_args(p: argparse.ArgumentParser, num_images: int = 100) -> None:
     """Flags of the tools that encode images per dataset (or read embeddings already computed)."""
     g = p.add_argument_group("what to encode")
-    g.add_argument("--encoder", default=None,
+    g.add_argument("--feat_ext", default=None,
                    help="encoder checkpoint: one of our ckpt_*.pth, or a published MoCo state_dict")
-    g.add_argument("--data_paths", nargs="+", default=None,
-                   help="one dataset per folder (space- or comma-separated): a folder with rain/ means its "
-                        "rainy images, any other folder its images (e.g. .../norain for clean ones)")
-    g.add_argument("--labels", nargs="+", default=None,
-                   help="a name per data path (default: the shortest distinctive tail of each path)")
+    add_alias(g, "--encoder", "--feat_ext")
+    add_list(g, "--data_paths", default=None, metavar="PATH",
+             help="one dataset per folder (space- or comma-separated): a folder with rain/ means its "
+                  "rainy images, any other folder its images (e.g. .../norain for clean ones)")
+    add_list(g, "--labels", default=None, metavar="NAME",
+             help="a name per data path, space- or comma-separated (default: the shortest distinctive tail of "
+                  "each path)")
     g.add_argument("--num_images", type=int, default=num_images,
                    help="images per dataset, drawn at random with --seed (0: all)")
     g.add_argument("--seed", type=int, default=0, help="seed of the image draw")
@@ -329,22 +332,22 @@ def add_embedding_args(p: argparse.ArgumentParser, num_images: int = 100) -> Non
     g.add_argument("--batch_size", type=int, default=16, help="images encoded at once")
     g.add_argument("--embeddings", default=None,
                    help="use this embeddings CSV (dataset,image,e0,e1,...; e.g. a previous run's embeddings.csv) "
-                        "instead of --encoder/--data_paths")
+                        "instead of --feat_ext/--data_paths")
 
 
 def gather_embeddings(args: argparse.Namespace, device: torch.device,
                       desc: str = "encode") -> tuple[Tensor, list[str], list[str]]:
     """Embeddings (N,D), dataset label and image name per row, from ``--embeddings`` or by encoding."""
     if args.embeddings:
-        if args.encoder or args.data_paths:
-            raise AnalysisError("give either --embeddings or --encoder with --data_paths, not both")
+        if args.feat_ext or args.data_paths:
+            raise AnalysisError("give either --embeddings or --feat_ext with --data_paths, not both")
         return read_embeddings(args.embeddings)
-    if not args.encoder or not args.data_paths:
-        raise AnalysisError("give --encoder and --data_paths (or --embeddings)")
+    if not args.feat_ext or not args.data_paths:
+        raise AnalysisError("give --feat_ext and --data_paths (or --embeddings)")
     paths = split_paths(args.data_paths)
     labels = check_labels(args.labels, paths)
     images = [sample(dataset_images(p), args.num_images, args.seed) for p in paths]
-    encoder, _ = load_encoder_file(args.encoder, device)
+    encoder, _ = load_encoder_file(args.feat_ext, device)
     from tqdm import tqdm
 
     chunks, unreadable = [], []

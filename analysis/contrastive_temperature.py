@@ -1,7 +1,7 @@
 """Contrastive temperature sweep: accuracy and PSNR of checkpoints trained at different
 temperatures of the contrastive loss (not the CoI-M kernels': see ``modulation_temperature``).
 
-    python -m analysis.contrastive_temperature --checkpoints T0.1/ckpt.pth T0.5/ckpt.pth T1/ckpt.pth \\
+    python -m analysis.contrastive_temperature --test_model T0.1/ckpt.pth T0.5/ckpt.pth T1/ckpt.pth \\
         --data_paths A/test B/test --save_path analysis_results/temperature
 
 For each checkpoint (its temperature read from its saved ``args``/``encoder_hparams``, or given
@@ -49,7 +49,7 @@ from analysis.common import (
     write_csv,
     write_text,
 )
-from utils.cli import HelpFormatter
+from utils.cli import Parser, add_alias, add_list
 from utils.eval.inference import image_code, restore
 from utils.images import read_image
 from utils.metrics import psnr, ssim
@@ -150,15 +150,16 @@ def plot(rows: Sequence[dict], path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Contrastive accuracy and PSNR of checkpoints trained with different "
-                                            "temperatures, in one table.",
-                                formatter_class=HelpFormatter)
-    p.add_argument("--checkpoints", nargs="+", required=True,
-                   help="our ckpt_*.pth files (or published MoCo encoder state_dicts, with --temperatures)")
-    p.add_argument("--temperatures", nargs="+", type=float, default=None,
-                   help="one temperature per checkpoint (default: read from each checkpoint)")
-    p.add_argument("--data_paths", nargs="+", required=True,
-                   help="test folders with rain/ and norain/ (space- or comma-separated)")
+    p = Parser(description="Contrastive accuracy and PSNR of checkpoints trained with different temperatures, "
+                           "in one table.")
+    add_list(p, "--test_model", required=True, metavar="PATH",
+             help="our ckpt_*.pth files (or published MoCo encoder state_dicts, with --temperatures), space- or "
+                  "comma-separated")
+    add_alias(p, "--checkpoints", "--test_model")
+    add_list(p, "--temperatures", type=float, default=None, metavar="T",
+             help="one temperature per checkpoint (default: read from each checkpoint)")
+    add_list(p, "--data_paths", required=True, metavar="PATH",
+             help="test folders with rain/ and norain/ (space- or comma-separated)")
     p.add_argument("--num_images", type=int, default=0, help="pairs per dataset, drawn with --seed (0: all)")
     p.add_argument("--crop_size", type=int, default=None,
                    help="exemplar size (default: the first checkpoint's training crop, else 128)")
@@ -177,14 +178,14 @@ def run(args: argparse.Namespace, device: torch.device) -> str:
 
     from utils.eval.evaluation import load_model
 
-    if args.temperatures is not None and len(args.temperatures) != len(args.checkpoints):
+    if args.temperatures is not None and len(args.temperatures) != len(args.test_model):
         raise AnalysisError(f"--temperatures gives {len(args.temperatures)} values "
-                            f"for {len(args.checkpoints)} checkpoints")
+                            f"for {len(args.test_model)} checkpoints")
     pairs = [pair for p in split_paths(args.data_paths) for pair in sample(dataset_pairs(p), args.num_images,
                                                                            args.seed)]
     # Keep each encoder and what its checkpoint says about itself, not the whole file (optimiser states).
     runs = []
-    for i, path in enumerate(args.checkpoints):
+    for i, path in enumerate(args.test_model):
         encoder, obj = load_encoder_file(path, device)
         temperature = args.temperatures[i] if args.temperatures else checkpoint_temperature(obj)
         if temperature is None:

@@ -1,6 +1,6 @@
 """Dataset relationships: mean cosine similarity of z between (and within) datasets.
 
-    python -m analysis.dataset_relationships --encoder CKPT --data_paths A/test B/test C/test \\
+    python -m analysis.dataset_relationships --feat_ext CKPT --data_paths A/test B/test C/test \\
         --save_path analysis_results/relationships
 
 Entry (i, j) is the mean of cos(z_a, z_b) over every image a of dataset i and b of dataset j;
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from analysis.common import (add_embedding_args, add_output_args, gather_embeddings, logger, markdown_table,
                              new_figure, run_tool, save_figure, write_csv, write_text)
-from utils.cli import HelpFormatter
+from utils.cli import Parser
 
 
 def relationship_matrix(embeddings: Tensor, labels: Sequence[str]) -> tuple[list[str], Tensor, list[int]]:
@@ -91,9 +91,8 @@ def plot_heatmap(names: Sequence[str], matrix: Tensor, path: str, title: str) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Mean cosine similarity of the encoder's codes between and within "
-                                            "datasets (CSV, Markdown, heat-map).",
-                                formatter_class=HelpFormatter)
+    p = Parser(description="Mean cosine similarity of the encoder's codes between and within datasets (CSV, "
+                           "Markdown, heat-map).")
     add_embedding_args(p)
     add_output_args(p, "analysis_results/relationships")
     return p

@@ -14,7 +14,7 @@ Per backbone (reference hyper-parameters, or the ``--demo`` runs' with ``--demo_
   (``torch.utils.flop_counter``, convolutions and matrix products; MACs = FLOPs / 2) on meta
   tensors (no computation), in the plain mode (z = None) and the modulated mode (encoder on the
   128x128 resize + modulated backbone);
-- latency on ``--device`` in both modes: the median of ``--reps`` timed runs after ``--warmup``
+- latency on the device (the CPU, or the GPU with ``--use_GPU``) in both modes: the median of ``--reps`` timed runs after ``--warmup``
   (the two modes alternate, so a shared machine's varying load affects both alike; CPU
   numbers on a busy machine are still only indicative).
 
@@ -52,7 +52,7 @@ from analysis.common import (
 )
 from models import available_models, build_encoder, build_model
 from models.coim import context_embedding_parameters, modulation_parameters
-from utils.cli import HelpFormatter
+from utils.cli import Parser, add_list
 from utils.eval.inference import ENCODER_SIZE, image_code, restore
 
 COLUMNS = ["model", "hparams", "backbone_params", "coim_generator_params", "context_embedding_params",
@@ -221,9 +221,9 @@ def plot(rows: Sequence[dict], path: str, size: int, device: torch.device) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Parameters, MACs and latency of each backbone, without and with CoIC.",
-                                formatter_class=HelpFormatter)
-    p.add_argument("--models", nargs="+", default=available_models(), help="backbones to measure")
+    p = Parser(description="Parameters, MACs and latency of each backbone, without and with CoIC.")
+    add_list(p, "--models", default=available_models(), metavar="NAME",
+             help="backbones to measure, space- or comma-separated (default: every registered one)")
     p.add_argument("--size", type=int, default=512, help="input height and width")
     p.add_argument("--hparams", nargs="*", default=[],
                    help="hyper-parameter overrides as MODEL.name=value (e.g. BRN.inter_iter=2 DRSformer.dim=16)")

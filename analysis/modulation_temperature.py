@@ -1,6 +1,6 @@
 """CoI-M kernel temperature per layer: how strongly each modulated layer reshapes its kernels.
 
-    python -m analysis.modulation_temperature --checkpoint CKPT [--feat_ext ENCODER] \
+    python -m analysis.modulation_temperature --test_model CKPT [--feat_ext ENCODER] \
         --data_paths datasets/Rain800/test datasets/Rain200H/test --num_images 100
 
 For every image and every modulated layer (1x1 layers are never modulated), with the layer's
@@ -43,7 +43,7 @@ from analysis.common import (
 )
 from models import size_multiple, tile_size
 from models.coim import ModulatedConv2d, ModulatedConvTranspose2d, log_temperature
-from utils.cli import HelpFormatter
+from utils.cli import Parser, add_alias, add_list
 
 COLUMNS = ["dataset", "layer", "module", "mean", "std", "n"]
 
@@ -145,14 +145,15 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="CoI-M kernel temperature per modulated layer and dataset "
-                                            "(CSV, Markdown, plot).",
-                                formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a CoIC checkpoint (ours, or the published model file)")
-    p.add_argument("--feat_ext", default=None, help="encoder file when it is not inside --checkpoint")
-    p.add_argument("--data_paths", nargs="+", required=True,
-                   help="dataset folders (their rain/ images, or the images directly)")
-    p.add_argument("--labels", nargs="+", default=None, help="one name per data path (default: from the paths)")
+    p = Parser(description="CoI-M kernel temperature per modulated layer and dataset (CSV, Markdown, plot).")
+    p.add_argument("--test_model", required=True, help="a CoIC checkpoint (ours, or the published model file)")
+    add_alias(p, "--checkpoint", "--test_model")
+    p.add_argument("--feat_ext", default=None, help="encoder file when it is not inside --test_model")
+    add_alias(p, "--encoder", "--feat_ext")
+    add_list(p, "--data_paths", required=True, metavar="PATH",
+             help="dataset folders (their rain/ images, or the images directly), space- or comma-separated")
+    add_list(p, "--labels", default=None, metavar="NAME",
+             help="one name per data path (default: from the paths)")
     p.add_argument("--num_images", type=int, default=100, help="images per dataset, drawn with --seed (0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image draw")
     add_restore_args(p)
@@ -171,11 +172,11 @@ def run(args: argparse.Namespace, device: torch.device) -> str:
 
     paths = split_paths(args.data_paths)
     labels = check_labels(args.labels, paths)
-    ckpt = read_checkpoint(args.checkpoint)
+    ckpt = read_checkpoint(args.test_model)
     name = ckpt.get("model_name", args.model_name) if isinstance(ckpt, dict) else args.model_name
     del ckpt
-    model, model_ckpt = load_model(name, args.checkpoint, "tran", device)
-    encoder = load_encoder(args.feat_ext, model_ckpt, args.checkpoint, device)
+    model, model_ckpt = load_model(name, args.test_model, "tran", device)
+    encoder = load_encoder(args.feat_ext, model_ckpt, args.test_model, device)
     per_image: dict[str, list] = {}
     for label, folder in zip(labels, paths):
         images = sample(dataset_images(folder), args.num_images, args.seed)
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace, device: torch.device) -> str:
     os.makedirs(args.save_path, exist_ok=True)
     write_csv(os.path.join(args.save_path, "temperature_layers.csv"), COLUMNS, [[r[c] for c in COLUMNS] for r in rows])
     md = summary_markdown(rows)
-    write_text(os.path.join(args.save_path, "temperature.md"), f"{name}, {args.checkpoint}\n\n" + md)
+    write_text(os.path.join(args.save_path, "temperature.md"), f"{name}, {args.test_model}\n\n" + md)
     plot(rows, os.path.join(args.save_path, "temperature.png"))
     return md
 

@@ -32,7 +32,7 @@ import torch
 
 from analysis.common import (AnalysisError, add_output_args, check_labels, load_encoder_file, markdown_table,
                              run_tool, split_paths, write_text)
-from utils.cli import HelpFormatter
+from utils.cli import HelpFormatter, add_list
 from utils.eval.probe import ProbeResult, key_encoder, probe, read_probe_sets
 
 
@@ -56,12 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo_root", default=None,
                    help="built demo data: fit on each type's train split, score on its --split")
     g.add_argument("--split", default="val", choices=["val", "test"], help="held-out split of --demo_root")
-    g.add_argument("--fit_paths", nargs="+", default=None,
+    add_list(g, "--fit_paths", default=None, metavar="PATH",
                    help="one folder (rain/ + norain/) per rain type to fit the classifier on (space- or "
                         "comma-separated)")
-    g.add_argument("--data_paths", nargs="+", default=None,
+    add_list(g, "--data_paths", default=None, metavar="PATH",
                    help="one held-out folder per rain type, in the order of --fit_paths")
-    g.add_argument("--labels", nargs="+", default=None, help="a name per rain type (default: from the paths)")
+    add_list(g, "--labels", default=None, metavar="NAME", help="a name per rain type (default: from the paths)")
     g.add_argument("--num_fit", type=int, default=32, help="fit images per rain type, drawn with --seed (0: all)")
     g.add_argument("--num_images", type=int, default=0, help="held-out images per rain type (0: all)")
     g.add_argument("--seed", type=int, default=0, help="seed of the fit draw and of --untrained")

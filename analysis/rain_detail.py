@@ -1,6 +1,6 @@
 """Rain vs detail: how far z moves when the rain, or the background detail, is taken away.
 
-    python -m analysis.rain_detail --encoder CKPT --data_paths A/test B/test \\
+    python -m analysis.rain_detail --feat_ext CKPT --data_paths A/test B/test \\
         [--coic_model COIC.pth --base_model BASE.pth] --save_path analysis_results/rain_detail
 
 For every test pair (rainy R, clean C) and the clean image blurred, B = blur(C) (Gaussian,
@@ -52,7 +52,7 @@ from analysis.common import (
     write_text,
 )
 from utils.checkpoint import read_checkpoint
-from utils.cli import HelpFormatter
+from utils.cli import Parser, add_alias, add_list
 from utils.errors import DataError
 from utils.eval.inference import ENCODER_SIZE, image_code, restore
 from utils.images import read_image
@@ -154,14 +154,14 @@ def _load_models(args: argparse.Namespace, device: torch.device):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="How far the code z moves when rain or detail is removed, per dataset, "
-                                            "and how that relates to CoIC's PSNR gain.",
-                                formatter_class=HelpFormatter)
-    p.add_argument("--encoder", default=None,
+    p = Parser(description="How far the code z moves when rain or detail is removed, per dataset, and how that "
+                           "relates to CoIC's PSNR gain.")
+    p.add_argument("--feat_ext", default=None,
                    help="encoder checkpoint (ours or a published MoCo state_dict); default: the one in --coic_model")
-    p.add_argument("--data_paths", nargs="+", required=True,
-                   help="test folders with rain/ and norain/ (space- or comma-separated)")
-    p.add_argument("--labels", nargs="+", default=None, help="a name per data path")
+    add_alias(p, "--encoder", "--feat_ext")
+    add_list(p, "--data_paths", required=True, metavar="PATH",
+             help="test folders with rain/ and norain/ (space- or comma-separated)")
+    add_list(p, "--labels", default=None, metavar="NAME", help="a name per data path")
     p.add_argument("--num_images", type=int, default=0, help="pairs per dataset, drawn with --seed (0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pair draw")
     p.add_argument("--blur_sigma", type=float, default=1.5,
@@ -184,9 +184,9 @@ def run(args: argparse.Namespace, device: torch.device) -> str:
     labels = check_labels(args.labels, paths)
     pairs = [sample(dataset_pairs(p), args.num_images, args.seed) for p in paths]
     coic, coic_encoder, base = _load_models(args, device)
-    if args.encoder is None and coic_encoder is None:
-        raise AnalysisError("give --encoder, or --coic_model (its encoder is used)")
-    encoder = load_encoder_file(args.encoder, device)[0] if args.encoder else coic_encoder
+    if args.feat_ext is None and coic_encoder is None:
+        raise AnalysisError("give --feat_ext, or --coic_model (its encoder is used)")
+    encoder = load_encoder_file(args.feat_ext, device)[0] if args.feat_ext else coic_encoder
     rows = []
     with tqdm(total=sum(map(len, pairs)), desc="rain vs detail", unit="pair", dynamic_ncols=True) as bar:
         for label, items in zip(labels, pairs):

@@ -1,6 +1,6 @@
 """Representation map: where each dataset's images land in the encoder's code space.
 
-    python -m analysis.representation_map --encoder CKPT --data_paths A/test B/test C/test/norain \\
+    python -m analysis.representation_map --feat_ext CKPT --data_paths A/test B/test C/test/norain \\
         --num_images 100 --save_path analysis_results/representation
 
 Encodes ``--num_images`` images per dataset (z from the key encoder, on the image resized to
@@ -26,7 +26,7 @@ from torch import Tensor
 from analysis.common import (AnalysisError, add_embedding_args, add_output_args, atomic_dir, dataset_colours,
                              gather_embeddings, logger, new_figure, run_tool, save_figure, write_csv,
                              write_embeddings)
-from utils.cli import HelpFormatter
+from utils.cli import Parser
 
 PROJECTIONS = ("pca", "tsne", "umap", "sphere")
 
@@ -161,9 +161,8 @@ def plot_map(points: Tensor, labels: Sequence[str], path: str, title: str, axis_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Encode images of several datasets and map their codes in 2-D "
-                                            "(TensorBoard projector + PNG scatter).",
-                                formatter_class=HelpFormatter)
+    p = Parser(description="Encode images of several datasets and map their codes in 2-D (TensorBoard projector "
+                           "+ PNG scatter).")
     add_embedding_args(p)
     p.add_argument("--projection", choices=PROJECTIONS, default="pca",
                    help="2-D projection of the scatter (tsne: scikit-learn, umap: umap-learn); sphere: UMAP onto "

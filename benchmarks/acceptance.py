@@ -33,7 +33,7 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
-from utils.cli import HelpFormatter
+from utils.cli import HelpFormatter, add_list
 from utils.tables import markdown_table
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,9 +104,10 @@ def run_tests(device_type: str, timeout: float) -> dict:
 def benchmark_argv(args: argparse.Namespace, save_path: str, data_dir: Optional[str]) -> list[str]:
     argv = ["--save_path", save_path]
     if args.dry_run:
-        argv += ["--tiny", "--iters", "1", "--warmup", "0", "--infer_size", "32", "--device", "cpu", "--threads", "1"]
+        argv += ["--tiny", "--iters", "1", "--warmup", "0", "--infer_size", "32", "--threads", "1"]
     else:
-        argv += ["--iters", str(args.iters), "--warmup", str(args.warmup), "--infer_size", "512", "--case_timeout", "150"]
+        argv += ["--iters", str(args.iters), "--warmup", str(args.warmup), "--infer_size", "512", "--case_timeout", "150",
+                 "--use_GPU"]
     if args.published:
         argv += ["--published", args.published]
     if data_dir:
@@ -216,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry_run", action="store_true", help="the same sequence at tiny sizes on the CPU")
     p.add_argument("--save_path", default=os.path.join("benchmarks", "results"),
                    help="folder for acceptance.json and acceptance.md")
-    p.add_argument("--models", nargs="+", default=None, help="backbones to benchmark (default: every one)")
+    add_list(p, "--models", default=None, metavar="NAME",
+             help="backbones to benchmark, space- or comma-separated (default: every one)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations per case (GPU run)")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations per case (GPU run)")
     p.add_argument("--test_timeout", type=float, default=240, help="seconds for the CUDA-marked tests")

@@ -53,7 +53,7 @@ from benchmarks.timing import (Case, measure_ours, run_worker, synthetic_batch, 
                                worker_main)
 from utils import tables  # noqa: E402
 from utils.allocator import keep_freed_memory  # noqa: E402
-from utils.cli import HelpFormatter  # noqa: E402
+from utils.cli import Parser, add_device_args, add_list  # noqa: E402
 
 SMALL_BATCH, SMALL_CROP = 2, 64  # --small: fits every backbone (IDT needs 64 or a multiple of 128)
 RESULT_NAME = "benchmark"
@@ -220,14 +220,13 @@ def write_results(rows: list[dict], header: str, notes: Sequence[str], save_path
 
 # --------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Training and inference speed of each backbone (ours, and optionally "
-                                "the published code side by side).",
-                                formatter_class=HelpFormatter)
+    p = Parser(description="Training and inference speed of each backbone (ours, and optionally the published code "
+                           "side by side).")
     from models import available_models  # the registry: any registered backbone can be measured
 
-    p.add_argument("--models", nargs="+", default=available_models(), metavar="NAME",
-                   help=f"backbones to measure ({', '.join(available_models())})")
-    p.add_argument("--settings", nargs="+", default=["fp32", "recommended"], choices=["fp32", "recommended"],
+    add_list(p, "--models", default=available_models(), metavar="NAME",
+             help=f"backbones to measure, space- or comma-separated (default: {', '.join(available_models())})")
+    add_list(p, "--settings", default=["fp32", "recommended"], choices=["fp32", "recommended"],
                    help="precision settings; recommended = bf16 autocast + channels_last on CUDA and on CPUs with "
                         "native bf16, fp32 on other CPUs")
     p.add_argument("--batch_size", type=int, default=None,
@@ -251,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every case this many times, ours and the published code alternating, and report "
                         "the median of the rounds (steadier on a shared or throttled machine)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_device_args(p, "measure")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per case (default: torch's default); on cores shared with other work use 1: "
                         "a multi-threaded region waits for descheduled threads and times become meaningless")
@@ -285,15 +284,9 @@ def _check_args(args: argparse.Namespace) -> torch.device:
     if args.published is not None and not os.path.isdir(os.path.join(args.published, "models")):
         raise BenchmarkError(f"--published {args.published} is not a checkout of Schizophreni/CoIC "
                              "(no models/ folder)")
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as exc:
-        raise BenchmarkError(f"--device {args.device}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchmarkError(f"--device {args.device} asks for CUDA, which is not available here")
-    if device.type not in ("cpu", "cuda"):
-        raise BenchmarkError(f"--device {args.device}: only cpu and cuda are supported")
-    return device
+    if args.use_GPU and not torch.cuda.is_available():
+        raise BenchmarkError("--use_GPU asks for CUDA, which is not available here; drop it to measure the CPU")
+    return torch.device(f"cuda:{int(args.gpu_id)}" if args.use_GPU else "cpu")
 
 
 def case_sizes(model: str, args: argparse.Namespace) -> tuple[int, int]:

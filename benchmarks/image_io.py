@@ -123,12 +123,17 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--demo_root", default="demo_data", help="demo data to time when present (heavy/train)")
     p.add_argument("--repeats", type=int, default=15, help="timed repetitions per measurement (median)")
     p.add_argument("--save_path", default="benchmarks/results/image_io", help="where image_io.md is written")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")

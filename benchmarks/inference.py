@@ -38,7 +38,7 @@ from benchmarks.roofline import conv_check, conv_rate  # noqa: E402
 from benchmarks.serve import Worker, WorkerError, serve  # noqa: E402
 from models import available_models, model_class, tile_size  # noqa: E402
 from utils.allocator import keep_freed_memory  # noqa: E402
-from utils.cli import HelpFormatter  # noqa: E402
+from utils.cli import HelpFormatter, add_device_args, add_list  # noqa: E402
 from utils.tables import markdown_table  # noqa: E402
 
 MODES = ("plain", "coic")
@@ -329,15 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Inference ms per image, ours (fp32 and the recommended setting) "
                                 "and the published code side by side, same weights.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--models", nargs="+", default=available_models(), metavar="NAME")
-    p.add_argument("--settings", nargs="+", default=["fp32", "recommended"],
-                   help="fp32, recommended, bf16, channels_last, bf16_channels_last (fp32 always runs)")
+    add_list(p, "--models", default=available_models(), metavar="NAME",
+             help="backbones, space- or comma-separated (default: every registered one)")
+    add_list(p, "--settings", default=["fp32", "recommended"], metavar="NAME",
+             help="fp32, recommended, bf16, channels_last, bf16_channels_last (fp32 always runs)")
     p.add_argument("--size", type=int, default=512, help="side of the square image restored")
     p.add_argument("--tile_overlap", type=int, default=32, help="overlap of the tiles of backbones that tile (IDT)")
     p.add_argument("--rounds", type=int, default=3, help="timed restorations per contender and mode (medians)")
     p.add_argument("--warmup", type=int, default=1, help="untimed restorations per contender and mode first")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process (1 on a shared machine)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_device_args(p, "measure")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--published", default=None, metavar="DIR", help="checkout of github Schizophreni/CoIC")
     p.add_argument("--conv_size", type=int, default=256, help="side of the maps of the convolution check (0: skip)")
@@ -375,9 +376,9 @@ def _check(args: argparse.Namespace) -> torch.device:
     if lacking:
         raise InferenceBenchError(f"--published: models/__init__.py declares no published counterpart "
                                   f"(published_code) of {', '.join(lacking)}; leave it out of --models")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InferenceBenchError(f"--device {args.device} asks for CUDA, which is not available here")
+    if args.use_GPU and not torch.cuda.is_available():
+        raise InferenceBenchError("--use_GPU asks for CUDA, which is not available here; drop it to measure the CPU")
+    device = torch.device(f"cuda:{int(args.gpu_id)}" if args.use_GPU else "cpu")
     return device
 
 

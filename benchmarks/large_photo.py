@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from models import available_models  # noqa: E402
-from utils.cli import HelpFormatter  # noqa: E402
+from utils.cli import PRECISIONS, HelpFormatter, add_list  # noqa: E402
 from utils.tables import markdown_table  # noqa: E402
 
 
@@ -203,12 +203,13 @@ def _call(flag: str, request: dict) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--models", nargs="+", default=available_models(), choices=available_models(), metavar="NAME")
+    add_list(p, "--models", default=available_models(), choices=available_models(), metavar="NAME",
+             help="backbones, space- or comma-separated (default: every registered one)")
     p.add_argument("--size", default="4000x3000", help="WIDTHxHEIGHT of the photo")
     p.add_argument("--max_memory", default="4G", help="test_model.py's --max_memory")
     p.add_argument("--max_forwards", type=int, default=0, help="stop each run after this many forwards (0: all)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of each run")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="test_model.py's --precision (auto: its default for the backbone's CoIC mode)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_path", default="benchmarks/results", help="large_photo.json and .md go here")

@@ -1,7 +1,7 @@
 """onnxruntime vs PyTorch fp32 ``restore`` per backbone, plain and CoIC, on one CPU thread each.
 
     python -m benchmarks.onnx_runtime                 # every registered backbone, 256 x 256
-    python -m benchmarks.onnx_runtime --names BRN,IDT --repeats 5
+    python -m benchmarks.onnx_runtime --models BRN,IDT --repeats 5
 
 Each backbone is built in its reference configuration with random weights (speed does not
 depend on them), exported by ``utils.eval.export`` as ``export.py`` exports it, and timed on the same
@@ -24,6 +24,7 @@ import torch
 from models import available_models, build_encoder, build_model, tile_size
 from utils.eval.export import export_onnx
 from utils.eval.inference import image_code, restore
+from utils.cli import Parser, add_alias, add_list
 from utils.tables import markdown_row, markdown_table
 
 
@@ -72,18 +73,24 @@ def time_backbone(name: str, coic: bool, size: int, repeats: int, folder: str) -
     return side, median_seconds(torch_run, repeats), median_seconds(lambda: session.run(None, feed), repeats)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--names", default=",".join(available_models()), help="comma-separated backbones")
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(description=__doc__.splitlines()[0])
+    add_list(p, "--models", default=available_models(), metavar="NAME",
+             help="backbones, space- or comma-separated (default: every registered one)")
+    add_alias(p, "--names", "--models")
     p.add_argument("--size", type=int, default=256, help="image side (a tiled backbone: its tile)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is shown)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, 1 thread each; median of {args.repeats}\n")
     print("\n".join(markdown_table(["backbone", "mode", "image", "PyTorch fp32 (ms)", "onnxruntime (ms)", "speed-up"],
                                    [], align=[None, None, None, "right", "right", "right"])))
     with tempfile.TemporaryDirectory() as folder:
-        for name in [n.strip() for n in args.names.split(",") if n.strip()]:
+        for name in args.models:
             for coic in (False, True):
                 side, t_torch, t_ort = time_backbone(name, coic, args.size, args.repeats, folder)
                 print(markdown_row([name, "CoIC" if coic else "plain", f"{side}x{side}", f"{1e3 * t_torch:.0f}",

@@ -30,6 +30,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from benchmarks.timing import run_worker, worker_main  # noqa: E402
+from utils.cli import add_list  # noqa: E402
 from utils.tables import markdown_table  # noqa: E402
 
 MODEL = "BRN"
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forwards", type=int, default=2, help="timed forwards (training steps per stage) per case")
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards before them")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-    p.add_argument("--cases", nargs="+", default=["plain", "coic"], choices=["plain", "coic", "train"],
+    add_list(p, "--cases", default=["plain", "coic"], choices=["plain", "coic", "train"],
                    help="forwards without z, with z, and/or training steps at the recipe's batch and crop")
     p.add_argument("--case_timeout", type=float, default=1800, help="seconds before a case is abandoned")
     p.add_argument("--worker_params", default=None, help=argparse.SUPPRESS)

@@ -207,11 +207,14 @@ class Case:
 
 def _trainer_flags(case: Case, save_path: str) -> list[str]:
     flags = ["--data_paths", case.data_dir, "--save_path", save_path, "--batch_size", str(case.batch),
-             "--crop_size", str(case.crop), "--num_workers", "0", "--no_resume", "--device", case.device]
+             "--crop_size", str(case.crop), "--num_workers", "0", "--no_resume"]
+    device = torch.device(case.device)
+    if device.type == "cuda":
+        flags += ["--use_GPU", "--gpu_id", str(device.index or 0)]
     if case.amp:
-        flags += ["--amp", case.amp]
+        flags += ["--precision", case.amp]
     if case.channels_last:
-        flags.append("--channels_last")
+        flags += ["--memory_format", "channels_last"]
     if case.tiny:
         flags.append("--tiny")
     return flags

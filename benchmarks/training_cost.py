@@ -19,6 +19,7 @@ import torch
 
 from analysis.model_cost import count_macs
 from models import available_models, build_encoder, build_model
+from utils.cli import Parser, add_list
 from utils.tables import markdown_row, markdown_table
 from utils.train.config import parse_train_args
 
@@ -45,11 +46,16 @@ def run_flops(m: dict[str, float], coic: bool) -> float:
     return 2 * m["batch"] * (iters1 * stage1 + (m["iters"] - iters1) * stage2)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(description=__doc__.split("\n\n")[0])
+    add_list(p, "--tflops", type=float, default=[25.0, 60.0], metavar="T",
+             help="sustained TFLOP/s to convert compute into hours, space- or comma-separated (assumptions; "
+                  "default: 25 60)")
+    return p
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tflops", type=float, nargs="+", default=[25.0, 60.0],
-                   help="sustained TFLOP/s to convert compute into hours (assumptions)")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     header = ["backbone", "batch x crop, iterations", "GMAC/image plain / modulated / encoder", "PFLOP w/o / w/ CoIC",
               *(f"h at {t:g} TFLOP/s w/o / w/" for t in args.tflops)]
     print("\n".join(markdown_table(header, [])))

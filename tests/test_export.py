@@ -96,15 +96,15 @@ def brn_checkpoint(tmp_path_factory):
 
 
 def test_cli_unknown_name(tmp_path):
-    _one_line_error(_cli("--test_model", "coic-nosuch", "--out", str(tmp_path / "m.onnx")), "coic-nosuch")
+    _one_line_error(_cli("--test_model", "coic-nosuch", "--save_path", str(tmp_path / "m.onnx")), "coic-nosuch")
 
 
 def test_cli_checkpoint_of_another_backbone(brn_checkpoint, tmp_path):
-    result = _cli("--test_model", brn_checkpoint, "--model_name", "RCDNet", "--out", str(tmp_path / "m.onnx"))
+    result = _cli("--test_model", brn_checkpoint, "--model_name", "RCDNet", "--save_path", str(tmp_path / "m.onnx"))
     _one_line_error(result, brn_checkpoint, "--model_name")
 
 
 def test_cli_unwritable_out(brn_checkpoint, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    _one_line_error(_cli("--test_model", brn_checkpoint, "--out", str(blocker / "m.onnx")), "--out")
+    _one_line_error(_cli("--test_model", brn_checkpoint, "--save_path", str(blocker / "m.onnx")), "--save_path")

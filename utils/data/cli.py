@@ -6,17 +6,17 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from utils.cli import Parser, add_list
 from utils.errors import cli_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Dataset tools: demo data, pair counts, prepare raw sets, check a data root.")
+    parser = Parser(description="Dataset tools: demo data, pair counts, prepare raw sets, check a data root.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     demo = sub.add_parser("demo", help="write the synthetic mixed-rain demo data")
     demo.add_argument("root", nargs="?", default="demo_data")
     count = sub.add_parser("pairs", help="count the rain/clean pairs of folders")
-    count.add_argument("folders", nargs="+")
+    add_list(count, "folders", metavar="FOLDER", help="folders with rain/ and norain/, space- or comma-separated")
     prep = sub.add_parser("prepare",
                           help="split stacked Rain800/DID images into rain/ + norain/ (DID: merge densities)")
     prep.add_argument("dataset", choices=["rain800", "did"])

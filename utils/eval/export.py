@@ -121,7 +121,7 @@ class RestoreGraph(nn.Module):
         return (out / acc).view(1, channels, height, width)[..., :h, :w]
 
 
-def check_writable(path: str, flag: str = "--out") -> None:
+def check_writable(path: str, flag: str = "--save_path") -> None:
     """Raise a one-line ``UserError`` naming ``flag`` when no file can be written at ``path``."""
     folder = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
@@ -129,7 +129,7 @@ def check_writable(path: str, flag: str = "--out") -> None:
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {path}: the folder {folder} does not exist (or is not a folder); create it first")
     if not os.access(folder, os.W_OK):
-        raise UserError(f"{flag} {path}: the folder {folder} is not writable; choose another --out")
+        raise UserError(f"{flag} {path}: the folder {folder} is not writable; choose another {flag}")
 
 
 def load_for_export(spec: str, model_name: Optional[str] = None, load_mode: Optional[str] = None,
@@ -226,4 +226,4 @@ def export_onnx(model: nn.Module, encoder: Optional[nn.Module], path: str, size:
         with atomic_path(path) as tmp:
             onnx_program.save(tmp, external_data=False)
     except OSError as exc:
-        raise UserError(f"--out {path}: cannot write ({exc.strerror or exc})") from None
+        raise UserError(f"--save_path {path}: cannot write ({exc.strerror or exc})") from None

@@ -1,6 +1,7 @@
 """The fastest inference setting this machine supports: precision and memory format.
 
-``recommended_setting(device)`` is what ``test_model.py --recommended`` and the benchmarks use:
+``recommended_setting(device)`` is what the benchmarks' ``recommended`` setting (and the deprecated
+``test_model.py --recommended``) use:
 
 - CUDA: bf16 autocast + channels-last (tensor cores);
 - a CPU that computes bf16 natively (AMX or AVX-512 BF16: ``amx_bf16`` / ``avx512_bf16`` in
@@ -25,7 +26,7 @@ from torch import Tensor
 from models import size_multiple, tile_size
 
 __all__ = ["Setting", "cpu_flags", "native_bf16", "recommended_setting", "cpu_model_name", "inference_setting",
-           "default_setting",
+           "default_setting", "setting_from_flags",
            "default_tile_batch", "faster_memory_format"]
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -191,6 +192,26 @@ def inference_setting(amp: str, channels_last: bool, use_recommended: bool, devi
         message += f"; chosen: {chosen.reason}"
     logging.getLogger("coic.speed").info(message)
     return chosen
+
+
+def setting_from_flags(precision: str, memory_format: str, device: torch.device, model: Optional[nn.Module] = None,
+                       z: Optional[Tensor] = None) -> Setting:
+    """The setting of ``--precision`` and ``--memory_format`` (``utils.cli.add_precision_args``), logged
+    as ``inference_setting`` logs it.
+
+    precision: "auto" is ``default_setting``; "fp32", "bf16", "fp16" that autocast type;
+    "recommended" (the deprecated ``--recommended``) is ``recommended_setting``, layout included.
+    memory_format: "auto" is channels-last with bf16/fp16 and the default layout with float32;
+    "contiguous" and "channels_last" force that layout.
+    """
+    if precision == "recommended":
+        return inference_setting("off", False, True, device, model, z)
+    if precision == "auto" and memory_format == "auto":
+        return inference_setting("off", False, False, device, model, z, "auto")
+    amp = default_setting(device, model, z is not None).amp if precision == "auto" else (
+        None if precision == "fp32" else precision)
+    channels_last = amp is not None if memory_format == "auto" else memory_format == "channels_last"
+    return inference_setting(amp or "off", channels_last, False, device, model, z, "fp32")
 
 
 def default_tile_batch(device: torch.device) -> int:

@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from utils.cli import HelpFormatter
+from utils.cli import HelpFormatter, add_list
 from utils.errors import UserError, cli_main
 
 ARMS = ("plain", "coic")
@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reproduce.py coic_effect", formatter_class=HelpFormatter,
                                 description="CoIC against the plain backbone at demo scale, paired seeds, with the "
                                             "probe of z: " + __doc__.split("\n\n")[0])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="paired seeds (at least 2 for an interval)")
+    add_list(p, "--seeds", type=int, default=[0, 1, 2], metavar="SEED",
+             help="paired seeds, space- or comma-separated (at least 2 for an interval)")
     p.add_argument("--iters", type=int, default=1200, help="training iterations of every run")
     p.add_argument("--eval_every", type=int, default=200, help="a checkpoint, a probe and a val score every N iterations")
     p.add_argument("--stage1_iters", type=int, default=0,

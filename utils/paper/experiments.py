@@ -46,7 +46,7 @@ class Training:
     seeds: tuple[Optional[int], ...] = (None,)  # None: the recipe's seed (no --seed flag)
     stage1_iters: int = 40_000  # stage 1 of the CoIC runs (the published README)
     flags: tuple[tuple[str, object], ...] = ()  # further train flags (the demo's small configuration)
-    backbones_fixed: bool = False  # --backbones may not change them (the paper ran spa with DRSformer only)
+    backbones_fixed: bool = False  # --models may not change them (the paper ran spa with DRSformer only)
 
 
 @dataclass(frozen=True)
@@ -116,14 +116,14 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment("analysis", "representation map, dataset relationships and CoI-M temperatures of a CoIC model",
                Training("main", SYNTHETIC_TRAIN, ("DGUNet",), variants=(COIC,)), table="analysis",
                analyses=(
-                   Analysis("analysis.representation_map", "representation map (UMAP on the sphere)", "--encoder",
+                   Analysis("analysis.representation_map", "representation map (UMAP on the sphere)", "--feat_ext",
                             SYNTHETIC_TESTS, "train", ("--feature", "feat", "--projection", "sphere",
                                                        "--num_images", "400"),
                             ("embeddings.csv", "projection_sphere.csv", "representation_sphere.png")),
-                   Analysis("analysis.dataset_relationships", "dataset relationships", "--encoder",
+                   Analysis("analysis.dataset_relationships", "dataset relationships", "--feat_ext",
                             SYNTHETIC_TESTS, "train", ("--num_images", "400"),
                             ("relationships.csv", "relationships.md", "relationships.png"), "relationships.md"),
-                   Analysis("analysis.modulation_temperature", "CoI-M kernel temperature per layer", "--checkpoint",
+                   Analysis("analysis.modulation_temperature", "CoI-M kernel temperature per layer", "--test_model",
                             ("Rain800",), "test", ("--num_images", "100"),
                             ("temperature_layers.csv", "temperature.md", "temperature.png"), "temperature.md"),
                )),

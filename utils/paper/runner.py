@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 from models import available_models
 from utils import ROOT
 from utils.allocator import keep_freed_memory
-from utils.cli import HelpFormatter
+from utils.cli import Parser, add_alias, add_list
 from utils.data.specs import dataset_spec, find_dataset_folder, split_folder
 from utils.errors import DataError, UserError, cli_main
 from utils.metrics import PROTOCOLS
@@ -235,7 +235,7 @@ def plan(opts: Options) -> list[Step]:
         for tool in exp.analyses:
             out = analysis_folder(run, tool.tool, opts)
             data = [dataset_folder(n, opts.data_root, tool.split) for n in tool.data]
-            model_flag = ["--model_name", run.backbone] if tool.checkpoint_flag == "--checkpoint" else []
+            model_flag = ["--model_name", run.backbone] if tool.checkpoint_flag == "--test_model" else []
             command = ("python", "-m", tool.tool, tool.checkpoint_flag,
                        run.checkpoint, *model_flag, "--data_paths", *data, "--labels", *tool.data, *tool.flags,
                        "--save_path", out)
@@ -315,16 +315,15 @@ class StepFailed(UserError):
 
 # ------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Run one of the paper's experiments as ordinary train/test commands: resumable, with the "
-                    "paper's numbers beside ours (results/<experiment>/table.md and .csv).",
-        formatter_class=HelpFormatter)
+    p = Parser(description="Run one of the paper's experiments as ordinary train/test commands: resumable, with the "
+                           "paper's numbers beside ours (results/<experiment>/table.md and .csv).")
     p.add_argument("experiment", nargs="?", choices=list(EXPERIMENTS),
                    help="; ".join(f"{e.name}: {e.title}" for e in EXPERIMENTS.values()))
     p.add_argument("--demo", action="store_true", help="the demo experiment: the same machinery in miniature on the "
                    "built-in demo data, on the CPU (same as the experiment name 'demo')")
-    p.add_argument("--backbones", nargs="+", default=None,
-                   help="backbones to run (space- or comma-separated; default: the experiment's)")
+    add_list(p, "--models", default=None, metavar="NAME",
+             help="backbones to run (space- or comma-separated; default: the experiment's)")
+    add_alias(p, "--backbones", "--models")
     p.add_argument("--data_root", default=None, help="folder holding the datasets (default: datasets; the demo: "
                    "$COIC_DEMO_ROOT or demo_data)")
     p.add_argument("--runs_root", default="runs", help="trainings go to <runs_root>/<group>/<run>")
@@ -355,11 +354,11 @@ def options_from_args(args: argparse.Namespace) -> Options:
         raise UserError(f"--demo runs the demo experiment; drop either --demo or {name!r}")
     exp = experiment(name)
     backbones = exp.training.backbones
-    if args.backbones:
-        backbones = tuple(b for item in args.backbones for b in item.split(",") if b)
+    if args.models:
+        backbones = tuple(args.models)
         unknown = [b for b in backbones if b not in available_models()]
-        if unknown or not backbones:
-            raise UserError(f"--backbones {' '.join(unknown) or '(none)'}: choose from {', '.join(available_models())}")
+        if unknown:
+            raise UserError(f"--models {' '.join(unknown)}: choose from {', '.join(available_models())}")
     if args.demo_iters is not None and (not exp.demo or args.demo_iters < 3):
         raise UserError("--demo_iters applies to the demo only and must be at least 3")
     gpus = args.gpus if args.gpus is not None else (0 if exp.demo else 1)

@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from models.pretrained import WEIGHTS_DIR_ENV, published_names, published_or_path
-from utils.cli import HelpFormatter
+from utils.cli import Parser, add_alias, add_device_args, add_list, add_precision_args
 from utils.errors import UserError
 from utils.eval.precision import native_bf16
-from utils.train.distributed import add_device_args
 from utils.train.recipes import Recipe, get_recipe
 
 
@@ -46,8 +45,7 @@ class TrainConfig:
     # device
     use_GPU: bool
     gpu_id: str
-    device: Optional[str]
-    amp: str
+    amp: str  # "off", "bf16", "fp16": from --precision
     channels_last: bool
     compile: bool
     sync_bn: bool
@@ -105,9 +103,7 @@ def str2bool(v: str) -> bool:
 
 
 def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=f"Train {recipe.model_name} on mixed rain datasets, with or without CoIC.",
-        formatter_class=HelpFormatter)
+    p = Parser(description=f"Train {recipe.model_name} on mixed rain datasets, with or without CoIC.")
     g = p.add_argument_group("run")
     g.add_argument("--model_name", default=recipe.model_name, help="backbone to train")
     g.add_argument("--demo", action="store_true",
@@ -115,8 +111,9 @@ def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
     g.add_argument("--tiny", action="store_true",
                    help="the recipe's tiny configuration (smallest model and batch that run every code path: "
                         "tests and smoke runs); flags typed on the command line still win")
-    g.add_argument("--data_paths", default=REFERENCE_DATA_PATHS,
-                   help="comma-separated folders, each with rain/ and norain/")
+    add_list(g, "--data_paths", default=REFERENCE_DATA_PATHS, metavar="PATH",
+             help="training folders, each with rain/ and norain/ (space- or comma-separated; default: the paper's "
+                  "five training sets under datasets/)")
     g.add_argument("--save_path", default=None,
                    help="folder for checkpoints, logs and TensorBoard (default: checkpoints/<model>_<dim>d_<w>contra)")
     g.add_argument("--save_freq", type=int, default=5000, help="save a checkpoint every N iterations")
@@ -127,8 +124,9 @@ def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
     g.add_argument("--pretrained", default=None,
                    help="start from this checkpoint's weights (ours or the published code's) with fresh optimizers, "
                         "or from a published name (downloaded once, with its encoder): " + ", ".join(published_names()))
-    g.add_argument("--pretrained_encoder", default=None,
+    g.add_argument("--feat_ext", dest="pretrained_encoder", default=None, metavar="FEAT_EXT",
                    help="encoder weights for --pretrained when they are in a separate file (published MoCo state_dict)")
+    add_alias(g, "--pretrained_encoder", "--feat_ext")
     g.add_argument("--weights_dir", default=None,
                    help=f"offline: take a published --pretrained's files from this folder (else ${WEIGHTS_DIR_ENV}), "
                         "never download")
@@ -150,9 +148,10 @@ def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
                         "uint8; workers share it); refuses when it would take over 80%% of the available memory")
     g = p.add_argument_group("device")
     add_device_args(g, "train")
-    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
-                   help="mixed precision: autocast to bf16 or fp16 (fp16 adds a gradient scaler)")
-    g.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPUs)")
+    add_precision_args(g, "mixed precision: autocast to bf16 or fp16 (fp16 adds a gradient scaler); auto: float32, "
+                          "except --demo on a CPU that computes bf16 natively, which trains in bf16",
+                       "auto/contiguous: the default layout; channels_last: faster convolutions on GPUs",
+                       recommended=False)
     g.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
     g = p.add_argument_group("optimisation")
@@ -172,7 +171,10 @@ def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
     g.add_argument("--n_neg", type=int, default=4, help="detail-aware negatives per query")
     g = p.add_argument_group(f"{recipe.model_name}")
     for name, flag in recipe.flags.items():
-        p.add_argument(f"--{name}", type=flag.type, default=flag.default, help=flag.help, nargs=flag.nargs)
+        if flag.nargs in ("+", "*"):
+            add_list(g, f"--{name}", type=flag.type, default=flag.default, help=flag.help, nargs=flag.nargs)
+        else:
+            g.add_argument(f"--{name}", type=flag.type, default=flag.default, help=flag.help, nargs=flag.nargs)
     return p
 
 
@@ -191,8 +193,8 @@ def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> T
         for key, value in recipe.demo.items():
             if key not in typed:
                 setattr(args, key, value)
-        if "amp" not in typed and not args.use_GPU and args.device in (None, "cpu") and native_bf16():
-            args.amp = "bf16"  # a CPU that computes bf16 natively: the demo trains in it (docs/demo.md)
+        if args.precision == "auto" and not args.use_GPU and native_bf16():
+            args.precision = "bf16"  # a CPU that computes bf16 natively: the demo trains in it (docs/demo.md)
         if "save_path" not in typed:  # a fine-tune of published weights is a run of its own, never a resume
             args.save_path = f"runs/demo_{model_name}" + (f"_from_{os.path.basename(args.pretrained)}"
                                                           if args.pretrained else "")
@@ -203,6 +205,11 @@ def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> T
                 tiny_hparams[key] = value  # a model hyper-parameter without a flag
             elif key not in typed:
                 setattr(args, key, value)
+    if isinstance(args.data_paths, list):  # the config, and the checkpoints, keep the comma-separated form
+        args.data_paths = ",".join(args.data_paths)
+    args.amp = "off" if args.precision in ("auto", "fp32") else args.precision
+    args.channels_last = args.memory_format == "channels_last"
+    del args.precision, args.memory_format
     if args.save_path is None:
         args.save_path = f"checkpoints/{model_name}_{args.dim_in}d_{args.contra_loss_weight}contra"
     for key in ("batch_size", "crop_size", "tot_iters", "save_freq", "keep_checkpoints", "log_freq", "n_neg",

@@ -15,35 +15,15 @@ from utils.errors import UserError
 logger = logging.getLogger("coic")
 
 
-def add_device_args(p, verb: str = "run") -> None:
-    """``--use_GPU``, ``--gpu_id``, ``--device``: the flags ``resolve_device`` reads (``p``: a parser or group)."""
-    p.add_argument("--use_GPU", action="store_true", help=f"{verb} on CUDA (device cuda:<gpu_id>)")
-    p.add_argument("--gpu_id", default="0", help="CUDA device index used with --use_GPU")
-    p.add_argument("--device", default=None, help="explicit torch device (cpu, cuda, cuda:1); overrides --use_GPU")
-
-
-def resolve_device(args: argparse.Namespace, local_rank: Optional[int] = None,
-                   prefer_cuda: bool = False) -> torch.device:
-    """The one device choice of every command: ``--device`` if given, else ``cuda:<gpu_id>`` with
-    ``--use_GPU`` (``cuda:<local_rank>`` under torchrun), else the CPU; with ``prefer_cuda``
-    (tools without ``--use_GPU``) CUDA whenever it is available. ``UserError`` for a device that
-    is not one or is not there."""
-    name = getattr(args, "device", None)
-    if name:
-        try:
-            device = torch.device(name)
-        except RuntimeError as exc:
-            raise UserError(f"--device {name!r} is not a torch device ({exc})") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {name} was given but CUDA is not available; use --device cpu")
-        return device
+def resolve_device(args: argparse.Namespace, local_rank: Optional[int] = None) -> torch.device:
+    """The one device rule of every command: ``cuda:<gpu_id>`` with ``--use_GPU`` (``cuda:<local_rank>``
+    under torchrun), else the CPU, also where CUDA is present (``utils.cli.add_device_args`` adds the
+    flags). ``UserError`` when ``--use_GPU`` is given and CUDA is not there."""
     if getattr(args, "use_GPU", False):
         if not torch.cuda.is_available():
             raise UserError("--use_GPU was given but CUDA is not available; drop the flag to run on the CPU")
         return torch.device(f"cuda:{local_rank if local_rank is not None else int(args.gpu_id)}")
     if torch.cuda.is_available():
-        if prefer_cuda:
-            return torch.device("cuda")
         logger.warning("CUDA is available but not used; pass --use_GPU to run on the GPU")
     return torch.device("cpu")
 

@@ -59,7 +59,7 @@ class Trainer(CheckpointedRun):
     def __init__(self, args: TrainConfig):
         self.args = args
         self.recipe = args.recipe
-        self.dist = dist_utils.init_from_env(use_cuda=bool(args.use_GPU or (args.device or "").startswith("cuda")))
+        self.dist = dist_utils.init_from_env(use_cuda=bool(args.use_GPU))
         self.device = dist_utils.resolve_device(args, self.dist.local_rank if self.dist.enabled else None)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
