@@ -502,17 +502,17 @@ def test_one_line_errors(tmp_path, checkpoints, tiny_demo, capsys):
     missing = str(tmp_path / "nope.pth")
     data = os.path.join(tiny_demo, "heavy", "test")
     cases = [
-        (representation_map.main, ["--encoder", missing, "--data_paths", data], "checkpoint not found"),
-        (dataset_relationships.main, ["--encoder", checkpoints[0.5], "--data_paths", str(tmp_path / "none")],
+        (representation_map.main, ["--feat_ext", missing, "--data_paths", data], "checkpoint not found"),
+        (dataset_relationships.main, ["--feat_ext", checkpoints[0.5], "--data_paths", str(tmp_path / "none")],
          "does not exist"),
         (rain_detail.main, ["--data_paths", data, "--coic_model", checkpoints[0.5]], "both --coic_model"),
-        (rain_detail.main, ["--encoder", checkpoints["base"], "--data_paths", data], "holds no encoder"),
+        (rain_detail.main, ["--feat_ext", checkpoints["base"], "--data_paths", data], "holds no encoder"),
         (model_cost.main, ["--models", "Nope"], "unknown --models"),
         (model_cost.main, ["--threads", "0"], "--threads must be at least 1"),
-        (temperature_sweep.main, ["--checkpoints", missing, "--data_paths", data], "checkpoint not found"),
+        (temperature_sweep.main, ["--test_model", missing, "--data_paths", data], "checkpoint not found"),
     ]
     for main, argv, message in cases:
-        assert main([*argv, "--save_path", str(tmp_path / "o"), "--device", "cpu"]) == 2
+        assert main([*argv, "--save_path", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
 

@@ -90,7 +90,7 @@ def test_spa_dry_run_and_multi_gpu_batches(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert "--gpus 3" in err and "4" in err and len(err.splitlines()) == 1
     # BRN's batch of 12 over 4 GPUs: 3 each.
-    brn = dry_run(capsys, "main", "--backbones", "BRN", "--gpus", "4", *roots(tmp_path))[0]
+    brn = dry_run(capsys, "main", "--models", "BRN", "--gpus", "4", *roots(tmp_path))[0]
     assert flag(brn, "--batch_size") == "3"
 
 
@@ -296,7 +296,7 @@ def test_a_real_run_checks_all_its_data_before_the_first_step(tmp_path, capsys, 
     for name in TRAIN_ORDER:
         _fake_dataset(data, name, "train")
     _fake_dataset(data, "Rain200L", "test")
-    argv = ["main", "--backbones", "BRN", "--data_root", str(data), "--runs_root", str(tmp_path / "runs"),
+    argv = ["main", "--models", "BRN", "--data_root", str(data), "--runs_root", str(tmp_path / "runs"),
             "--results_root", str(tmp_path / "res")]
     assert reproduce.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
