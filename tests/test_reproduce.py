@@ -136,7 +136,7 @@ def test_analysis_commands_parse_with_the_tools(capsys, tmp_path):
     checkpoint = os.path.join(flag(commands[0], "--save_path"), "ckpt_0400000.pth")
     for cmd in commands[1:]:
         args = tools[cmd[2]].build_parser().parse_args(cmd[3:])
-        assert checkpoint in (getattr(args, "encoder", None), getattr(args, "checkpoint", None))
+        assert checkpoint in (getattr(args, "feat_ext", None), getattr(args, "test_model", None))
     assert representation_map.build_parser().parse_args(commands[1][3:]).projection == "sphere"
     assert [c[2] for c in dry_run(capsys, "analysis", "--only", "eval", *roots(tmp_path))] == list(tools)
 
