@@ -7,7 +7,7 @@
 mutmut (settings in setup.cfg) copies the tree to mutants/, makes one small change at a time in
 the modules under ``only_mutate`` and runs the tests of ``pytest_add_cli_args_test_selection`` that
 reach the changed function. This script picks which mutants run: it leaves out those that only
-change the text of a string (a message, a progress label: no behaviour a test should pin), takes
+change the text of a string literal (mostly messages and labels; ``--all_kinds`` keeps them), takes
 a seeded sample per module if asked, skips mutants that already have a verdict (``--rerun`` to run
 them again) and stops mutmut after ``--time_limit`` seconds. It ends with killed / total per module
 and the surviving mutants; ``mutmut show NAME`` prints one's change.
@@ -140,6 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--time_limit", type=float, default=3600, help="seconds mutmut may run (default 3600)")
     parser.add_argument("--rerun", action="store_true", help="run mutants that already have a verdict again")
     parser.add_argument("--report", action="store_true", help="print the verdicts so far, run nothing")
+    parser.add_argument("--all_kinds", action="store_true", help="keep the mutants that only change a string's text")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     mm = _mutmut()
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
     results = mutants_by_module(mm, wanted)
     selected = {}
     for path, statuses in results.items():
-        names = [n for n in statuses if not only_changes_text(mm["get_diff"](n, path=path))]
+        names = [n for n in statuses if args.all_kinds or not only_changes_text(mm["get_diff"](n, path=path))]
         if args.sample and len(names) > args.sample:
             names = sorted(random.Random(f"{args.seed}:{path}").sample(names, args.sample))
         selected[path] = names
