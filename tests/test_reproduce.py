@@ -67,7 +67,7 @@ def test_main_dry_run_is_the_paper_protocol(capsys, tmp_path):
             parsed = test_model.build_parser().parse_args(evaluate[2:])
             assert parsed.test_model == os.path.join(save, f"ckpt_{TOTAL_ITERS[name]:07d}.pth")
             assert (parsed.model_name, parsed.load_mode, parsed.testset, parsed.data_root, parsed.metric_protocol) == (
-                name, mode, TEST_SETS, "D", "coic")
+                name, mode, TEST_SETS.split(","), "D", "coic")
             assert parsed.save_path == str(tmp_path / "res" / "main" / f"{name}_{kind}" / "coic")
             assert parsed.use_GPU and parsed.gpu_id == "0"
 
@@ -102,7 +102,7 @@ def test_realint_scores_the_spa_models_by_niqe(capsys, tmp_path):
         assert flag(evaluate, "--testset") == "RealInt" and flag(evaluate, "--metrics") == "niqe"
         assert flag(evaluate, "--niqe_channel") == "gray"  # the published eval_niqe.py: pyiqa's grey NIQE
         parsed = test_model.build_parser().parse_args(evaluate[2:])
-        assert parsed.metrics == "niqe" and parsed.testset == "RealInt"
+        assert parsed.metrics == ["niqe"] and parsed.testset == ["RealInt"]
         assert flag(evaluate, "--load_mode") == mode and "--metric_protocol" not in evaluate
         assert flag(evaluate, "--test_model").startswith(str(tmp_path / "runs" / "spa"))
 
