@@ -154,11 +154,17 @@ class MixedRainDataset(Dataset):
     raises ``DataError`` naming the file. Pairs of different sizes always raise.
 
     ``cache_images()`` decodes every image once and keeps it in memory (see there).
+
+    ``channel_shuffle=True`` applies one random permutation of the colour channels to all four
+    images of an item, so that a model cannot learn a colour bias from a few warm-toned sources
+    (the demo's recipe; the paper's recipes leave colours as they are).
     """
 
-    def __init__(self, data_paths: Sequence[str], crop_size: int, strict: bool = False):
+    def __init__(self, data_paths: Sequence[str], crop_size: int, strict: bool = False,
+                 channel_shuffle: bool = False):
         self.crop_size = crop_size
         self.strict = strict
+        self.channel_shuffle = channel_shuffle
         self.synthetic_pairs: list[tuple[str, str]] = []
         self.synthetic_sources: list[str] = []
         self.real_pairs: list[tuple[str, str]] = []
@@ -310,6 +316,10 @@ class MixedRainDataset(Dataset):
         flip = rng.randint(0, 3)  # as the reference: 1 = vertical, 2 = horizontal, else none
         if flip in (1, 2):
             rain, clean = rain.flip(flip), clean.flip(flip)
+        if self.channel_shuffle:  # drawn after the crop and flip, so those stay as without it
+            order = [0, 1, 2]
+            rng.shuffle(order)
+            rain, clean, small_rain, small_clean = (t[order] for t in (rain, clean, small_rain, small_clean))
         return TrainItem(rain=rain.contiguous(), clean=clean.contiguous(), query=small_rain, query_clean=small_clean)
 
 

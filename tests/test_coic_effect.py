@@ -18,6 +18,7 @@ def test_interval95_by_hand():
     assert math.isnan(interval95([1.0])[1])
 
 
+@pytest.mark.slow
 def test_the_experiment_end_to_end_at_tiny_size(tmp_path, tiny_demo, capsys):
     from utils.paper.coic_effect import main
 

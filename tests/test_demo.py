@@ -13,7 +13,7 @@ from utils.train.run import main
 def test_demo_layout_and_rain_types_differ(tiny_demo):
     levels = {}
     for kind in RAIN_TYPES:
-        for split, count in (("train", 8), ("test", 4)):
+        for split, count in (("train", 8), ("val", 8), ("test", 4)):
             assert len(find_pairs(os.path.join(tiny_demo, kind, split))) == count
         pairs = find_pairs(os.path.join(tiny_demo, kind, "train"))
         levels[kind] = np.mean([psnr(read_image(r), read_image(c)) for r, c in pairs])
@@ -23,6 +23,42 @@ def test_demo_layout_and_rain_types_differ(tiny_demo):
     assert hazy.min() > 0.3  # the veil lifts every pixel
     a = add_rain(clean, "heavy", np.random.default_rng(1))
     assert np.array_equal(a, add_rain(clean, "heavy", np.random.default_rng(1)))
+
+
+def test_every_scene_is_rendered_under_every_rain_type(tiny_demo):
+    """The same clean picture under the same name in each type's folder, in every split (so the probe
+    can compare one scene under two rains); the val split holds other crops than train."""
+    for split, count in (("train", 8), ("val", 8), ("test", 4)):
+        pairs = {kind: find_pairs(os.path.join(tiny_demo, kind, split)) for kind in RAIN_TYPES}
+        assert all(len(p) == count for p in pairs.values())
+        for i in range(count):
+            names = {os.path.basename(pairs[kind][i][0]) for kind in RAIN_TYPES}
+            assert len(names) == 1
+            cleans = [read_image(pairs[kind][i][1]) for kind in RAIN_TYPES]
+            assert all(torch.equal(c, cleans[0]) for c in cleans[1:])
+            rainy = [read_image(pairs[kind][i][0]) for kind in RAIN_TYPES]
+            assert not torch.equal(rainy[0], rainy[1])  # different rain on the same scene
+    train = {read_image(c).shape for _, c in find_pairs(os.path.join(tiny_demo, "light", "train"))}
+    val = {read_image(c).shape for _, c in find_pairs(os.path.join(tiny_demo, "light", "val"))}
+    assert train == {(3, 32, 32)} and val == {(3, 40, 40)}  # val at the test size
+
+
+def test_an_older_demo_folder_is_rebuilt(tmp_path):
+    import json
+
+    from utils.data.demo import DATA_VERSION, build_demo_data
+
+    root = tmp_path / "demo_data"
+    build_demo_data(str(root), train_per_source=1, train_size=16, test_size=16)
+    marker = root / ".complete"
+    settings = json.loads(marker.read_text())
+    assert settings["version"] == DATA_VERSION
+    settings["version"] = DATA_VERSION - 1
+    marker.write_text(json.dumps(settings))
+    (root / "light" / "val" / "rain" / "000.png").unlink()
+    build_demo_data(str(root), train_per_source=1, train_size=16, test_size=16)
+    assert (root / "light" / "val" / "rain" / "000.png").is_file()
+    assert json.loads(marker.read_text())["version"] == DATA_VERSION
 
 
 def test_demo_command_trains_and_reports(tmp_path, tiny_demo, monkeypatch, capsys):
@@ -36,6 +72,15 @@ def test_demo_command_trains_and_reports(tmp_path, tiny_demo, monkeypatch, capsy
     assert "mean" in out
     picture = read_image(os.path.join(save, "demo_heavy.png"))
     assert picture.shape == (3, 40, 120)  # rainy | derained | clean
+    assert "z names the rain type of" in out and "an untrained encoder" in out
+    # the colour error column, by hand: the largest |mean error| of one channel over the type's pictures
+    worst = 0.0
+    for rain, clean in find_pairs(os.path.join(tiny_demo, "heavy", "test")):
+        name = os.path.splitext(os.path.basename(rain))[0] + ".png"
+        derained = read_image(os.path.join(save, "demo_results", "heavy", name))
+        worst = max(worst, float((derained - read_image(clean)).mean(dim=(1, 2)).abs().max()))
+    heavy = next(line for line in out.splitlines() if line.startswith("heavy"))
+    assert float(heavy.split()[-1]) == pytest.approx(worst, abs=1e-3)
 
 
 def test_demo_keeps_typed_data_paths(tmp_path, tiny_demo, monkeypatch):
@@ -93,7 +138,7 @@ def test_most_even_keeps_the_checkpoint_whose_worst_set_gains_most():
 
 def test_demo_evaluates_the_checkpoint_whose_worst_type_gains_most(tmp_path, tiny_demo, capsys):
     """With a checkpoint saved at every CoIC iteration, the demo evaluates the one whose worst rain type
-    gains most on the training pictures, and keeps only it and the last one (15-30 MB each). Each gain
+    gains most on 4 pictures of each type's val split, and keeps only it and the last one. Each gain
     is checked against the evaluation path's PSNR of the derained picture minus the rainy picture's
     PSNR, computed here."""
     from types import SimpleNamespace
@@ -107,7 +152,8 @@ def test_demo_evaluates_the_checkpoint_whose_worst_type_gains_most(tmp_path, tin
     assert main("BRN", ["--data_paths", ",".join(folders.values()), "--save_path", save, "--tot_iters", "5",
                         "--stage1_iters", "2", "--save_freq", "1", "--keep_checkpoints", "10", "--crop_size", "16",
                         "--batch_size", "2", "--inter_iter", "1", "--num_workers", "0"]) == 0
-    pairs = validation_pairs(folders, 8)
+    pairs = validation_pairs({kind: os.path.join(tiny_demo, kind, "val") for kind in RAIN_TYPES}, 4)
+    assert all(len(p) == 4 for p in pairs.values())
     cpu = torch.device("cpu")
     worst = {}
     for it in range(2, 6):

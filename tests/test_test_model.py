@@ -127,7 +127,7 @@ def test_read_ahead_keeps_order_and_reads_each_image_once(tmp_path, trained, tin
     model, _ = test_model.load_model("BRN", trained, "normal", torch.device("cpu"))
     reads = []
     real = evaluation.read_pair
-    monkeypatch.setattr(evaluation, "read_pair", lambda a, b: (reads.append(a), real(a, b))[1])
+    monkeypatch.setattr(evaluation, "read_pair", lambda a, b, **kw: (reads.append(a), real(a, b, **kw))[1])
     out = tmp_path / "out"
     out.mkdir()
     first = test_model.evaluate(model, None, items, str(out), torch.device("cpu"), progress=False)

@@ -13,10 +13,10 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.transforms.functional import gaussian_blur
 
 from utils.eval.inference import ENCODER_SIZE
 from utils.images import read_image, resize_square
-from utils.train.exemplars import gaussian_blur
 
 Encode = Callable[[Tensor], Tensor]  # (B,3,h,w) in [0,1] -> (B,D) codes
 PROBE_SIGMA = 1.5  # the strongest blur of the detail-aware negatives
@@ -94,7 +94,7 @@ def detail_gap(encode: Encode, clean: Sequence[Tensor]) -> float:
     gaps = []
     for img in clean:
         x = resize_square(img[None], ENCODER_SIZE)
-        blurred = gaussian_blur(x, torch.full((1,), PROBE_SIGMA))
+        blurred = gaussian_blur(x, kernel_size=11, sigma=PROBE_SIGMA)  # the training blur's kernel
         z = F.normalize(torch.cat([encode(x), encode(x.flip(-1)), encode(blurred)]).double(), dim=1)
         gaps.append(float(z[0] @ z[1] - z[0] @ z[2]))
     return sum(gaps) / len(gaps)
@@ -155,3 +155,19 @@ def read_probe_sets(fit_paths: Sequence[str], held_paths: Sequence[str], labels:
         chosen = chosen if num_held <= 0 else chosen[:num_held]
         held[label] = [(os.path.basename(rain), read_image(rain), read_image(clean)) for rain, clean in chosen]
     return fit, held
+
+
+def log_probe(writer, encoder: torch.nn.Module, probe_sets, iteration: int, device: torch.device) -> ProbeResult:
+    """Probe ``encoder`` (the key branch, in eval mode, as at test time) and log ``probe/*`` scalars."""
+    was_training = encoder.training
+    encoder.eval()
+    encode = key_encoder(encoder)
+    try:
+        result = probe(lambda x: encode(x.to(device)).float().cpu(), *probe_sets)
+    finally:
+        encoder.train(was_training)
+    writer.add_scalar("probe/rain_type_accuracy", result.accuracy, iteration)
+    for name in ("rain_gap", "rain_retrieval", "detail_gap"):
+        if getattr(result, name) is not None:
+            writer.add_scalar(f"probe/{name}", getattr(result, name), iteration)
+    return result

@@ -68,7 +68,12 @@ def train_argv(design: Design, arm: str, seed: int) -> list[str]:
         flags = {}
     argv = ["--tiny"] if design.tiny else []
     for key, value in flags.items():
-        argv += [f"--{key}"] + ([str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)])
+        if key in ("probe_freq",):
+            continue  # set below
+        if isinstance(value, bool):
+            argv += [f"--{key}"] if value else []
+        else:
+            argv += [f"--{key}"] + ([str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)])
     coic = arm == "coic"
     argv += ["--data_paths", ",".join(demo_splits(design.data_root, "train").values()),
              "--probe_paths", ",".join(demo_splits(design.data_root, "val").values()),
@@ -77,7 +82,7 @@ def train_argv(design: Design, arm: str, seed: int) -> list[str]:
              "--probe_freq", str(design.eval_every), "--keep_checkpoints", str(design.iters // design.eval_every + 2),
              "--stage1_iters", str(design.stage1_iters if coic else design.iters),
              "--contra_loss_weight", "0.2" if coic else "0", "--exemplars", design.exemplars,
-             "--channel_shuffle", "--num_workers", "0", "--log_freq", str(design.eval_every)]
+             "--num_workers", "0", "--log_freq", str(design.eval_every)]
     return argv
 
 
@@ -155,51 +160,69 @@ def key_query_distance(path: str) -> Optional[float]:
     return math.sqrt(diff / norm) if norm else None
 
 
-def evaluate_runs(design: Design) -> dict:
-    """Every run's curve (val) and last checkpoint (test); cached in each run folder's ``evaluation.json``."""
+def _evaluate_run(job: tuple[Design, str, int]) -> dict:
+    """One run's curve (val, every checkpoint) and last checkpoint (test), cached in its ``evaluation.json``."""
+    design, arm, seed = job
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // design.jobs))
+    from utils.checkpoint import read_checkpoint
     from utils.data.demo import RAIN_TYPES, demo_splits
+    from utils.eval.evaluation import encoder_from_checkpoint
     from utils.data.layouts import find_pairs
     from utils.eval.probe import key_encoder, probe, read_probe_sets
     from utils.train.state import checkpoint_iteration, list_checkpoints
-    from analysis.common import load_encoder_file
-    from tqdm import tqdm
 
+    folder = design.run_dir(arm, seed)
+    checkpoints = list_checkpoints(folder)
+    if not checkpoints:
+        raise UserError(f"{folder} holds no checkpoint: run the trainings first (drop --only eval)")
+    cached_path = os.path.join(folder, "evaluation.json")
+    cached = {}
+    if os.path.isfile(cached_path):
+        with open(cached_path) as f:
+            cached = json.load(f)
+    curve = cached.get("curve", {})
     val = {k: find_pairs(f) for k, f in demo_splits(design.data_root, "val").items()}
     test = {k: find_pairs(f) for k, f in demo_splits(design.data_root, "test").items()}
-    fit, held = read_probe_sets(list(demo_splits(design.data_root, "train").values()),
-                                list(demo_splits(design.data_root, "val").values()), list(RAIN_TYPES), 16, 0)
+    probe_sets = None
     cache: dict = {}
-    results = {}
+    last = checkpoints[-1]
+    for path in checkpoints:
+        it = str(checkpoint_iteration(path))
+        if it in curve or (int(it) % design.eval_every and path != last):  # e.g. a save on an interrupt
+            continue
+        if probe_sets is None:
+            probe_sets = read_probe_sets(list(demo_splits(design.data_root, "train").values()),
+                                         list(demo_splits(design.data_root, "val").values()), list(RAIN_TYPES), 16, 0)
+        encoder = encoder_from_checkpoint(read_checkpoint(path), torch.device("cpu"))
+        p = probe(key_encoder(encoder), *probe_sets)
+        pf = probe(key_encoder(encoder, "feat"), *probe_sets)  # the trunk the contrastive loss trains
+        curve[it] = {"val": score_checkpoint(path, arm, val, cache), "probe": p.accuracy,
+                     "rain_gap": p.rain_gap, "detail_gap": p.detail_gap, "probe_feat": pf.accuracy,
+                     "rain_gap_feat": pf.rain_gap}
+    test_result = cached.get("test") if cached.get("test_checkpoint") == os.path.basename(last) else None
+    if test_result is None:
+        test_result = score_checkpoint(last, arm, test, cache)
+    entry = {"curve": curve, "test": test_result, "test_checkpoint": os.path.basename(last),
+             "key_query_distance": key_query_distance(last)}
+    with open(cached_path, "w") as f:
+        json.dump(entry, f, indent=1)
+    return entry
+
+
+def evaluate_runs(design: Design) -> dict:
+    """Every run's curve and test scores, ``design.jobs`` runs at a time; {(arm, seed): entry}."""
+    from tqdm import tqdm
+
     runs = [(arm, seed) for seed in design.seeds for arm in ARMS]
-    for arm, seed in tqdm(runs, desc="evaluate", unit="run"):
-        folder = design.run_dir(arm, seed)
-        cached_path = os.path.join(folder, "evaluation.json")
-        cached = {}
-        if os.path.isfile(cached_path):
-            with open(cached_path) as f:
-                cached = json.load(f)
-        curve = cached.get("curve", {})
-        checkpoints = list_checkpoints(folder)
-        if not checkpoints:
-            raise UserError(f"{folder} holds no checkpoint: run the trainings first (drop --only eval)")
-        for path in checkpoints:
-            it = str(checkpoint_iteration(path))
-            if it in curve:
-                continue
-            encoder = load_encoder_file(path, torch.device("cpu"))[0]
-            p = probe(key_encoder(encoder), fit, held)
-            curve[it] = {"val": score_checkpoint(path, arm, val, cache), "probe": p.accuracy,
-                         "rain_gap": p.rain_gap, "detail_gap": p.detail_gap}
-        last = checkpoints[-1]
-        test_result = cached.get("test") if cached.get("test_checkpoint") == os.path.basename(last) else None
-        if test_result is None:
-            test_result = score_checkpoint(last, arm, test, cache)
-        entry = {"curve": curve, "test": test_result, "test_checkpoint": os.path.basename(last),
-                 "key_query_distance": key_query_distance(last)}
-        with open(cached_path, "w") as f:
-            json.dump(entry, f, indent=1)
-        results[(arm, seed)] = entry
-    return results
+    jobs = [(design, arm, seed) for arm, seed in runs]
+    if design.jobs == 1:
+        entries = [_evaluate_run(job) for job in tqdm(jobs, desc="evaluate", unit="run")]
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(design.jobs, len(jobs))) as pool:
+            entries = list(tqdm(pool.imap(_evaluate_run, jobs), total=len(jobs), desc="evaluate", unit="run"))
+    return dict(zip(runs, entries))
 
 
 # ------------------------------------------------------------------ statistics and outputs
@@ -282,12 +305,14 @@ def _curve(results: dict, arm: str, seeds: Sequence[int], key: str) -> tuple[lis
 def _write_curves(design: Design, results: dict) -> None:
     with open(os.path.join(design.save_path, "curves.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["arm", "seed", "iteration", "probe_accuracy", "rain_gap", "detail_gap", "val_mean_gain"])
+        w.writerow(["arm", "seed", "iteration", "probe_accuracy", "rain_gap", "detail_gap", "probe_accuracy_feat",
+                    "rain_gap_feat", "val_mean_gain", "val_worst_channel_error"])
         for (arm, seed), entry in sorted(results.items()):
             for it, point in sorted(entry["curve"].items(), key=lambda kv: int(kv[0])):
                 gain = sum(t["gain"] for t in point["val"].values()) / len(point["val"])
+                colour = max(abs(v) for t in point["val"].values() for v in t["channel_error"])
                 w.writerow([arm, seed, int(it), round(point["probe"], 4), point["rain_gap"], point["detail_gap"],
-                            round(gain, 4)])
+                            round(point["probe_feat"], 4), point["rain_gap_feat"], round(gain, 4), round(colour, 4)])
 
 
 def _plot(design: Design, results: dict, rows: list, header: list, summary: str) -> None:
@@ -310,6 +335,9 @@ def _plot(design: Design, results: dict, rows: list, header: list, summary: str)
             ax.plot(its, mean, color=colours[arm], label=labels[arm])
             ax.fill_between(its, lo, hi, color=colours[arm], alpha=0.2)
         if key == "probe":
+            its, values = _curve(results, "coic", design.seeds, "probe_feat")
+            ax.plot(its, [100 * sum(v) / len(v) for v in values], color=colours["coic"], linestyle="--",
+                    label="CoIC, the encoder's pooled features (what InfoNCE trains)")
             ax.axhline(25, color="k", linestyle=":", linewidth=1, label="chance")
         if design.stage1_iters > 0:
             ax.axvline(design.stage1_iters, color=colours["coic"], linestyle="--", linewidth=1)
@@ -343,11 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
                                             "probe of z: " + __doc__.split("\n\n")[0])
     add_list(p, "--seeds", type=int, default=[0, 1, 2], metavar="SEED",
              help="paired seeds, space- or comma-separated (at least 2 for an interval)")
-    p.add_argument("--iters", type=int, default=1200, help="training iterations of every run")
-    p.add_argument("--eval_every", type=int, default=200, help="a checkpoint, a probe and a val score every N iterations")
+    p.add_argument("--iters", type=int, default=600, help="training iterations of every run")
+    p.add_argument("--eval_every", type=int, default=100, help="a checkpoint, a probe and a val score every N iterations")
     p.add_argument("--stage1_iters", type=int, default=0,
                    help="iterations before CoIC starts in the CoIC arm (the plain arm never starts it)")
-    p.add_argument("--exemplars", default="query", choices=["query", "published"],
+    p.add_argument("--exemplars", default="published", choices=["query", "published"],
                    help="how the contrastive exemplars are built (train_BRN.py --exemplars)")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once (each gets the CPU count / jobs threads)")
     p.add_argument("--data_root", default=None, help="the demo data (default: $COIC_DEMO_ROOT or demo_data; built "

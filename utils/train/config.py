@@ -69,6 +69,11 @@ class TrainConfig:
     tiny: bool = False
     weights_dir: Optional[str] = None  # offline folder of published files (--pretrained NAME)
     trust_checkpoint: bool = False  # load checkpoints with the full (code-running) unpickler
+    momentum: float = 0.999  # MoCo momentum of the key encoder
+    exemplars: str = "published"  # how the contrastive exemplars are built (utils/train/exemplars.py)
+    channel_shuffle: bool = False  # one random colour-channel permutation per training item
+    probe_freq: int = 0  # probe z (analysis/probe.py) every N iterations; 0: never
+    probe_paths: Optional[str] = None  # held-out folders, one per training folder, for the probe
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "TrainConfig":
@@ -168,7 +173,21 @@ def build_train_parser(recipe: Recipe) -> argparse.ArgumentParser:
                    help="weight of the contrastive loss (0 with a huge --stage1_iters = no CoIC)")
     g.add_argument("--dim_in", type=int, default=128, help="dimension of the code z")
     g.add_argument("--temperature", type=float, default=1.0, help="contrastive temperature")
+    g.add_argument("--momentum", type=float, default=0.999,
+                   help="MoCo momentum of the key encoder, which gives z at test time (published: 0.999)")
     g.add_argument("--n_neg", type=int, default=4, help="detail-aware negatives per query")
+    g.add_argument("--exemplars", default="published", choices=["published", "query"],
+                   help="query: the rain-aware negative is the resized query's own background plus another rain "
+                        "layer, and flips and blur are drawn per sample; published: as the published scripts "
+                        "(the crop's background, the in-batch pool for BRN and IDT, one flip and blur per batch)")
+    g.add_argument("--channel_shuffle", action="store_true",
+                   help="permute the colour channels of each training item at random (rainy and clean alike)")
+    g.add_argument("--probe_freq", type=int, default=0,
+                   help="every N iterations, log to TensorBoard how well z tells the training folders' rain "
+                        "apart on the held-out --probe_paths (python -m analysis.probe); 0: never")
+    add_list(g, "--probe_paths", default=None, metavar="PATH",
+             help="held-out folders (rain/ + norain/; space- or comma-separated), one per --data_paths folder in "
+                  "the same order, for --probe_freq")
     g = p.add_argument_group(f"{recipe.model_name}")
     for name, flag in recipe.flags.items():
         if flag.nargs in ("+", "*"):
@@ -207,6 +226,8 @@ def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> T
                 setattr(args, key, value)
     if isinstance(args.data_paths, list):  # the config, and the checkpoints, keep the comma-separated form
         args.data_paths = ",".join(args.data_paths)
+    if isinstance(args.probe_paths, list):
+        args.probe_paths = ",".join(args.probe_paths)
     args.amp = "off" if args.precision in ("auto", "fp32") else args.precision
     args.channels_last = args.memory_format == "channels_last"
     del args.precision, args.memory_format
@@ -218,6 +239,12 @@ def parse_train_args(model_name: str, argv: Optional[Sequence[str]] = None) -> T
             parser.error(f"--{key} must be at least 1, got {getattr(args, key)}")
     if args.stage1_iters < 0:
         parser.error("--stage1_iters must be >= 0")
+    if not 0.0 <= args.momentum < 1.0:
+        parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
+    if args.probe_freq < 0:
+        parser.error(f"--probe_freq must be >= 0 (0: never), got {args.probe_freq}")
+    if args.probe_freq and not args.probe_paths and not args.demo:
+        parser.error("--probe_freq needs --probe_paths: one held-out folder per --data_paths folder")
     if args.pretrained:  # a typo fails before the data is scanned
         try:
             published = published_or_path(args.pretrained, "--pretrained")

@@ -135,3 +135,20 @@ def build_negatives_published(rain: Tensor, clean: Tensor, query: Tensor, query_
     negatives = torch.cat([rain_negative.unsqueeze(1), detail_negatives.view(b, n_neg, *query_clean.shape[1:])],
                           dim=1)
     return positive, negatives
+
+
+def build_exemplars(mode: str, item, archive: RainArchive, n_neg: int, generator: Optional[torch.Generator] = None,
+                    gather: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor]:
+    """Positive keys and negatives of a batch (``datasets.TrainItem``) by ``--exemplars`` ``mode``."""
+    if mode == "published":
+        return build_negatives_published(item.rain, item.clean, item.query, item.query_clean, archive, n_neg,
+                                         generator, gather)
+    return build_negatives(item.query, item.query_clean, archive, n_neg, generator, gather)
+
+
+def archive_for(mode: str, rain_pool: str, batch_size: int) -> RainArchive:
+    """The rain-layer pool of a run: the published in-batch search (``rain_pool`` "batch", BRN and IDT) is an
+    archive of the current batch alone; otherwise the last 64 images (``batch_size``: all ranks' batch)."""
+    if mode == "published" and rain_pool == "batch":
+        return RainArchive(1)
+    return RainArchive.for_batch_size(batch_size)

@@ -19,8 +19,8 @@ logger = logging.getLogger("coic")
 
 def demo_checkpoint(last: str, model_name: str, demo_root: str, args, device: torch.device) -> str:
     """The demo checkpoint to evaluate: of those saved since CoIC started, the one whose worst rain type
-    gains most on a few training pictures of each type (``utils.train.selection``); ``last`` when
-    there is no other. Prints the choice and why."""
+    gains most on a few pictures of each type's val split (``utils.train.selection``; never the test
+    split); ``last`` when there is no other. Prints the choice and why."""
     from utils.data.demo import demo_splits
     from utils.train.selection import select_checkpoint
     from utils.train.state import checkpoint_iteration, list_checkpoints
@@ -29,14 +29,14 @@ def demo_checkpoint(last: str, model_name: str, demo_root: str, args, device: to
                   if checkpoint_iteration(p) >= min(args.stage1_iters, args.tot_iters)]
     if len(candidates) < 2:
         return last
-    chosen, gains = select_checkpoint(candidates, model_name, demo_splits(demo_root, "train"), device)
+    chosen, gains = select_checkpoint(candidates, model_name, demo_splits(demo_root, "val"), device, per_set=4)
     worst = {name: min(g.values()) for name, g in gains.items()}
     for name, g in gains.items():
-        logger.info("%s on training pictures: %s (worst %+.2f dB)", name,
+        logger.info("%s on the val split: %s (worst %+.2f dB)", name,
                     ", ".join(f"{k} {v:+.2f}" for k, v in g.items()), worst[name])
     name = os.path.basename(chosen)
     print(f"\nevaluating {name}: of the {len(candidates)} checkpoints since CoIC started, the one whose worst rain "
-          f"type gains most on training pictures ({worst[name]:+.2f} dB; the last one's worst: "
+          f"type gains most on the val split ({worst[name]:+.2f} dB; the last one's worst: "
           f"{worst[os.path.basename(candidates[-1])]:+.2f} dB)")
     # Keep the choice and the last checkpoint (resume, and the other end of the trade); a rerun picks
     # the same one from these two. The others are 15-30 MB each.
@@ -69,6 +69,9 @@ def demo_report(checkpoint: str, model_name: str, demo_root: str, save_path: str
         results = evaluate(model, encoder, pairs, out_dir, device, progress=False, metrics=("psnr", "ssim", "niqe"),
                            desc=kind)
         rainy = [(read_image(r), read_image(c)) for r, c in pairs]
+        # The colour cast: each derained picture's mean error per RGB channel; the worst channel of the worst picture.
+        errors = [(read_image(os.path.join(out_dir, output_name(r))) - c).mean(dim=(1, 2)) for (r, _), (_, c)
+                  in zip(pairs, rainy)]
         row = {
             "type": kind,
             "rain_psnr": _mean([psnr(r, c) for r, c in rainy]),
@@ -77,6 +80,7 @@ def demo_report(checkpoint: str, model_name: str, demo_root: str, save_path: str
             "out_ssim": _mean([r["ssim"] for r in results]),
             "rain_niqe": _mean([r["niqe_rain"] for r in results]),
             "out_niqe": _mean([r["niqe_out"] for r in results]),
+            "colour_error": max(float(e.abs().max()) for e in errors),
         }
         # One side-by-side picture per type: rainy | derained | clean.
         first = pairs[0]
@@ -86,21 +90,41 @@ def demo_report(checkpoint: str, model_name: str, demo_root: str, save_path: str
         row["picture"] = picture
         rows.append(row)
     print_demo_table(rows, model_name)
+    if encoder is not None:
+        print_probe(encoder, demo_root, device)
     return rows
+
+
+def print_probe(encoder, demo_root: str, device: torch.device) -> None:
+    """One line: how often z names the rain type of a held-out picture, against an untrained encoder."""
+    from models import build_encoder
+    from utils.data.demo import RAIN_TYPES, demo_splits
+    from utils.eval.probe import key_encoder, probe, read_probe_sets
+
+    fit, held = read_probe_sets(list(demo_splits(demo_root, "train").values()),
+                                list(demo_splits(demo_root, "val").values()), list(RAIN_TYPES), 16, 0)
+    trained = probe(key_encoder(encoder), fit, held)
+    torch.manual_seed(0)
+    untrained = probe(key_encoder(build_encoder().eval()), fit, held)
+    print(f"z names the rain type of {100 * trained.accuracy:.0f} % of the held-out val pictures (an untrained "
+          f"encoder: {100 * untrained.accuracy:.0f} %, chance {100 * trained.chance:.0f} %; python -m analysis.probe)")
 
 
 def print_demo_table(rows: list[dict], model_name: str) -> None:
     """The demo's table of ``rows`` (one per rain type, as ``demo_report`` builds them), a mean row,
     the pictures, and one line per type that the model made worse, saying why and what to try."""
     mean = {"type": "mean", **{k: _mean([r[k] for r in rows]) for k in rows[0] if k not in ("type", "picture")}}
+    if "colour_error" in rows[0]:
+        mean["colour_error"] = max(r["colour_error"] for r in rows)  # the worst of all, not an average
     print()
     print(f"{'rain type':<12} {'rainy PSNR/SSIM':>17} {'derained PSNR/SSIM':>20} {'gain dB':>8}   "
-          f"{'NIQE rainy -> derained':>22}")
+          f"{'NIQE rainy -> derained':>22} {'colour error':>13}")
     for r in rows + [mean]:
         niqe = ("—" if r["out_niqe"] is None else f"{r['rain_niqe']:.2f} -> {r['out_niqe']:.2f}")
         print(f"{r['type']:<12} {r['rain_psnr']:>9.2f}/{r['rain_ssim']:.4f} {r['out_psnr']:>12.2f}/{r['out_ssim']:.4f}"
-              f" {r['out_psnr'] - r['rain_psnr']:>+8.2f}   {niqe:>22}")
-    print("NIQE: MATLAB niqe_release on Y, lower is better (— where the test images are under 192 x 192)")
+              f" {r['out_psnr'] - r['rain_psnr']:>+8.2f}   {niqe:>22} {r.get('colour_error', float('nan')):>13.3f}")
+    print("NIQE: MATLAB niqe_release on Y, lower is better (— where the test images are under 192 x 192); colour "
+          "error: the largest mean error of one RGB channel over the type's pictures (0 to 1; a cast shows above 0.02)")
     print("side-by-side pictures (rainy | derained | clean):")
     for r in rows:
         print(f"  {r['picture']}")

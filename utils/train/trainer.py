@@ -31,7 +31,7 @@ from utils.rng import seed_everything
 from utils.train import distributed as dist_utils
 from utils.train.bad_steps import GOOD, BadStepMonitor
 from utils.train.config import TrainConfig
-from utils.train.exemplars import RainArchive, build_negatives
+from utils.train.exemplars import archive_for, build_exemplars
 from utils.train.state import CheckpointedRun, list_checkpoints
 from utils.train.step import CoICStep
 
@@ -72,7 +72,7 @@ class Trainer(CheckpointedRun):
         self.amp_dtype = AMP_DTYPES[args.amp]
 
         self.dataset = MixedRainDataset(parse_data_paths(args.data_paths), args.crop_size,
-                                        strict=args.strict_data)
+                                        strict=args.strict_data, channel_shuffle=args.channel_shuffle)
         if args.cache_images:  # before any worker forks, so that they share it
             self.dataset.cache_images(progress=self.dist.is_main)
         self._train_loader: Optional[DataLoader] = None  # built once by _loader, workers kept for the run
@@ -82,7 +82,7 @@ class Trainer(CheckpointedRun):
             args.tot_iters = args.epochs * self.iters_per_epoch
 
         self.model = build_model(args.model_name, **args.model_hparams, **args.init_hparams)
-        self.encoder = build_encoder(dim=args.dim_in, temperature=args.temperature)
+        self.encoder = build_encoder(dim=args.dim_in, temperature=args.temperature, momentum=args.momentum)
         if args.sync_bn and self.dist.enabled:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             self.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder)
@@ -112,7 +112,8 @@ class Trainer(CheckpointedRun):
         if self.recipe.make_scheduler is not None:
             self.schedulers = [self.recipe.make_scheduler(opt, args, self.iters_per_epoch)
                                for opt in (self.base_opt, self.coic_opt)]
-        self.archive = RainArchive.for_batch_size(args.batch_size * self.dist.world_size)
+        self.archive = archive_for(args.exemplars, self.recipe.rain_pool, args.batch_size * self.dist.world_size)
+        self._probe = None  # the probe's images, read once (_log_probe)
         # Exemplar randomness differs per rank (each rank sees other images).
         self.generator = torch.Generator(device=self.device).manual_seed(args.seed + 1000 * self.dist.rank)
 
@@ -195,7 +196,7 @@ class Trainer(CheckpointedRun):
         stage2 = self.in_stage2
         if stage2:
             gather = (lambda t: dist_utils.all_gather_cat(t, self.dist)) if self.dist.enabled else None
-            positive, negatives = build_negatives(item.query, item.query_clean, self.archive, self.args.n_neg,
+            positive, negatives = build_exemplars(self.args.exemplars, item, self.archive, self.args.n_neg,
                                                   self.generator, gather)
             extra = (item.query, positive, negatives)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -207,8 +208,11 @@ class Trainer(CheckpointedRun):
             total = total * torch.where(skipped, float("nan"), 1.0)  # NaN gradients (not the loss value alone)
         self.scaler.scale(total).backward()
         if self.recipe.grad_clip is not None:
+            # As published (DRSformer): every model parameter, CoI-M included; not the encoder.
             self.scaler.unscale_(self.base_opt)
-            torch.nn.utils.clip_grad_norm_(self.base_params, self.recipe.grad_clip, foreach=True)
+            if stage2:
+                self.scaler.unscale_(self.coic_opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip, foreach=True)
         self._optimizer_step(self.base_opt, skipped)
         self._optimizer_step(self.coic_opt, skipped, has_grads=stage2)
         self.scaler.update()
@@ -284,6 +288,23 @@ class Trainer(CheckpointedRun):
             grid = torch.cat([stats["rain"][:n], out[:n], stats["clean"][:n]], dim=0).cpu()
             writer.add_image("rain|output|clean", torchvision.utils.make_grid(grid, nrow=n), self.iteration)
         return values
+
+    def _log_probe(self) -> None:
+        """The probe of z (``utils.eval.probe``) on the held-out ``--probe_paths``, to TensorBoard: classes are
+        the training folders, fitted on 16 images of each, scored on up to 16 of the matching probe folder."""
+        from utils.eval.probe import log_probe, read_probe_sets
+
+        if self._probe is None:
+            fit_paths, held_paths = parse_data_paths(self.args.data_paths), parse_data_paths(self.args.probe_paths)
+            if len(held_paths) != len(fit_paths):
+                raise UserError(f"--probe_paths has {len(held_paths)} folders for {len(fit_paths)} --data_paths "
+                                "folders: give one held-out folder per training folder, in the same order")
+            labels = [str(i) for i in range(len(fit_paths))]
+            self._probe = read_probe_sets(fit_paths, held_paths, labels, 16, 16, self.args.seed)
+        r = log_probe(self._tensorboard(), self.encoder, self._probe, self.iteration, self.device)
+        logger.info("iteration %d: probe of z: rain type %.0f %% (chance %.0f %%), rain gap %s, detail gap %s",
+                    self.iteration, 100 * r.accuracy, 100 * r.chance, "—" if r.rain_gap is None else
+                    f"{r.rain_gap:+.3f}", "—" if r.detail_gap is None else f"{r.detail_gap:+.3f}")
 
     def _end_of_epoch(self) -> None:
         if self.recipe.scheduler_unit == "epoch":
@@ -361,6 +382,8 @@ class Trainer(CheckpointedRun):
             return checkpoints[-1] if checkpoints else self.save()
         if self.iteration == 0:
             self.save()  # the starting point: what a rollback returns to before the first save
+            if args.probe_freq and args.probe_paths and self.dist.is_main:
+                self._log_probe()  # what z knows before training: the probe's baseline
         logger.info("%s: %d training pairs, %d iterations per epoch, %s, save_path %s", args.model_name,
                     len(self.dataset), self.iters_per_epoch, self.device, args.save_path)
         from tqdm import tqdm
@@ -412,6 +435,8 @@ class Trainer(CheckpointedRun):
                     bar.set_postfix(stage=2 if was_stage2 else 1, loss=f"{values['base_loss']:.4f}",
                                     psnr=f"{values['train_psnr']:.2f}")
             bar.update(1)
+            if args.probe_freq and args.probe_paths and self.dist.is_main and self.iteration % args.probe_freq == 0:
+                self._log_probe()
             if self.iteration == args.stage1_iters and args.stage1_iters < args.tot_iters:
                 logger.info("stage 1 done at iteration %d: CoIC (z + contrastive loss) starts", self.iteration)
             saved = None
