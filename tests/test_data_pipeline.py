@@ -180,10 +180,10 @@ def _counting_reads(monkeypatch, log) -> Callable[[], collections.Counter]:
     reads = collections.Counter()
     decode = images.decode_native
 
-    def counting(path):
+    def counting(path, *args, **kwargs):
         with open(log, "a") as f:
             f.write(f"{path}\n")
-        return decode(path)
+        return decode(path, *args, **kwargs)
 
     monkeypatch.setattr(images, "decode_native", counting)
 
