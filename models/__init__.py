@@ -151,10 +151,10 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
                         "milestone": _milestones([30, 50, 80], 0.2)},
                  # The demo trains CoIC from the first iteration with an encoder that learns in minutes (a
                  # sharper contrastive temperature, a key encoder that follows within ~100 steps) and colours
-                 # shuffled per item (docs/demo.md). A checkpoint every 25 iterations; the demo evaluates the
+                 # shuffled per item (docs/demo.md). A checkpoint every 100 iterations; the demo evaluates the
                  # one whose worst rain type gains most on the val split (utils/train/selection.py).
-                 demo=dict(inter_iter=2, batch_size=4, crop_size=48, tot_iters=600, stage1_iters=0, save_freq=25,
-                           keep_checkpoints=30, temperature=0.1, momentum=0.99, channel_shuffle=True,
+                 demo=dict(inter_iter=2, batch_size=4, crop_size=48, tot_iters=600, stage1_iters=0, save_freq=100,
+                           keep_checkpoints=8, temperature=0.1, momentum=0.99, channel_shuffle=True,
                            probe_freq=100),
                  tiny=dict(inter_iter=1, batch_size=2, crop_size=16)),
         ConvShape(96, 32, 3), ("baseline-brn", "coic-brn"), "models.BRN_CoIM:BRN"),

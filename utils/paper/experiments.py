@@ -88,12 +88,13 @@ def _demo_training() -> Training:
 
     demo = dict(get_recipe("BRN").demo)
     stage1 = demo.pop("stage1_iters")
-    # The pairs compare each run's last checkpoint. The demo's checkpoint every 25 iterations only
-    # feeds its own choice (utils/train/selection.py); here a resume point every 200 is enough, and
-    # eight runs keep three checkpoints each instead of fifteen (29 MB apiece).
+    # The pairs compare each run's last checkpoint: a resume point every 200 iterations is enough, and
+    # eight runs keep three checkpoints each. The probe needs held-out folders (reproduce.py coic_effect).
     demo.pop("keep_checkpoints", None)
+    demo.pop("probe_freq", None)
     demo["save_freq"] = 200
-    flags = tuple(demo.items()) + (("num_workers", 0),)
+    # A switch typed on its own (``--channel_shuffle``); the runner writes a None value as a bare flag.
+    flags = tuple((k, None if v is True else v) for k, v in demo.items() if v is not False) + (("num_workers", 0),)
     return Training("demo", RAIN_TYPES, ("BRN",), seeds=DEMO_SEEDS, stage1_iters=stage1, flags=flags)
 
 
