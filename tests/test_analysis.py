@@ -377,7 +377,8 @@ def test_rain_detail_cli(tmp_path, checkpoints, tiny_demo):
         assert float(s["psnr_gain"]) == pytest.approx(statistics.mean(gain), abs=2e-4)
         assert float(s["psnr_coic"]) == pytest.approx(statistics.mean(g[3] for g in group), abs=2e-4)
         assert float(s["r_gain_rain"]) == pytest.approx(_correlation(gain, rain), abs=1e-4)
-        assert float(s["r_gain_detail"]) == pytest.approx(_correlation(gain, detail), abs=1e-4)
+        # A random encoder's detail shifts are about 1e-5: their correlation carries float32 noise near 1e-4.
+        assert float(s["r_gain_detail"]) == pytest.approx(_correlation(gain, detail), abs=5e-4)
 
     # Without models: shifts only, from an explicit encoder.
     out2 = str(tmp_path / "rd2")

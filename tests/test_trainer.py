@@ -37,7 +37,7 @@ def test_stage_switch(tmp_path, tiny_demo, monkeypatch):
     assert seen == [False, False, True, True]
     assert len(contrast_calls) == 2
     assert not torch.equal(before, gen.detach())  # generators trained in stage 2
-    assert len(trainer.archive.layers) == 2
+    assert len(trainer.archive.layers) == 1  # BRN's published pool (the default exemplars): the current batch
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_demo):

@@ -103,14 +103,14 @@ def build_negatives(query: Tensor, query_clean: Tensor, archive: RainArchive, n_
     return random_flips(query, generator), negatives
 
 
-def _batch_flips(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """One horizontal then one vertical flip decision (probability 1/2 each) for the whole batch."""
-    h_flip, v_flip = torch.rand(2, generator=generator, device=generator.device if generator else None).tolist()
-    if h_flip < 0.5:
-        x = x.flip(-1)
-    if v_flip < 0.5:
-        x = x.flip(-2)
-    return x
+def _batch_flips(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """One horizontal then one vertical flip decision (probability 1/2 each) for the whole batch.
+
+    The decisions stay on the device (no host sync in the training step)."""
+    h_flip, v_flip = (torch.rand(2, generator=generator, device=generator.device if generator else None)
+                      .to(x.device) < 0.5)
+    x = torch.where(h_flip, x.flip(-1), x)
+    return torch.where(v_flip, x.flip(-2), x)
 
 
 def build_negatives_published(rain: Tensor, clean: Tensor, query: Tensor, query_clean: Tensor,
