@@ -1,10 +1,13 @@
 """``python -m benchmarks.acceptance``: the GPU acceptance sequence, run here as its CPU dry run."""
 import json
 
+import pytest
+
 from benchmarks import acceptance
 from models import available_models
 
 
+@pytest.mark.slow  # end to end, 15-55 s: `pytest -m ""` and CI run it
 def test_dry_run_runs_the_whole_sequence_and_reports(tmp_path):
     out = tmp_path / "report"
     # The benchmark step for one backbone keeps the suite short (``--tiny`` runs every backbone in

@@ -60,6 +60,7 @@ def _glibc() -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not _glibc(),
                     reason="keep_freed_memory tunes glibc's malloc; this C library is not glibc")
+@pytest.mark.slow  # end to end, 15-55 s: `pytest -m ""` and CI run it
 def test_kept_memory_removes_page_faults_of_repeated_forwards():
     hparams = tiny_args("BRN").model_hparams
     # Each feature map must be above glibc's largest dynamic mmap threshold (32 MiB), or glibc's

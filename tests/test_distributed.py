@@ -2,6 +2,7 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from helpers import make_trainer, train_flags
@@ -36,6 +37,7 @@ def _run(flags, out_dir):
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(2)]
 
 
+@pytest.mark.slow  # end to end, 15-55 s: `pytest -m ""` and CI run it
 def test_two_gloo_processes_stay_in_sync_and_resume(tmp_path, tiny_demo):
     data = os.path.join(tiny_demo, "heavy", "train") + "," + os.path.join(tiny_demo, "hazy", "train")
     save = str(tmp_path / "run")
@@ -60,6 +62,7 @@ def test_two_gloo_processes_stay_in_sync_and_resume(tmp_path, tiny_demo):
     assert all(torch.equal(resumed[0]["model"][k], resumed[1]["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow  # end to end, 15-55 s: `pytest -m ""` and CI run it
 def test_bf16_autocast_matches_fp32(tmp_path, tiny_demo):
     """bf16 training reaches the fp32 PSNR within 0.3 dB after the same iterations."""
     from datasets import find_pairs

@@ -25,6 +25,12 @@ def cpu(request, monkeypatch) -> str:
     return request.param
 
 
+# The end-to-end runs below take 10-15 s each on a native-bf16 CPU: that side runs with the slow tests
+# (`pytest -m ""`, CI); the default `pytest` keeps the other side.
+BOTH_CPUS_ONE_SLOW = pytest.mark.parametrize(
+    "cpu", ["no native bf16", pytest.param("native bf16", marks=pytest.mark.slow)], indirect=True)
+
+
 def test_the_detection_reads_the_stated_flags(cpu):
     assert cpu_flags() == set(CPUS[cpu].split())
     assert native_bf16() is (cpu == "native bf16")
@@ -42,6 +48,7 @@ def test_without_the_variable_the_detection_reads_cpuinfo(monkeypatch, tmp_path)
     assert cpu_flags() == set(line.split(":", 1)[1].split()) or not os.path.exists("/proc/cpuinfo")
 
 
+@BOTH_CPUS_ONE_SLOW
 def test_benchmark_rows_follow_the_cpu(cpu, tmp_path, tiny_demo):
     out = tmp_path / "results"
     assert benchmark.main(["--models", "BRN", "--small", "--batch_size", "1", "--crop_size", "16",
@@ -65,6 +72,7 @@ def test_concurrent_spans_follow_the_cpu(cpu, tmp_path, tiny_demo, monkeypatch):
     assert (calls.count("ours"), calls.count("published")) == (2 * len(SETTINGS[cpu]), 2)
 
 
+@BOTH_CPUS_ONE_SLOW
 def test_acceptance_dry_run_follows_the_cpu(cpu, tmp_path, monkeypatch):
     """The acceptance report's benchmark rows (its CUDA-marked tests do not depend on the CPU flags and
     run in full in tests/test_acceptance.py; here they are a canned pass)."""

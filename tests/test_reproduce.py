@@ -221,6 +221,7 @@ def _in_process(command) -> int:
     return test_model.main(list(command[2:]))
 
 
+@pytest.mark.slow  # end to end, 15-55 s: `pytest -m ""` and CI run it
 def test_demo_end_to_end_then_killed_and_rerun(tmp_path, small_demo, capsys, monkeypatch):
     import utils.paper.runner
 
