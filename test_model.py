@@ -202,8 +202,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"report page: {page}")
     if unreadable:
         shown = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
-        raise DataError(f"{len(unreadable)} image(s) could not be read and were not derained: {shown} (reasons in "
-                        f"results.csv); the other images were derained; --strict stops at the first")
+        raise DataError(f"{len(unreadable)} image(s) could not be read (or did not fit --max_memory) and were not derained: "
+                        f"{shown} (reasons in results.csv); the other images were derained; --strict stops at the first")
     return 0
 
 

@@ -205,6 +205,29 @@ def test_evaluate_plans_per_image_and_says_so(tmp_path, fixed_usage, monkeypatch
     assert os.path.isfile(tmp_path / "out" / "a.png")
 
 
+def test_an_image_over_the_budget_is_listed_and_the_others_restored(tmp_path, fixed_usage, monkeypatch):
+    """The planner's refusal is about one image: evaluate lists it (its row's error names the file and
+    --max_memory) and restores the next; strict stops there with one line naming the file."""
+    from utils.eval.evaluation import evaluate
+    from utils.images import save_image
+
+    monkeypatch.setattr(memory, "measured_peak", lambda fn, device: None)
+    torch.manual_seed(0)
+    for name, (h, w) in (("big.png", (1000, 1200)), ("small.png", (48, 64))):
+        save_image(torch.rand(3, h, w), str(tmp_path / name))
+    per_pixel = memory.IMAGE_BYTES_PER_PIXEL["cpu"] + memory.SCORING_BYTES_PER_PIXEL
+    budget = int(_fixed(1000, 1200, per_pixel) + memory.KERNEL_FACTOR * _needed(64) // 2)  # no 64x64 tile fits
+    items = [(str(tmp_path / n), None) for n in ("big.png", "small.png")]
+    rows = evaluate(TinyNet().eval(), None, items, str(tmp_path / "out"), torch.device("cpu"), progress=False,
+                    max_memory=budget, strict=False)
+    assert [r["name"] for r in rows] == ["big.png", "small.png"]
+    assert "big.png" in rows[0]["error"] and "--max_memory" in rows[0]["error"] and not rows[1].get("error")
+    assert sorted(os.listdir(tmp_path / "out")) == ["small.png"]
+    with pytest.raises(UserError, match=r"big\.png: --max_memory .* too small"):
+        evaluate(TinyNet().eval(), None, items, str(tmp_path / "strict"), torch.device("cpu"), progress=False,
+                 max_memory=budget, strict=True)
+
+
 SUBPROCESS = r"""
 import os, sys, json
 sys.path.insert(0, {root!r})

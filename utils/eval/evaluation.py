@@ -16,7 +16,7 @@ from models import build_encoder, build_model, model_class
 from utils.checkpoint import CheckpointError, load_weights, read_checkpoint, remap_published_keys
 from utils.data.layouts import claims_pairs, find_images, find_pairs
 from utils.data.specs import dataset_spec, find_dataset_folder, split_folder
-from utils.errors import DataError, one_line
+from utils.errors import DataError, UserError, one_line
 from utils.eval.inference import compile_for_inference, image_code, restore
 from utils.eval.results import read_table, write_table
 from utils.images import (
@@ -211,13 +211,14 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
     also rewritten (atomically) every 50 images, so an interrupted run loses little.
     ``max_memory`` (bytes; only without ``tile``): each image is restored whole or in the tiles
     that ``utils.eval.memory.MemoryPlanner`` fits into that budget; an image whose header claims
-    more than the budget is unreadable, refused before it is decoded. ``strict``: an unreadable image
-    stops the run (``UnreadableImageError``); otherwise its row gets an ``error`` (the reason), it
+    more than the budget is unreadable, refused before it is decoded, and one whose smallest plan does
+    not fit is refused before its forward (``ImageOverBudgetError``). ``strict``: such an image stops
+    the run (``UnreadableImageError``); otherwise its row gets an ``error`` (the reason), it
     is left out of the scores, and the other images are derained. ``compile_model``: the backbone
     runs compiled (``utils.eval.inference.compile_for_inference``); the memory planner measures the
     eager model, which needs more memory, so its plans stay safe.
     """
-    from utils.eval.memory import MemoryPlanner
+    from utils.eval.memory import ImageOverBudgetError, MemoryPlanner
 
     planner = (MemoryPlanner(model, device, max_memory, overlap, amp, memory_format)
                if max_memory is not None and tile is None else None)
@@ -268,10 +269,17 @@ def evaluate(model: nn.Module, encoder: Optional[nn.Module], items: list, save_p
                     rows.append({**row, "error": one_line(exc)})
                     continue
                 xb = x.unsqueeze(0).to(device).contiguous(memory_format=memory_format)
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    z = image_code(encoder, xb) if encoder is not None else None
-                    y = restore(net, xb, z, tile=tile, overlap=overlap, planner=planner, scored=bool(wanted),
-                                progress=progress)
+                try:
+                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                        z = image_code(encoder, xb) if encoder is not None else None
+                        y = restore(net, xb, z, tile=tile, overlap=overlap, planner=planner, scored=bool(wanted),
+                                    progress=progress)
+                except ImageOverBudgetError as exc:  # this image only: the others may fit
+                    if strict:
+                        raise UserError(f"{rain_path}: {exc}") from None
+                    logger.warning("%s: %s", rain_path, exc)
+                    rows.append({**row, "error": f"{rain_path}: {one_line(exc)}"})
+                    continue
                 y = y[0].float().cpu()
                 _score(row, wanted, x, y, clean, protocol, niqe_channel, undefined, (rain_path, clean_path))
                 if out_path:

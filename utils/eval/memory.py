@@ -39,6 +39,11 @@ from utils.host import available_memory as host_available_memory
 from utils.host import proc_kib
 from utils.tiling import fewest_pixels_tile
 
+
+class ImageOverBudgetError(UserError):
+    """One image that cannot be restored under ``--max_memory`` (its buffers, or its smallest tile, do not
+    fit): ``test_model.py`` lists it with the unreadable images and derains the others."""
+
 logger = logging.getLogger("coic.memory")
 
 __all__ = ["parse_size", "format_size", "available_memory", "current_usage", "default_budget",
@@ -263,7 +268,7 @@ class MemoryPlanner:
         fixed = current_usage(self.device) + per_pixel * h * w + RESERVE
         room = self.budget * self.shrink - fixed
         if room <= 0:
-            raise UserError(f"--max_memory {format_size(self.budget)} is less than the run already holds plus a "
+            raise ImageOverBudgetError(f"--max_memory {format_size(self.budget)} is less than the run already holds plus a "
                             f"{w}x{h} image ({format_size(fixed)}); raise --max_memory")
         return fixed, room
 
@@ -282,7 +287,7 @@ class MemoryPlanner:
             fitting = [b for b in range(1, most + 1) if self.activations(self.own_tile, self.own_tile, z, b) <= room]
             if not fitting:
                 need = fixed + self.activations(self.own_tile, self.own_tile, z)
-                raise UserError(f"--max_memory {format_size(self.budget)} is too small for {name}: one "
+                raise ImageOverBudgetError(f"--max_memory {format_size(self.budget)} is too small for {name}: one "
                                 f"{self.own_tile}x{self.own_tile} tile needs about {format_size(need)}")
             batch = fitting[-1]
             return TilePlan(self.own_tile, batch, int(fixed + self.activations(self.own_tile, self.own_tile, z, batch)))
@@ -295,7 +300,7 @@ class MemoryPlanner:
         side = min(side, max(ph, pw))
         if side < smallest:
             need = fixed + self.activations(smallest, smallest, z)
-            raise UserError(f"--max_memory {format_size(self.budget)} is too small for {name} on a {w}x{h} image: "
+            raise ImageOverBudgetError(f"--max_memory {format_size(self.budget)} is too small for {name} on a {w}x{h} image: "
                             f"a {smallest}x{smallest} tile needs about {format_size(need)}")
         # The largest tile that fits sets the number of forwards; the smallest tile that needs no more of
         # them computes the fewest pixels (on a CPU the time goes with the pixels computed).
