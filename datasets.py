@@ -293,7 +293,7 @@ class MixedRainDataset(Dataset):
                 if self.strict:
                     raise DataError(f"{exc} (training with strict data checking)") from None
                 self._skipped.add()
-                logger.warning("skipping unreadable training image %s; using the next pair instead", exc.path)
+                logger.warning("skipping unreadable training image (%s); using the next pair instead", exc)
                 continue
             return self._augment(rain, clean, rng)
         raise DataError(f"{min(n, MAX_CONSECUTIVE_SKIPS)} unreadable training pairs in a row from "

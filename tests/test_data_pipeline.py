@@ -230,8 +230,11 @@ def test_cache_keeps_the_skip_and_strict_rules(tmp_path, tiny_demo, caplog, monk
     with caplog.at_level(logging.WARNING, logger="datasets"):
         ds.cache_images(progress=False)
         assert "1.png" in caplog.text
+        caplog.clear()
         item = ds[SampleKey(1, 4)]  # skipped like an uncached unreadable file: the next pair, counted
+        reason = caplog.text  # the reason found while caching, given again when the pair is skipped
     assert ds.skipped == 1 and _same(item, expected)
+    assert "1.png" in reason and "cannot read image" in reason, reason
     assert reads()[str(root / "rain" / "1.png")] == 1
     strict = MixedRainDataset([str(root)], crop_size=8, strict=True)
     with pytest.raises(DataError, match=r"rain.1\.png.*strict"):

@@ -175,3 +175,55 @@ def test_random_flips_flip_with_probability_one_half():
     h = (out[:, 0, 0, 0] == 1) | (out[:, 0, 0, 0] == 3)  # the top-left pixel came from the right column
     v = out[:, 0, 0, 0] >= 2  # ... from the bottom row
     assert abs(float(h.float().mean()) - 0.5) < 0.03 and abs(float(v.float().mean()) - 0.5) < 0.03
+
+
+def test_sample_seeds_are_integers_distinct_across_run_seeds_and_epochs():
+    seen = set()
+    for run_seed in range(4):
+        for epoch in range(3):
+            sampler = EpochSampler(5, 2, run_seed, epoch=epoch)
+            seeds = [key.seed for key in sampler]
+            assert all(type(s) is int for s in seeds)  # random.Random(seed) must see the same int on every platform
+            assert not seen & set(seeds)
+            seen |= set(seeds)
+
+
+def _png(path, value: float) -> None:
+    from utils.images import save_image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.full((3, 8, 8), value), str(path))
+
+
+@pytest.mark.parametrize("n_syn, n_real, draws_real, length", [(1, 2, True, 2), (1, 1, False, 2), (0, 2, False, 2)])
+def test_real_pairs_are_drawn_from_one_synthetic_pair_on(tmp_path, n_syn, n_real, draws_real, length):
+    """SPA is drawn down to the synthetic count once there is a synthetic pair (n_syn = 1 is the edge)
+    and more real pairs than synthetic ones; otherwise every pair is used."""
+    folders = []
+    if n_syn:
+        for i in range(n_syn):
+            _png(tmp_path / "syn" / "rain" / f"{i}.png", 0.5)
+            _png(tmp_path / "syn" / "norain" / f"{i}.png", 0.4)
+        folders.append(str(tmp_path / "syn"))
+    for k in range(n_real):
+        _png(tmp_path / "spa" / "real_world" / "S" / "S-1" / f"S-1_{k}_0.png", 0.6)
+        _png(tmp_path / "spa" / "real_world_gt" / "S" / f"S_{k}_0.png", 0.3)
+    folders.append(str(tmp_path / "spa"))
+    ds = MixedRainDataset(folders, crop_size=8)
+    assert (len(ds.synthetic_pairs), len(ds.real_pairs)) == (n_syn, n_real)
+    assert ds.real_sources == [str(tmp_path / "spa")] * n_real
+    assert len(ds) == length and (len(ds.real_draw(0, 0)) < n_real) is draws_real
+
+
+def test_exemplars_draw_only_from_the_run_generator():
+    """The same generator state gives the same exemplars whatever the global RNG has drawn (resume)."""
+    from utils.train.exemplars import build_negatives
+
+    torch.manual_seed(0)
+    query, clean = torch.rand(3, 3, 16, 16), torch.rand(3, 3, 16, 16)
+    outs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        outs.append(build_negatives(query, clean, RainArchive(2), 3, torch.Generator().manual_seed(5)))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

@@ -51,3 +51,8 @@ def _laplacian(img: np.ndarray) -> np.ndarray:
 def test_edge_loss_laplacian_on_even_and_odd_sides(h, w):
     x = torch.rand(1, 1, h, w, generator=torch.Generator().manual_seed(h * 10 + w), dtype=torch.float64)
     np.testing.assert_allclose(EdgeLoss().laplacian(x)[0, 0].numpy(), _laplacian(x[0, 0].numpy()), atol=1e-6)  # float32 taps
+
+
+def test_edge_loss_kernel_is_not_saved_with_a_state_dict():
+    """The Gaussian kernel is rebuilt by the constructor: it stays out of state_dicts (and checkpoints)."""
+    assert list(EdgeLoss().state_dict()) == [] and EdgeLoss().kernel.shape[:2] == (1, 1)

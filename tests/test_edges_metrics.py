@@ -165,3 +165,12 @@ def test_needs_reference_decides_what_an_image_without_ground_truth_gets(monkeyp
     monkeypatch.setitem(METRICS, "niqe", dataclasses.replace(METRICS["niqe"], needs_reference=needs))
     monkeypatch.setitem(METRICS, "psnr", dataclasses.replace(METRICS["psnr"], needs_reference=not needs))
     assert _wanted(["psnr", "ssim", "niqe"], has_clean=False) == ({"psnr"} if needs else {"niqe"})
+
+
+def test_niqe_with_one_textured_block_says_how_many_are_flat():
+    """One textured corner (48x48) in a flat 192x192 picture: 4 blocks of 96, 3 flat, one to fit: undefined
+    (the edge is two), and the message counts the flat blocks."""
+    img = torch.full((3, 192, 192), 0.5)
+    img[:, :48, :48] = torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NIQEUndefined, match="3 of 4 blocks are flat"):
+        niqe(img)

@@ -18,6 +18,7 @@ import argparse
 import io
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -66,8 +67,9 @@ def _code_tokens(line: str) -> list[str]:
     """The tokens of one line of source, every string literal replaced by one placeholder."""
     try:
         tokens = list(tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline))
-    except (tokenize.TokenError, IndentationError, SyntaxError):
-        return [line.strip()]
+    except (tokenize.TokenError, IndentationError, SyntaxError):  # a continuation line: blank its literals
+        return [re.sub(r"""(?:[rbfRBF]{0,2})("[^"\\]*(?:\\.[^"\\]*)*"|'[^'\\]*(?:\\.[^'\\]*)*')""", "<str>",
+                       line.strip())]
     return ["<str>" if t.type == tokenize.STRING else t.string for t in tokens
             if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.COMMENT)]
 
