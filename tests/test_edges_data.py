@@ -227,3 +227,32 @@ def test_exemplars_draw_only_from_the_run_generator():
         outs.append(build_negatives(query, clean, RainArchive(2), 3, torch.Generator().manual_seed(5)))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_crop_and_flip_follow_the_reference_draws():
+    """top, left, then one of four flip codes (1 vertical, 2 horizontal, 0 and 3 none), drawn in that order
+    from the item's Random: the crop and flip of each seed, against a hand-written loop."""
+    img = torch.arange(3 * 7 * 9, dtype=torch.float32).view(3, 7, 9)
+    ds = SimpleNamespace(crop_size=4, channel_shuffle=False)
+    flips = set()
+    for seed in range(40):
+        r = random.Random(seed)
+        top, left, flip = r.randint(0, 3), r.randint(0, 5), r.randint(0, 3)
+        want = img[:, top:top + 4, left:left + 4]
+        want = want.flip(flip) if flip in (1, 2) else want
+        item = MixedRainDataset._augment(ds, img, img.clone(), random.Random(seed))
+        assert torch.equal(item.rain, want) and torch.equal(item.clean, want)
+        flips.add(flip)
+    assert flips == {0, 1, 2, 3}
+
+
+def test_gathered_rain_layers_enter_the_archive():
+    """Distributed runs: the archive takes every rank's rain layers (``gather``), not this rank's alone."""
+    from utils.train.exemplars import build_negatives
+
+    query, clean = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    others = torch.rand(2, 3, 8, 8)
+    archive = RainArchive(1)
+    build_negatives(query, clean, archive, 1, torch.Generator().manual_seed(0),
+                    gather=lambda t: torch.cat([t, others]))
+    assert torch.equal(archive.layers[0], torch.cat([query - clean, others]))

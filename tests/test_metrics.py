@@ -29,7 +29,7 @@ def test_psnr_batch_mean_and_shapes():
     per = psnr_per_image(x, y)
     assert psnr(x, y) == pytest.approx(float(per.mean()))
     assert psnr(x[0], y[0]) == pytest.approx(float(per[0]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected an RGB image .* got shape \(1, 1, 16, 16\)"):
         psnr(torch.rand(1, 16, 16), torch.rand(1, 16, 16))
 
 
