@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -63,30 +63,24 @@ def cosine_restarts(periods: list, eta_mins: list) -> Callable:
 
 @dataclass(frozen=True)
 class Recipe:
+    """A backbone's registry ``Training`` with the callables the Trainer runs, built from it.
+
+    The plain settings are read through to ``training`` (``recipe.batch_size``, ``recipe.grad_clip``,
+    ``recipe.flags``, ``recipe.demo``, ...): the registry entry is their only copy.
+    """
+
     model_name: str
-    batch_size: int
-    crop_size: int
-    lr: float
-    tot_iters: int
-    stage1_iters: int
-    contra_loss_weight: float
+    training: Training
     make_loss: Callable[[], nn.Module]
     make_optimizers: Callable = adam_pair
     make_scheduler: Optional[Callable] = None
     scheduler_unit: str = "epoch"  # "epoch" or "iter": when the scheduler steps
-    grad_clip: Optional[float] = None  # max gradient norm of all model parameters (CoI-M included), as published
-    # Where --exemplars published searches the most different rain layer: "batch" (the current
-    # batch, published BRN and IDT) or "archive" (the last 64 images, the other published scripts).
-    rain_pool: str = "archive"
-    seed: int = 0
-    explode_threshold: Optional[float] = 10.0  # skip a step whose output leaves [-t, t] (reference: DGUNet)
     derived_hparams: Optional[Callable] = None  # args -> model hyper-parameters that follow other flags
-    flags: dict = field(default_factory=dict)
-    demo: dict = field(default_factory=dict)  # flag overrides for --demo (small, CPU)
-    # --tiny: the smallest configuration that still runs every code path (tests, smoke runs; seconds
-    # on a CPU). Keys naming a flag (batch_size, crop_size, a backbone flag) replace its default; any
-    # other key is a model hyper-parameter without a flag (e.g. a width the reference hard-codes).
-    tiny: dict = field(default_factory=dict)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "training":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.training, name)
 
 
 OPTIMIZERS: dict[str, Callable] = {"adam": adam_pair, "adamw": adamw_pair}
@@ -124,14 +118,9 @@ def recipe_of(name: str, training: Training) -> Recipe:
     scheduler, unit = make_scheduler(training.schedule)
     follows = dict(training.hparams_from_flags)
     return Recipe(
-        model_name=name, batch_size=training.batch_size, crop_size=training.crop_size, lr=training.lr,
-        tot_iters=training.tot_iters, stage1_iters=training.stage1_iters,
-        contra_loss_weight=training.contra_loss_weight, make_loss=make_loss(training.loss),
+        model_name=name, training=training, make_loss=make_loss(training.loss),
         make_optimizers=OPTIMIZERS[training.optimizer], make_scheduler=scheduler, scheduler_unit=unit,
-        grad_clip=training.grad_clip, rain_pool=training.rain_pool, seed=training.seed,
-        explode_threshold=training.explode_threshold,
-        derived_hparams=(lambda args: {k: getattr(args, flag) for k, flag in follows.items()}) if follows else None,
-        flags=dict(training.flags), demo=dict(training.demo), tiny=dict(training.tiny))
+        derived_hparams=(lambda args: {k: getattr(args, flag) for k, flag in follows.items()}) if follows else None)
 
 
 class _Recipes(Mapping):
