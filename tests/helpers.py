@@ -5,7 +5,6 @@ Fixtures and hooks live in ``conftest.py``; the backbone contract checks in ``co
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 
@@ -56,11 +55,8 @@ def make_trainer(save_path: str | os.PathLike, data: str | Sequence[str], model:
 
     data_paths = data if isinstance(data, str) else ",".join(data)
     args = parse_train_args(model, train_flags(str(save_path), data_paths, **flags) + list(extra))
-    if recipe_changes:  # a registry setting (grad_clip, ...) goes to the recipe's Training, a callable to the recipe
-        fields = {f.name for f in dataclasses.fields(args.recipe)}
-        settings = {k: v for k, v in recipe_changes.items() if k not in fields}
-        args.recipe = dataclasses.replace(args.recipe, training=dataclasses.replace(args.recipe.training, **settings),
-                                          **{k: v for k, v in recipe_changes.items() if k in fields})
+    if recipe_changes:
+        args.recipe = args.recipe.replace(**recipe_changes)
     return Trainer(args)
 
 

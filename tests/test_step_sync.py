@@ -1,5 +1,4 @@
 """The training step never waits for the device: verdicts, skips and counts stay device tensors."""
-import dataclasses
 import logging
 import os
 
@@ -53,7 +52,7 @@ def test_step_reads_nothing_back(tmp_path, tiny_demo, host_reads, model, stage):
                            batch_size=2)
     crop = trainer.args.crop_size
     # Every branch of the step: explosion threshold, gradient clipping, both optimizers.
-    trainer.recipe = dataclasses.replace(trainer.recipe, explode_threshold=10.0, grad_clip=0.01)
+    trainer.recipe = trainer.recipe.replace(explode_threshold=10.0, grad_clip=0.01)
     trainer.iteration = 0 if stage == 1 else 3
     trainer.train_step(_batch(crop))  # warm-up (lazy state: optimizer moments, the rain archive)
     calls, counting = host_reads
@@ -89,7 +88,7 @@ def test_fp16_scaler_skips_bad_steps_too(tmp_path, tiny_demo):
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     inner = trainer.step_module.loss
     trainer.step_module.loss = _Patched(inner, lambda value, out: (value, out * 1e4))
-    trainer.recipe = dataclasses.replace(trainer.recipe, explode_threshold=10.0)
+    trainer.recipe = trainer.recipe.replace(explode_threshold=10.0)
     scale = trainer.scaler.get_scale()
     assert bool(trainer.train_step(_batch(seed=1))["skipped"])
     assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())

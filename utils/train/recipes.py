@@ -11,6 +11,7 @@ optimizer pair (``OPTIMIZERS``) and the scheduler of its schedule.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -76,6 +77,14 @@ class Recipe:
     make_scheduler: Optional[Callable] = None
     scheduler_unit: str = "epoch"  # "epoch" or "iter": when the scheduler steps
     derived_hparams: Optional[Callable] = None  # args -> model hyper-parameters that follow other flags
+
+    def replace(self, **changes) -> "Recipe":
+        """A copy with ``changes``: a registry setting (``grad_clip=...``) goes to ``training``, a callable
+        (``make_scheduler=...``) to the recipe."""
+        own = {f.name for f in dataclasses.fields(self)}
+        settings = {k: v for k, v in changes.items() if k not in own}
+        return dataclasses.replace(self, training=dataclasses.replace(self.training, **settings),
+                                   **{k: v for k, v in changes.items() if k in own})
 
     def __getattr__(self, name: str):
         if name.startswith("__") or name == "training":  # not set yet (copy, unpickling): no recursion
