@@ -84,3 +84,22 @@ def test_source_paths_named_in_docs_exist(page):
     named = set(re.findall(r"\b((?:utils|models|benchmarks|analysis|tests)/[\w/]+\.(?:py|npz))", text))
     missing = sorted(p for p in named if not os.path.exists(os.path.join(ROOT, p)))
     assert not missing, f"{page} names files that do not exist: {missing}"
+
+
+SECTION_IN_CODE = re.compile(r"docs/([\w-]+\.md), '([^']+)'")
+
+
+def test_sections_the_code_names_exist():
+    """Messages that send the user to "docs/<page>.md, '<Heading>'" name a heading of that page."""
+    found = 0
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("mutants", "tests", "runs", "node_modules")]
+        for name in files:
+            if name.endswith(".py"):
+                text = open(os.path.join(folder, name), encoding="utf-8").read()
+                for page, heading in SECTION_IN_CODE.findall(text):
+                    found += 1
+                    headings = {line.lstrip("#").strip() for line in open(os.path.join(ROOT, "docs", page),
+                                                                          encoding="utf-8") if line.startswith("#")}
+                    assert heading in headings, f"{name}: docs/{page} has no heading {heading!r}"
+    assert found  # the pattern still matches the messages

@@ -137,7 +137,7 @@ def print_demo_table(rows: list[dict], model_name: str) -> None:
         if r["out_psnr"] < r["rain_psnr"]:
             print(f"{r['type']}: derained {r['rain_psnr'] - r['out_psnr']:.2f} dB below the rainy input. A demo-sized "
                   "model trained for minutes removes about the same amount of rain from every picture, too much "
-                  f"where there is little (docs/demo.md, 'Known weakness'){hint}")
+                  f"where there is little (docs/demo.md, 'What to expect'){hint}")
 
 
 def _mean(values: list) -> Optional[float]:
