@@ -5,6 +5,7 @@ import os
 import re
 
 import pytest
+from entry_points import subparsers
 from helpers import ROOT
 
 from models import available_models
@@ -15,20 +16,12 @@ def _modules_with_a_parser() -> list[str]:
     """Every module of the tree that defines ``build_parser`` (found, not listed, so a new CLI is covered)."""
     found = []
     for folder, dirs, files in os.walk(ROOT):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("tests", "runs", "checkpoints", "datasets")]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("tests", "runs", "checkpoints", "datasets", "mutants")]
         for name in files:
             path = os.path.join(folder, name)
             if name.endswith(".py") and "def build_parser(" in open(path, encoding="utf-8").read():
                 found.append(os.path.relpath(path, ROOT)[:-3].replace(os.sep, "."))
     return sorted(found)
-
-
-def _parsers(parser: argparse.ArgumentParser):
-    yield parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                yield from _parsers(sub)
 
 
 def _option_blocks(text: str) -> list[str]:
@@ -43,7 +36,7 @@ def _option_blocks(text: str) -> list[str]:
 
 
 def _check(parser: argparse.ArgumentParser) -> None:
-    for p in _parsers(parser):
+    for p in subparsers(parser):
         text = p.format_help()
         for block in _option_blocks(text):
             assert block.count("(default") <= 1, block
