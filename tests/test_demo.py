@@ -136,6 +136,7 @@ def test_most_even_keeps_the_checkpoint_whose_worst_set_gains_most():
         most_even({})
 
 
+@pytest.mark.slow  # end to end, 15 s: `pytest -m ""` and CI run it
 def test_demo_evaluates_the_checkpoint_whose_worst_type_gains_most(tmp_path, tiny_demo, capsys):
     """With a checkpoint saved at every CoIC iteration, the demo evaluates the one whose worst rain type
     gains most on 4 pictures of each type's val split, and keeps only it and the last one. Each gain

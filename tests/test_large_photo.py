@@ -83,7 +83,10 @@ def test_summarise_extrapolates_from_the_median_forward():
     assert "| 4097 | 4096 | **no** |" in text
 
 
-@pytest.mark.parametrize("precision, setting", [("fp32", "fp32"), ("bf16", "bf16 + channels_last")])
+@pytest.mark.parametrize("precision, setting", [
+    ("fp32", "fp32"),
+    pytest.param("bf16", "bf16 + channels_last", marks=pytest.mark.slow),  # 11 s: `pytest -m ""` and CI
+])
 def test_measure_passes_the_precision_to_test_model(tiny_run, monkeypatch, precision, setting):
     monkeypatch.setenv("COIC_CPU_FLAGS", "fpu avx2")  # no native bf16: the default would be fp32
     result = large_photo._call("--measure", tiny_run(100, 70, 1, precision))
