@@ -40,9 +40,9 @@ def probe_table(results: dict[str, ProbeResult]) -> str:
     """A Markdown table: one row per probed encoder."""
     def f(v, pct=False):
         return "—" if v is None else (f"{100 * v:.0f} %" if pct else f"{v:+.3f}")
-    rows = [[name, f(r.accuracy, True), f(r.chance, True), f(r.rain_gap), f(r.rain_retrieval, True),
+    rows = [[name, f(r.accuracy, True), f(r.scene_accuracy, True), f(r.chance, True), f(r.rain_gap), f(r.rain_retrieval, True),
              f(r.retrieval_chance, True), f(r.detail_gap)] for name, r in results.items()]
-    return markdown_table(["encoder", "rain-type accuracy", "chance", "rain gap", "rain retrieval",
+    return markdown_table(["encoder", "rain-type accuracy", "fitted on other scenes", "chance", "rain gap", "rain retrieval",
                            "retrieval chance", "detail gap"], rows)
 
 

@@ -73,6 +73,7 @@ def test_demo_command_trains_and_reports(tmp_path, tiny_demo, monkeypatch, capsy
     picture = read_image(os.path.join(save, "demo_heavy.png"))
     assert picture.shape == (3, 40, 120)  # rainy | derained | clean
     assert "z names the rain type of" in out and "an untrained encoder" in out
+    assert "fitted on the other val scenes" in out
     # the colour error column, by hand: the largest |mean error| of one channel over the type's pictures
     worst = 0.0
     for rain, clean in find_pairs(os.path.join(tiny_demo, "heavy", "test")):

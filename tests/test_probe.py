@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.eval.probe import detail_gap, nearest_class_mean, probe, rain_gap
+from utils.eval.probe import detail_gap, nearest_class_mean, probe, rain_gap, scene_accuracy
 
 TYPES, SCENES = 4, 6
 # Rain type r adds OFFSETS[r] to every pixel: four directions, pairwise orthogonal after the
@@ -57,7 +57,7 @@ def detail_encoder(x):
 
 def test_rain_encoder_is_right_everywhere_and_groups_by_rain():
     r = probe(rain_encoder, *_planted_data())
-    assert r.accuracy == 1.0 and r.per_class == {f"t{i}": 1.0 for i in range(TYPES)}
+    assert r.accuracy == 1.0 and r.scene_accuracy == 1.0 and r.per_class == {f"t{i}": 1.0 for i in range(TYPES)}
     # Same rain: cos 1; same scene under two rains: the offsets' directions, orthogonal -> 0, except the
     # fourth, (-1,-1,-1)/sqrt(3), whose cos with the first three is -1/sqrt(3).
     pair_cos = F.normalize(OFFSETS, dim=1) @ F.normalize(OFFSETS, dim=1).T
@@ -72,7 +72,7 @@ def test_scene_encoder_is_at_chance_and_groups_by_scene():
     r = probe(scene_encoder, *_planted_data())
     assert r.rain_gap < -0.9  # same scene: cos 1; two independent textures: about 0
     assert r.rain_retrieval == 0.0  # the nearest code is always the same scene under another rain
-    assert r.accuracy <= 0.5
+    assert r.accuracy <= 0.5 and r.scene_accuracy <= 0.5
 
 
 def test_constant_encoder_scores_chance_and_no_gaps():
@@ -93,6 +93,32 @@ def test_detail_gap_sees_blur_and_ignores_flips():
     x = resize_square(clean[0][None], ENCODER_SIZE)
     z, zb = detail_encoder(x).double(), detail_encoder(gaussian_blur(x, torch.full((1,), 1.5))).double()
     assert detail_gap(detail_encoder, clean[:1]) == pytest.approx(1 - float((z * zb).sum()), abs=1e-6)
+
+
+def test_scene_accuracy_by_hand_leaves_each_scene_out():
+    # Type 0 reads (1,0) on scene 0 and (.6,.8) on scene 1; type 1 reads (0,1) and (.8,.6).
+    # Scene 1 left out: the means are scene 0's codes, (1,0) and (0,1); (.6,.8) is nearer (0,1) and
+    # (.8,.6) nearer (1,0): both wrong. Scene 0 left out: the means are scene 1's codes, (.6,.8) and
+    # (.8,.6); (1,0) is nearer (.8,.6) and (0,1) nearer (.6,.8): both wrong. 0 of 4. (Fitted on
+    # every scene, the left-out ones included, 2 of 4 would be right.)
+    codes = torch.tensor([[[1.0, 0.0], [0.6, 0.8]], [[0.0, 1.0], [0.8, 0.6]]])
+    assert scene_accuracy(codes) == 0.0
+    # Three scenes, the third an outlier of type 0: 4 of 6 (scene 2's two codes wrong, the rest right).
+    codes = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.6, 0.8]], [[0.0, 1.0], [0.0, 1.0], [0.8, 0.6]]])
+    assert scene_accuracy(codes) == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="2 scenes"):
+        scene_accuracy(codes[:, :1])
+
+
+def test_scene_accuracy_does_not_read_the_fit_set():
+    """Fitted on pictures of another kind (here each class's fit images carry another class's rain), the
+    train-fitted accuracy fails while the accuracy fitted on the held-out set's other scenes does not."""
+    fit, held = _planted_data()
+    names = list(fit)
+    shifted = {n: fit[names[(i + 1) % TYPES]] for i, n in enumerate(names)}
+    r = probe(rain_encoder, shifted, held)
+    assert r.accuracy == 0.0 and r.scene_accuracy == 1.0
+    assert probe(constant_encoder, *_planted_data()).scene_accuracy == pytest.approx(1 / TYPES)  # ties: class 0
 
 
 def test_nearest_class_mean_by_hand():

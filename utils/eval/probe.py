@@ -25,6 +25,7 @@ PROBE_SIGMA = 1.5  # the strongest blur of the detail-aware negatives
 @dataclass
 class ProbeResult:
     accuracy: float  # rain-type accuracy of the nearest class mean on the held-out images
+    scene_accuracy: Optional[float]  # the same, fitted on the held-out set's other scenes (one left out at a time)
     per_class: dict  # {class: accuracy}
     chance: float  # 1 / classes
     rain_gap: Optional[float]  # mean cos same rain, other scene - mean cos same scene, other rain
@@ -67,6 +68,25 @@ def nearest_class_mean(fit: Tensor, fit_labels: Sequence[int], held: Tensor) -> 
     classes = int(labels.max()) + 1
     means = torch.stack([fit[labels == c].mean(0) for c in range(classes)])
     return (held @ F.normalize(means, dim=1).T).argmax(1)
+
+
+def scene_accuracy(codes: Tensor) -> float:
+    """codes (T,S,D) unit: T rain types of the same S scenes. Each scene in turn is left out, the class
+    means are fitted on the other scenes, and its T codes are classified by nearest class mean.
+
+    The fit and the held-out pictures come from one split (same size, same sources), so unlike a fit on
+    the training images it measures the rain type alone, not also a change of picture size between splits.
+    """
+    t, s, d = codes.shape
+    if t < 2 or s < 2:
+        raise ValueError(f"the scene-held-out accuracy needs 2 types and 2 scenes, got {t} and {s}")
+    right = 0
+    for left_out in range(s):
+        others = [k for k in range(s) if k != left_out]
+        pred = nearest_class_mean(codes[:, others].reshape(-1, d), [c for c in range(t) for _ in others],
+                                  codes[:, left_out])
+        right += int((pred == torch.arange(t)).sum())
+    return right / (t * s)
 
 
 def rain_gap(codes: Tensor) -> tuple[float, float, float]:
@@ -120,15 +140,17 @@ def probe(encode: Encode, fit: dict[str, list[Tensor]], held_out: dict[str, list
 
     index = {(i, scene): k for k, (i, (scene, _, _)) in enumerate(held_items)}
     scenes = sorted(set.intersection(*[{scene for scene, _, _ in held_out[c]} for c in names]))
-    gap = retrieval = retrieval_chance = None
+    gap = retrieval = retrieval_chance = by_scene = None
     if len(names) >= 2 and len(scenes) >= 2:
         codes = torch.stack([held_z[[index[(i, s)] for s in scenes]] for i in range(len(names))])
         gap, retrieval, retrieval_chance = rain_gap(codes)
+        by_scene = scene_accuracy(codes)
     clean = {}
     for _, (scene, _, img) in held_items:  # one clean image per scene
         clean.setdefault(scene, img)
     return ProbeResult(
-        accuracy=float((pred == truth).double().mean()), per_class=per_class, chance=1 / len(names),
+        accuracy=float((pred == truth).double().mean()), scene_accuracy=by_scene, per_class=per_class,
+        chance=1 / len(names),
         rain_gap=gap, rain_retrieval=retrieval, retrieval_chance=retrieval_chance,
         detail_gap=detail_gap(encode, list(clean.values())) if clean else None,
         fit_images=len(fit_labels), held_out_images=len(held_items), scenes=len(scenes))
@@ -167,7 +189,7 @@ def log_probe(writer, encoder: torch.nn.Module, probe_sets, iteration: int, devi
     finally:
         encoder.train(was_training)
     writer.add_scalar("probe/rain_type_accuracy", result.accuracy, iteration)
-    for name in ("rain_gap", "rain_retrieval", "detail_gap"):
+    for name in ("scene_accuracy", "rain_gap", "rain_retrieval", "detail_gap"):
         if getattr(result, name) is not None:
             writer.add_scalar(f"probe/{name}", getattr(result, name), iteration)
     return result

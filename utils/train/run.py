@@ -106,8 +106,10 @@ def print_probe(encoder, demo_root: str, device: torch.device) -> None:
     trained = probe(key_encoder(encoder), fit, held)
     torch.manual_seed(0)
     untrained = probe(key_encoder(build_encoder().eval()), fit, held)
-    print(f"z names the rain type of {100 * trained.accuracy:.0f} % of the held-out val pictures (an untrained "
-          f"encoder: {100 * untrained.accuracy:.0f} %, chance {100 * trained.chance:.0f} %; python -m analysis.probe)")
+    print(f"z names the rain type of {100 * trained.accuracy:.0f} % of the held-out val pictures, "
+          f"{100 * trained.scene_accuracy:.0f} % fitted on the other val scenes (an untrained encoder: "
+          f"{100 * untrained.accuracy:.0f} % and {100 * untrained.scene_accuracy:.0f} %, chance "
+          f"{100 * trained.chance:.0f} %; python -m analysis.probe)")
 
 
 def print_demo_table(rows: list[dict], model_name: str) -> None:
