@@ -121,6 +121,15 @@ def test_scene_accuracy_does_not_read_the_fit_set():
     assert probe(constant_encoder, *_planted_data()).scene_accuracy == pytest.approx(1 / TYPES)  # ties: class 0
 
 
+def test_summary_line_by_hand():
+    from utils.eval.probe import ProbeResult
+
+    r = ProbeResult(accuracy=0.4375, scene_accuracy=None, per_class={}, chance=0.25, rain_gap=-0.0824,
+                    rain_retrieval=None, retrieval_chance=None, detail_gap=0.0005, fit_images=8, held_out_images=8,
+                    scenes=1)
+    assert r.summary() == "rain type 44 % (other scenes —, chance 25 %), rain gap -0.082, detail gap +0.001"
+
+
 def test_nearest_class_mean_by_hand():
     fit = F.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.2], [0.0, 1.0], [0.1, 0.9]], dtype=torch.float64), dim=1)
     held = F.normalize(torch.tensor([[0.9, 0.3], [0.2, 1.0], [0.6, 0.5]], dtype=torch.float64), dim=1)
@@ -166,7 +175,8 @@ def test_training_logs_the_probe_every_probe_freq_iterations(tiny_trained_brn):
 
     events = EventAccumulator(os.path.dirname(tiny_trained_brn))
     events.Reload()
-    for tag in ("probe/rain_type_accuracy", "probe/rain_gap", "probe/rain_retrieval", "probe/detail_gap"):
+    for tag in ("probe/rain_type_accuracy", "probe/scene_accuracy", "probe/rain_gap", "probe/rain_retrieval",
+                "probe/detail_gap"):
         assert [e.step for e in events.Scalars(tag)] == [0, 2, 4], tag
     assert all(0 <= e.value <= 1 for e in events.Scalars("probe/rain_type_accuracy"))
 

@@ -36,6 +36,13 @@ class ProbeResult:
     held_out_images: int
     scenes: int  # held-out scenes found under every class (0: no rain gap)
 
+    def summary(self) -> str:
+        """One line for a log: the accuracies, the chance and the two gaps (— where not measured)."""
+        def f(v, pct=False):
+            return "—" if v is None else (f"{100 * v:.0f} %" if pct else f"{v:+.3f}")
+        return (f"rain type {f(self.accuracy, True)} (other scenes {f(self.scene_accuracy, True)}, chance "
+                f"{f(self.chance, True)}), rain gap {f(self.rain_gap)}, detail gap {f(self.detail_gap)}")
+
 
 def key_encoder(encoder: torch.nn.Module, feature: str = "z") -> Encode:
     """z as ``test_model.py`` computes it: the key encoder on the image resized to ``ENCODER_SIZE``.

@@ -302,11 +302,7 @@ class Trainer(CheckpointedRun):
             labels = [str(i) for i in range(len(fit_paths))]
             self._probe = read_probe_sets(fit_paths, held_paths, labels, 16, 16, self.args.seed)
         r = log_probe(self._tensorboard(), self.encoder, self._probe, self.iteration, self.device)
-        logger.info("iteration %d: probe of z: rain type %.0f %% (other scenes %s, chance %.0f %%), rain gap %s, "
-                    "detail gap %s", self.iteration, 100 * r.accuracy,
-                    "—" if r.scene_accuracy is None else f"{100 * r.scene_accuracy:.0f} %", 100 * r.chance,
-                    "—" if r.rain_gap is None else
-                    f"{r.rain_gap:+.3f}", "—" if r.detail_gap is None else f"{r.detail_gap:+.3f}")
+        logger.info("iteration %d: probe of z: %s", self.iteration, r.summary())
 
     def _end_of_epoch(self) -> None:
         if self.recipe.scheduler_unit == "epoch":
