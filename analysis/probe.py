@@ -33,17 +33,16 @@ import torch
 from analysis.common import (AnalysisError, add_output_args, check_labels, load_encoder_file, markdown_table,
                              run_tool, split_paths, write_text)
 from utils.cli import HelpFormatter, add_list
-from utils.eval.probe import ProbeResult, key_encoder, probe, read_probe_sets
+from utils.eval.probe import ProbeResult, format_value, key_encoder, probe, read_probe_sets
 
 
 def probe_table(results: dict[str, ProbeResult]) -> str:
     """A Markdown table: one row per probed encoder."""
-    def f(v, pct=False):
-        return "—" if v is None else (f"{100 * v:.0f} %" if pct else f"{v:+.3f}")
-    rows = [[name, f(r.accuracy, True), f(r.scene_accuracy, True), f(r.chance, True), f(r.rain_gap), f(r.rain_retrieval, True),
-             f(r.retrieval_chance, True), f(r.detail_gap)] for name, r in results.items()]
-    return markdown_table(["encoder", "rain-type accuracy", "fitted on other scenes", "chance", "rain gap", "rain retrieval",
-                           "retrieval chance", "detail gap"], rows)
+    f = format_value
+    rows = [[name, f(r.accuracy, True), f(r.scene_accuracy, True), f(r.chance, True), f(r.rain_gap),
+             f(r.rain_retrieval, True), f(r.retrieval_chance, True), f(r.detail_gap)] for name, r in results.items()]
+    return markdown_table(["encoder", "rain-type accuracy", "fitted on other scenes", "chance", "rain gap",
+                           "rain retrieval", "retrieval chance", "detail gap"], rows)
 
 
 def build_parser() -> argparse.ArgumentParser:

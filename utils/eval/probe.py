@@ -22,6 +22,11 @@ Encode = Callable[[Tensor], Tensor]  # (B,3,h,w) in [0,1] -> (B,D) codes
 PROBE_SIGMA = 1.5  # the strongest blur of the detail-aware negatives
 
 
+def format_value(v: Optional[float], percent: bool = False) -> str:
+    """A probe number as printed: a share in whole percent, a gap signed to 3 decimals, — when absent."""
+    return "—" if v is None else (f"{100 * v:.0f} %" if percent else f"{v:+.3f}")
+
+
 @dataclass
 class ProbeResult:
     accuracy: float  # rain-type accuracy of the nearest class mean on the held-out images
@@ -38,8 +43,7 @@ class ProbeResult:
 
     def summary(self) -> str:
         """One line for a log: the accuracies, the chance and the two gaps (— where not measured)."""
-        def f(v, pct=False):
-            return "—" if v is None else (f"{100 * v:.0f} %" if pct else f"{v:+.3f}")
+        f = format_value
         return (f"rain type {f(self.accuracy, True)} (other scenes {f(self.scene_accuracy, True)}, chance "
                 f"{f(self.chance, True)}), rain gap {f(self.rain_gap)}, detail gap {f(self.detail_gap)}")
 
