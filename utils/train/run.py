@@ -99,17 +99,18 @@ def print_probe(encoder, demo_root: str, device: torch.device) -> None:
     """One line: how often z names the rain type of a held-out picture, against an untrained encoder."""
     from models import build_encoder
     from utils.data.demo import RAIN_TYPES, demo_splits
-    from utils.eval.probe import key_encoder, probe, read_probe_sets
+    from utils.eval.probe import format_value, key_encoder, probe, read_probe_sets
 
     fit, held = read_probe_sets(list(demo_splits(demo_root, "train").values()),
                                 list(demo_splits(demo_root, "val").values()), list(RAIN_TYPES), 16, 0)
     trained = probe(key_encoder(encoder), fit, held)
     torch.manual_seed(0)
     untrained = probe(key_encoder(build_encoder().eval()), fit, held)
-    print(f"z names the rain type of {100 * trained.accuracy:.0f} % of the held-out val pictures, "
-          f"{100 * trained.scene_accuracy:.0f} % fitted on the other val scenes (an untrained encoder: "
-          f"{100 * untrained.accuracy:.0f} % and {100 * untrained.scene_accuracy:.0f} %, chance "
-          f"{100 * trained.chance:.0f} %; python -m analysis.probe)")
+    f = format_value
+    print(f"z names the rain type of {f(trained.accuracy, True)} of the held-out val pictures, "
+          f"{f(trained.scene_accuracy, True)} fitted on the other val scenes (an untrained encoder: "
+          f"{f(untrained.accuracy, True)} and {f(untrained.scene_accuracy, True)}, chance "
+          f"{f(trained.chance, True)}; python -m analysis.probe)")
 
 
 def print_demo_table(rows: list[dict], model_name: str) -> None:
