@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reproduce.py coic_effect", formatter_class=HelpFormatter,
                                 description="CoIC against the plain backbone at demo scale, paired seeds, with the "
                                             "probe of z: " + __doc__.split("\n\n")[0])
-    add_list(p, "--seeds", type=int, default=[0, 1, 2], metavar="SEED",
+    add_list(p, "--seeds", type=int, default=[0, 1, 2, 3, 4], metavar="SEED",
              help="paired seeds, space- or comma-separated (at least 2 for an interval)")
     p.add_argument("--iters", type=int, default=600, help="training iterations of every run")
     p.add_argument("--eval_every", type=int, default=100, help="a checkpoint, a probe and a val score every N iterations")
